@@ -1,0 +1,212 @@
+"""
+The proxy: accept a client, pick an endpoint, dial it, then join the two
+connections byte for byte.
+"""
+
+from zope.interface import implementer
+
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from etcdgw.dial import connected, describeFailure, dial
+from etcdgw.fastpath import fastWriter
+
+
+def _noDelay(transport):
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError):
+        pass  # not TCP (a unix socket) or already closed
+
+
+@implementer(IHalfCloseableProtocol)
+class _Side(Protocol):
+    """
+    One side of a joined pair: forwards what it reads to its peer, passes a
+    half-close through, and closes when both directions are done.
+    """
+
+    peer = None
+    state = None
+    _write = None
+    _readDone = False
+    _writeDone = False
+
+    def readConnectionLost(self):
+        self._readDone = True
+        if self.peer is not None:
+            self.peer.transport.loseWriteConnection()
+        self._maybeClose()
+
+    def writeConnectionLost(self):
+        self._writeDone = True
+        self._maybeClose()
+
+    def _maybeClose(self):
+        if self._readDone and self._writeDone:
+            self.transport.loseConnection()
+
+    def _closePeer(self, reason):
+        peer = self.peer
+        if peer is None:
+            return
+        self.peer = None
+        self._write = None
+        peer.peer = None
+        peer._write = None
+        if peer.transport is None or not peer.transport.connected:
+            return
+        if reason.check(error.ConnectionDone):
+            peer.transport.loseConnection()  # flush what is queued, then close
+        else:
+            peer.transport.abortConnection()  # a reset: pass it on at once
+
+
+class UpstreamProtocol(_Side):
+    """
+    The gateway's connection to an etcd member.
+    """
+
+    def __init__(self, client):
+        self.client = client
+
+    def connectionMade(self):
+        connected(self)
+
+    def dataReceived(self, data):
+        self.state.bytesFromUpstream += len(data)
+        self._write(data)
+
+    def connectionLost(self, reason):
+        if self.state is not None:
+            self.client.factory.pool.connectionClosed(self.state)
+        self.client = None
+        self._closePeer(reason)
+
+
+class ClientProtocol(_Side):
+    """
+    A client's connection to the gateway.
+    """
+
+    log = Logger()
+    _dialing = None
+
+    def connectionMade(self):
+        self.transport.pauseProducing()
+        _noDelay(self.transport)
+        self._tried = []
+        self.factory.clientConnected(self)
+        self._dial()
+
+    def _dial(self):
+        factory = self.factory
+        state = factory.pool.pick(exclude=self._tried)
+        if state is None:
+            factory.refused += 1
+            self.log.error(
+                "no endpoint is up: closing client {client} (tried {tried})",
+                client=_describePeer(self.transport),
+                tried=[str(e) for e in self._tried] or "none",
+            )
+            self.transport.loseConnection()
+            return
+        self._tried.append(state.endpoint)
+        state.dialAttempts += 1
+        d = self._dialing = dial(
+            factory.reactor,
+            state.endpoint,
+            lambda addr: UpstreamProtocol(self),
+            factory.dialTimeout,
+        )
+        d.addCallbacks(
+            self._connected, self._dialFailed, callbackArgs=(state,), errbackArgs=(state,)
+        )
+
+    def _dialFailed(self, reason, state):
+        self._dialing = None
+        if reason.check(defer.CancelledError):
+            return  # the client went away while we dialled
+        state.dialFailures += 1
+        self.factory.pool.markDown(state.endpoint, describeFailure(reason))
+        self._dial()
+
+    def _connected(self, upstream, state):
+        self._dialing = None
+        upstream.state = self.state = state
+        self.factory.pool.connectionOpened(state)
+        _noDelay(upstream.transport)
+        upstream.peer = self
+        self.peer = upstream
+        self._write = fastWriter(upstream.transport)
+        upstream._write = fastWriter(self.transport)
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
+        self.transport.resumeProducing()
+
+    def dataReceived(self, data):
+        self.state.bytesToUpstream += len(data)
+        self._write(data)
+
+    def connectionLost(self, reason):
+        if self._dialing is not None:
+            dialing, self._dialing = self._dialing, None
+            dialing.cancel()
+        self.factory.clientDisconnected(self)
+        self._closePeer(reason)
+
+
+def _describePeer(transport):
+    try:
+        peer = transport.getPeer()
+    except Exception:
+        return "?"
+    host = getattr(peer, "host", None)
+    if host is None:
+        return str(getattr(peer, "name", peer) or "unix")
+    return f"{host}:{peer.port}"
+
+
+class GatewayFactory(Factory):
+    """
+    Accepts client connections and forwards each to an endpoint of C{pool}.
+
+    @ivar clients: the client connections open now.
+    @ivar accepted: client connections accepted since start.
+    @ivar refused: clients closed because no endpoint was up.
+    """
+
+    protocol = ClientProtocol
+    noisy = False
+
+    def __init__(self, pool, reactor, dialTimeout):
+        self.pool = pool
+        self.reactor = reactor
+        self.dialTimeout = dialTimeout
+        self.clients = set()
+        self.accepted = 0
+        self.refused = 0
+        self._idleWaiters = []
+
+    def clientConnected(self, client):
+        self.accepted += 1
+        self.clients.add(client)
+
+    def clientDisconnected(self, client):
+        self.clients.discard(client)
+        if not self.clients:
+            waiters, self._idleWaiters = self._idleWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def whenIdle(self):
+        """
+        A Deferred that fires once no client connection is open.
+        """
+        if not self.clients:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idleWaiters.append(d)
+        return d

@@ -1,0 +1,258 @@
+"""
+The twistd plugin's body: C{etcd-gateway}'s flags and its service tree.
+"""
+
+import os
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.logger import Logger
+from twisted.python import usage
+
+from etcdgw.duration import DurationError, formatDuration, parseDuration
+from etcdgw.endpoint import EndpointError, parseEndpoints
+from etcdgw.health import HealthService
+from etcdgw.listen import ListenError, listenEndpoint, parseListenAddress
+from etcdgw.pool import UpstreamPool
+from etcdgw.proxy import GatewayFactory
+from etcdgw.selfloop import SelfLoopError, checkSelfLoop
+
+log = Logger(namespace="etcdgw")
+
+DEFAULT_ENDPOINTS = "127.0.0.1:2379"
+DEFAULT_LISTEN = "127.0.0.1:23790"
+#: etcd treats a retry delay of 0 as five minutes; so do we.
+ZERO_RETRY_DELAY = 300.0
+
+
+def _duration(name, allowZero=True):
+    def convert(text):
+        try:
+            seconds = parseDuration(text)
+        except DurationError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+        if seconds < 0 or (seconds == 0 and not allowZero):
+            raise usage.UsageError(
+                f'--{name}: "{text}" must be {"zero or " if allowZero else ""}positive'
+            )
+        return seconds
+
+    return convert
+
+
+def _loadCertificates(path, flag):
+    """
+    Check that C{path} holds at least one PEM certificate.
+
+    @raise usage.UsageError: naming the flag and the file.
+    """
+    from cryptography import x509
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise usage.UsageError(f'{flag}: cannot read "{path}": {e.strerror}') from None
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise usage.UsageError(f'{flag}: "{path}" holds no PEM certificate')
+    return certificates
+
+
+class Options(usage.Options):
+    """
+    etcd's C{etcd gateway start} flags, with its defaults, and ours.
+    """
+
+    synopsis = "[options]"
+    longdesc = (
+        "A local, stable address for an etcd cluster: every client TCP connection "
+        "is forwarded byte for byte to a healthy member. Accepts the flags of "
+        "etcd's `etcd gateway start`."
+    )
+
+    optFlags = [
+        [
+            "insecure-discovery",
+            None,
+            "Accept SRV records that cannot be verified (plain etcd-client records, "
+            "TLS endpoints without a valid certificate).",
+        ],
+    ]
+
+    optParameters = [
+        [
+            "endpoints",
+            None,
+            DEFAULT_ENDPOINTS,
+            "Comma-separated etcd client endpoints: host:port, [v6addr]:port, or "
+            "http:// / https:// URLs (the scheme is stripped; https is passed through, "
+            "TLS end to end). Host names are resolved at each dial.",
+        ],
+        [
+            "listen-addr",
+            None,
+            DEFAULT_LISTEN,
+            "Where clients connect: host:port, [v6addr]:port, :port (all interfaces), "
+            "or a Twisted endpoint (tcp:..., unix:/path, systemd:domain=INET:index=0).",
+        ],
+        [
+            "retry-delay",
+            None,
+            "1m0s",
+            "How often endpoints that are down are probed (Go duration: 300ms, 1m0s, "
+            "1.5h; 0 means 5m, as etcd).",
+            _duration("retry-delay"),
+        ],
+        [
+            "dial-timeout",
+            None,
+            "1s",
+            "How long one connect to an endpoint may take before the next endpoint is "
+            "tried (Go duration). etcd's gateway has none.",
+            _duration("dial-timeout", allowZero=False),
+        ],
+        ["discovery-srv", None, None, "DNS domain for SRV discovery of the endpoints."],
+        [
+            "discovery-srv-name",
+            None,
+            None,
+            "Suffix of the SRV service name: _etcd-client-ssl-NAME._tcp, "
+            "_etcd-client-NAME._tcp.",
+        ],
+        [
+            "trusted-ca-file",
+            None,
+            None,
+            "PEM CA bundle that discovered TLS endpoints' certificates must chain to.",
+        ],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self.explicit = set()
+
+    def opt_endpoints(self, value):
+        self.explicit.add("endpoints")
+        self["endpoints"] = value
+
+    def opt_version(self):
+        from etcdgw import __version__
+
+        print(f"etcd-gateway {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self):
+        if self["retry-delay"] is None:
+            self["retry-delay"] = parseDuration("1m0s")
+        for name in ("retry-delay", "dial-timeout"):
+            if isinstance(self[name], str):  # the default, given as text
+                self[name] = _duration(name)(self[name])
+        if self["retry-delay"] == 0:
+            self["retry-delay"] = ZERO_RETRY_DELAY
+        try:
+            self["endpoints"] = parseEndpoints(self["endpoints"])
+        except EndpointError as e:
+            raise usage.UsageError(f"--endpoints: {e}") from None
+        try:
+            self["listen-addr"] = parseListenAddress(self["listen-addr"])
+        except ListenError as e:
+            raise usage.UsageError(f"--listen-addr: {e}") from None
+        if self["trusted-ca-file"] is not None:
+            self["trusted-ca-certificates"] = _loadCertificates(
+                self["trusted-ca-file"], "--trusted-ca-file"
+            )
+        if self["discovery-srv-name"] is not None and self["discovery-srv"] is None:
+            raise usage.UsageError("--discovery-srv-name needs --discovery-srv")
+        if self["discovery-srv"] is not None:
+            raise usage.UsageError(
+                "--discovery-srv is not yet supported by this version; "
+                "give the members with --endpoints"
+            )
+        try:
+            checkSelfLoop(self["listen-addr"], self["endpoints"])
+        except SelfLoopError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    Listens for clients; logs etcd's "ready" line once the port is open.
+    """
+
+    def __init__(self, endpoint, factory, address, pool):
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self.address = address
+        self.pool = pool
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        log.info(
+            "ready to proxy client requests to [{endpoints}] on {listen}",
+            endpoints=" ".join(str(e) for e in self.pool.endpoints),
+            listen=self.describe(),
+        )
+        return port
+
+    def describe(self):
+        """
+        The address clients connect to, with the real port when 0 was asked.
+        """
+        if self.port is not None and self.address.isTCP:
+            host = self.port.getHost()
+            return f"{self.address.host or '*'}:{host.port}" if ":" not in (
+                self.address.host or ""
+            ) else f"[{self.address.host}]:{host.port}"
+        return str(self.address)
+
+
+def makeService(options, reactor=None):
+    """
+    Build the gateway: a listener, the upstream pool, and the health checks.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    endpoints = options["endpoints"]
+    for endpoint in endpoints:
+        if endpoint.tls:
+            log.info(
+                "endpoint {endpoint} is https: TLS passes through the gateway end to "
+                "end, untouched; clients speak TLS to the gateway as to the member",
+                endpoint=str(endpoint),
+            )
+    pool = UpstreamPool(endpoints, reactor)
+    factory = GatewayFactory(pool, reactor, options["dial-timeout"])
+
+    root = MultiService()
+    root.pool = pool
+    root.factory = factory
+
+    listener = ListenerService(
+        listenEndpoint(reactor, options["listen-addr"]),
+        factory,
+        options["listen-addr"],
+        pool,
+    )
+    listener.setName("listener")
+    listener.setServiceParent(root)
+
+    health = HealthService(pool, reactor, options["retry-delay"], options["dial-timeout"])
+    health.setName("health")
+    health.setServiceParent(root)
+    log.info(
+        "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
+        "pid {pid}",
+        retryDelay=formatDuration(options["retry-delay"]),
+        dialTimeout=formatDuration(options["dial-timeout"]),
+        pid=os.getpid(),
+    )
+    return root

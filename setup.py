@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="etcd-gateway",
+    version="0.1.0",
+    description="A local, stable TCP gateway to an etcd cluster (a twistd plugin).",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=find_packages(exclude=["tests*", "benchmarks*"]) + ["twisted.plugins"],
+    install_requires=[
+        "Twisted>=23.10",
+        "service-identity>=21.1",
+        "pyOpenSSL>=23.0",
+        "dnspython>=2.3",
+    ],
+    extras_require={
+        "test": ["hypothesis>=6.0"],
+    },
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: System :: Networking",
+    ],
+)
