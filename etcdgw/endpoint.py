@@ -57,9 +57,10 @@ def formatHostPort(host, port):
 _HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
 
 
-def splitHostPort(text, what="endpoint", allowEmptyHost=False):
+def splitHostPort(text, what="endpoint", allowEmptyHost=False, allowPortZero=False):
     """
-    Split C{host:port}, C{[v6]:port} (and C{:port} where C{allowEmptyHost}).
+    Split C{host:port}, C{[v6]:port} (and C{:port} where C{allowEmptyHost};
+    port 0, "any free port", where C{allowPortZero}).
 
     @return: C{(host, port)}, the host without brackets.
     @raise EndpointError: naming C{text}, if it is not of that form or the
@@ -87,8 +88,10 @@ def splitHostPort(text, what="endpoint", allowEmptyHost=False):
     if not portText.isdigit() or not portText.isascii():
         raise EndpointError(f'{what} "{text}": port "{portText}" is not a number')
     port = int(portText)
-    if not 1 <= port <= 65535:
-        raise EndpointError(f'{what} "{text}": port {port} is not in 1-65535')
+    if not (0 if allowPortZero else 1) <= port <= 65535:
+        raise EndpointError(
+            f'{what} "{text}": port {port} is not in {0 if allowPortZero else 1}-65535'
+        )
     return host, port
 
 

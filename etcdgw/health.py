@@ -71,7 +71,7 @@ class HealthService(Service):
     def _safeRound(self):
         if self._round is not None:
             return self._round  # the last round is still running
-        d = self._round = self._probeDown()
+        d = self._round = defer.maybeDeferred(self._probeDown)
 
         def done(result):
             self._round = None
@@ -87,7 +87,7 @@ class HealthService(Service):
     def _probeDown(self):
         probes = []
         for endpoint in self.pool.down():
-            d = self._probe(self.reactor, endpoint, self.timeout)
+            d = defer.maybeDeferred(self._probe, self.reactor, endpoint, self.timeout)
             d.addCallbacks(
                 self._alive, self._dead, callbackArgs=(endpoint,), errbackArgs=(endpoint,)
             )

@@ -67,6 +67,10 @@ def parseListenAddress(text):
     """
     text = text.strip()
     kind = text.split(":", 1)[0]
+    if kind in ("unix", "systemd"):
+        if not text[len(kind) + 1 :]:
+            raise ListenError(f'listen address "{text}": missing {kind} parameters')
+        return ListenAddress(text, description=text)
     if kind in ENDPOINT_TYPES:
         from twisted.internet import reactor
 
@@ -82,6 +86,7 @@ def parseListenAddress(text):
             text.replace("*:", ":", 1) if text.startswith("*:") else text,
             what="listen address",
             allowEmptyHost=True,
+            allowPortZero=True,
         )
     except EndpointError as e:
         raise ListenError(
@@ -114,7 +119,10 @@ def listenEndpoint(reactor, address, reusePort=False):
     """
     if address.isTCP:
         return GatewayTCPEndpoint(reactor, address.host, address.port, reusePort)
-    endpoint = endpoints.serverFromString(reactor, address.description)
+    try:
+        endpoint = endpoints.serverFromString(reactor, address.description)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise ListenError(f'listen address "{address.description}": {e!r}') from None
     if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint):
         return GatewayAdoptedEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)
     return endpoint
@@ -140,6 +148,7 @@ class GatewayPort(tcp.Port):
     """
 
     log = Logger()
+    numberAccepts = 100
     _backoff = 0.0
     _resume = None
     acceptFailures = 0

@@ -1,0 +1,171 @@
+import random
+from collections import Counter
+
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel
+from twisted.trial.unittest import SynchronousTestCase
+
+from twisted.internet.testing import EventLoggingObserver
+
+from etcdgw.endpoint import Endpoint, parseEndpoints
+from etcdgw.pool import DOWN, UP, ZERO_WEIGHT_SHARE, UpstreamPool
+
+
+def picks(pool, n):
+    return [str(pool.pick().endpoint) for _ in range(n)]
+
+
+class RoundRobinTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1,c:1"), self.clock)
+
+    def test_order(self):
+        """Static endpoints are picked in order, round-robin."""
+        self.assertEqual(picks(self.pool, 7), ["a:1", "b:1", "c:1"] * 2 + ["a:1"])
+
+    def test_skipsDown(self):
+        """A down endpoint is skipped, the others keep their order."""
+        self.pool.markDown(Endpoint("b", 1), "refused")
+        self.assertEqual(picks(self.pool, 4), ["a:1", "c:1", "a:1", "c:1"])
+
+    def test_backUp(self):
+        """An endpoint marked up again rejoins the rotation."""
+        self.pool.markDown(Endpoint("b", 1), "refused")
+        self.pool.markUp(Endpoint("b", 1), "probe connected")
+        self.assertEqual(sorted(picks(self.pool, 3)), ["a:1", "b:1", "c:1"])
+
+    def test_noneUp(self):
+        """With every endpoint down, pick returns None."""
+        for e in self.pool.endpoints:
+            self.pool.markDown(e, "refused")
+        self.assertIsNone(self.pool.pick())
+        self.assertEqual(self.pool.upCount(), 0)
+
+    def test_exclude(self):
+        """Excluded endpoints (already tried for a client) are not picked."""
+        self.assertEqual(
+            str(self.pool.pick(exclude=[Endpoint("a", 1), Endpoint("b", 1)]).endpoint),
+            "c:1",
+        )
+        self.assertIsNone(self.pool.pick(exclude=self.pool.endpoints))
+
+
+class RFC2782Tests(SynchronousTestCase):
+    def pool(self, *records, seed=1):
+        endpoints = [Endpoint(f"h{i}", 1, p, w) for i, (p, w) in enumerate(records)]
+        return UpstreamPool(endpoints, Clock(), random=random.Random(seed))
+
+    def test_lowestPriority(self):
+        """Only the lowest priority tier among up endpoints is used."""
+        pool = self.pool((10, 0), (5, 0), (5, 0), (20, 0))
+        self.assertEqual(set(picks(pool, 10)), {"h1:1", "h2:1"})
+
+    def test_fallToNextTier(self):
+        """When the best tier is down, the next priority takes over."""
+        pool = self.pool((10, 0), (5, 0), (20, 0))
+        pool.markDown(Endpoint("h1", 1), "x")
+        self.assertEqual(set(picks(pool, 5)), {"h0:1"})
+
+    def test_twoWeightOne(self):
+        """Two weight-1 records share picks evenly (etcd gives the first every pick)."""
+        counts = Counter(picks(self.pool((0, 1), (0, 1)), 10000))
+        self.assertEqual(set(counts), {"h0:1", "h1:1"})
+        self.assertTrue(4700 < counts["h0:1"] < 5300, counts)
+
+    def test_weights(self):
+        """Picks follow the weights' proportions."""
+        counts = Counter(picks(self.pool((0, 10), (0, 30), (0, 60)), 20000))
+        for name, share in [("h0:1", 0.1), ("h1:1", 0.3), ("h2:1", 0.6)]:
+            self.assertTrue(abs(counts[name] / 20000 - share) < 0.02, (name, counts))
+
+    def test_zeroWeightRare(self):
+        """Weight-0 records get a small share when others have weight."""
+        counts = Counter(picks(self.pool((0, 1), (0, 0), (0, 1)), 20000))
+        self.assertTrue(abs(counts["h1:1"] / 20000 - ZERO_WEIGHT_SHARE) < 0.004, counts)
+        self.assertGreater(counts["h1:1"], 0)
+
+    def test_zeroWeightPriority(self):
+        """Priority also rules weight-0 records (etcd ignores it for them)."""
+        pool = self.pool((1, 0), (0, 0), (0, 0))
+        self.assertEqual(set(picks(pool, 20)), {"h1:1", "h2:1"})
+
+    def test_allZeroRoundRobin(self):
+        """A tier whose weights are all 0 is picked round-robin."""
+        self.assertEqual(picks(self.pool((0, 0), (0, 0)), 4), ["h0:1", "h1:1"] * 2)
+
+
+class StateTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), self.clock)
+        self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
+
+    def test_markDownLogsOnce(self):
+        """A state change is one structured log line; a repeat logs nothing."""
+        self.clock.advance(5)
+        self.pool.markDown(Endpoint("a", 1), "connection refused")
+        self.pool.markDown(Endpoint("a", 1), "connection refused")
+        changes = [e for e in self.events if "old" in e]
+        self.assertEqual(len(changes), 1)
+        event = changes[0]
+        self.assertEqual(
+            (event["endpoint"], event["old"], event["new"], event["reason"]),
+            ("a:1", UP, DOWN, "connection refused"),
+        )
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        state = self.pool.stateOf(Endpoint("a", 1))
+        self.assertEqual((state.state, state.since, state.reason), (DOWN, 5, "connection refused"))
+
+    def test_allDownLogsError(self):
+        """When the last endpoint goes down, an error is logged."""
+        self.pool.markDown(Endpoint("a", 1), "x")
+        self.pool.markDown(Endpoint("b", 1), "x")
+        errors = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("every endpoint is down", errors[0]["log_format"])
+
+    def test_unknownIgnored(self):
+        """Marking an endpoint that is not in the pool changes nothing."""
+        self.pool.markDown(Endpoint("z", 9), "x")
+        self.assertEqual(self.pool.upCount(), 2)
+        self.assertEqual(list(self.events), [])
+
+    def test_observers(self):
+        """Observers hear about every change; one that raises does not stop the others."""
+        seen = []
+        self.pool.addObserver(lambda pool: 1 / 0)
+        self.pool.addObserver(lambda pool: seen.append(pool.upCount()))
+        self.pool.markDown(Endpoint("a", 1), "x")
+        self.pool.markUp(Endpoint("a", 1), "y")
+        self.assertEqual(seen, [1, 2])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+
+
+class ReplaceTests(SynchronousTestCase):
+    def test_keepsState(self):
+        """Endpoints kept across a replace keep state and counters; new ones join up."""
+        clock = Clock()
+        pool = UpstreamPool(parseEndpoints("a:1,b:1"), clock)
+        pool.markDown(Endpoint("a", 1), "refused")
+        state = pool.stateOf(Endpoint("b", 1))
+        pool.connectionOpened(state)
+        added, removed = pool.replaceEndpoints(
+            [Endpoint("b", 1, priority=3), Endpoint("a", 1), Endpoint("c", 1)], reason="dns"
+        )
+        self.assertEqual((added, removed), ([Endpoint("c", 1)], []))
+        self.assertFalse(pool.isUp(Endpoint("a", 1)))
+        self.assertIs(pool.stateOf(Endpoint("b", 1)), state)
+        self.assertEqual((state.active, state.endpoint.priority), (1, 3))
+        self.assertTrue(pool.isUp(Endpoint("c", 1)))
+        self.assertEqual([str(e) for e in pool.endpoints], ["b:1", "a:1", "c:1"])
+
+    def test_removed(self):
+        """A removed endpoint is no longer picked and is reported."""
+        pool = UpstreamPool(parseEndpoints("a:1,b:1"), Clock())
+        events = EventLoggingObserver.createWithCleanup(self, pool.log.observer)
+        added, removed = pool.replaceEndpoints([Endpoint("b", 1)], reason="dns")
+        self.assertEqual(removed, [Endpoint("a", 1)])
+        self.assertEqual(set(picks(pool, 4)), {"b:1"})
+        self.assertEqual(events[0]["removed"], ["a:1"])
+        self.assertEqual(events[0]["added"], [])

@@ -1,0 +1,182 @@
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from etcdgw.endpoint import Endpoint, parseEndpoints
+from etcdgw.pool import UpstreamPool
+from etcdgw.proxy import ClientProtocol, GatewayFactory
+
+
+class FakeTCP(StringTransport):
+    """
+    A StringTransport that records half-closes and tells its protocol when it
+    is closed, like a real TCP transport.
+    """
+
+    connected = True
+    writeClosed = False
+    noDelay = False
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+    def setTcpNoDelay(self, enabled):
+        self.noDelay = enabled
+
+    def lose(self, reason):
+        self.connected = False
+        self.protocol.connectionLost(Failure(reason))
+
+
+class ProxyTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"), self.reactor)
+        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
+        self.events = EventLoggingObserver.createWithCleanup(self, ClientProtocol.log.observer)
+
+    def accept(self):
+        client = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
+        transport = FakeTCP()
+        transport.protocol = client
+        client.makeConnection(transport)
+        return client, transport
+
+    def lastDial(self):
+        host, port, factory, timeout, _ = self.reactor.tcpClients[-1]
+        return host, port, factory, timeout
+
+    def connectUpstream(self):
+        host, port, dialFactory, timeout = self.lastDial()
+        upstream = dialFactory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = FakeTCP()
+        transport.protocol = upstream
+        upstream.makeConnection(transport)
+        return upstream, transport
+
+    def failDial(self, reason):
+        host, port, dialFactory, timeout = self.lastDial()
+        dialFactory.clientConnectionFailed(self.reactor.connectors[-1], Failure(reason))
+
+    def test_pausedWhileDialling(self):
+        """A new client is paused and the first endpoint is dialled with the dial timeout."""
+        client, transport = self.accept()
+        self.assertEqual(transport.producerState, "paused")
+        self.assertTrue(transport.noDelay)
+        self.assertEqual(self.lastDial()[:2] + (self.lastDial()[3],), ("10.0.0.1", 2379, 1.5))
+        self.assertEqual(self.factory.clients, {client})
+
+    def test_forwardBothWays(self):
+        """Once connected, bytes pass unchanged both ways, with producers registered."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        self.assertEqual(ctransport.producerState, "producing")
+        self.assertIs(ctransport.producer, utransport)
+        self.assertIs(utransport.producer, ctransport)
+        self.assertTrue(utransport.noDelay)
+        payload = bytes(range(256)) * 3
+        client.dataReceived(payload)
+        upstream.dataReceived(b"\x00reply\xff")
+        self.assertEqual(utransport.value(), payload)
+        self.assertEqual(ctransport.value(), b"\x00reply\xff")
+        state = self.pool.stateOf(Endpoint("10.0.0.1", 2379))
+        self.assertEqual((state.active, state.bytesToUpstream, state.bytesFromUpstream), (1, 768, 7))
+
+    def test_failover(self):
+        """A failed dial marks the endpoint down and the next one is dialled; the client stays."""
+        client, transport = self.accept()
+        self.failDial(error.ConnectionRefusedError())
+        self.assertFalse(self.pool.isUp(Endpoint("10.0.0.1", 2379)))
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.2", 2379))
+        self.failDial(error.TimeoutError())
+        self.assertEqual(self.pool.stateOf(Endpoint("10.0.0.2", 2379)).reason, "connect timed out")
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.3", 2379))
+        self.assertFalse(transport.disconnecting)
+        upstream, utransport = self.connectUpstream()
+        client.dataReceived(b"x")
+        self.assertEqual(utransport.value(), b"x")
+
+    def test_allDown(self):
+        """When no endpoint answers, the client is closed and an error is logged."""
+        client, transport = self.accept()
+        for _ in range(3):
+            self.failDial(error.ConnectionRefusedError())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.factory.refused, 1)
+        errors = [
+            e for e in self.events
+            if e["log_level"] == LogLevel.error and e["log_namespace"].startswith("etcdgw.proxy")
+        ]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["client"], "192.168.1.1:54321")
+        self.assertEqual(len(errors[0]["tried"]), 3)
+        # the next client is refused without dialling anything
+        dials = len(self.reactor.tcpClients)
+        client2, transport2 = self.accept()
+        self.assertTrue(transport2.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), dials)
+
+    def test_clientGoneWhileDialling(self):
+        """A client that leaves during the dial cancels it; nothing is marked down."""
+        client, transport = self.accept()
+        transport.lose(error.ConnectionLost())
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.failDial(error.UserError())  # what a stopped connector reports
+        self.assertEqual(self.pool.upCount(), 3)
+        self.assertEqual(self.factory.clients, set())
+
+    def test_halfClose(self):
+        """A client's half-close reaches the member; the reply still flows back."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        client.readConnectionLost()
+        self.assertTrue(utransport.writeClosed)
+        self.assertFalse(ctransport.disconnecting)
+        upstream.dataReceived(b"late reply")
+        self.assertEqual(ctransport.value(), b"late reply")
+        upstream.readConnectionLost()
+        self.assertTrue(ctransport.writeClosed)
+        client.writeConnectionLost()
+        self.assertTrue(ctransport.disconnecting)
+
+    def test_closePropagates(self):
+        """A clean close of one side closes the other, flushing it."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        ctransport.lose(error.ConnectionDone())
+        self.assertTrue(utransport.disconnecting)
+        self.assertFalse(utransport.disconnected)
+        utransport.lose(error.ConnectionDone())
+        self.assertEqual(self.pool.stateOf(Endpoint("10.0.0.1", 2379)).active, 0)
+        self.assertEqual(self.factory.clients, set())
+
+    def test_resetPropagates(self):
+        """A reset on the member's side aborts the client's connection."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        utransport.lose(error.ConnectionLost())
+        self.assertTrue(ctransport.disconnected)
+
+    def test_whenIdle(self):
+        """whenIdle fires once the last client connection has closed."""
+        client, transport = self.accept()
+        d = self.factory.whenIdle()
+        self.assertNoResult(d)
+        transport.lose(error.ConnectionDone())
+        self.assertIsNone(self.successResultOf(d))
+        self.assertIsNone(self.successResultOf(self.factory.whenIdle()))
+
+    def test_hostnameDialTimeout(self):
+        """A dial to a host name is bounded by the dial timeout, resolution included."""
+        self.pool.replaceEndpoints([Endpoint("etcd.invalid", 2379), Endpoint("10.0.0.9", 1)])
+        client, transport = self.accept()
+        # MemoryReactor resolves every name to 127.0.0.1; the connect never ends
+        self.assertEqual(self.lastDial()[:2], ("127.0.0.1", 2379))
+        self.reactor.advance(1.4)
+        self.assertTrue(self.pool.isUp(Endpoint("etcd.invalid", 2379)))
+        self.reactor.advance(0.1)
+        self.assertFalse(self.pool.isUp(Endpoint("etcd.invalid", 2379)))
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.9", 1))
