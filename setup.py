@@ -14,6 +14,7 @@ setup(
         "service-identity>=21.1",
         "pyOpenSSL>=23.0",
         "dnspython>=2.3",
+        "prometheus_client>=0.17",
     ],
     extras_require={
         "test": ["hypothesis>=6.0"],

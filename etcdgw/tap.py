@@ -6,6 +6,7 @@ import os
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -16,6 +17,9 @@ from etcdgw.listen import ListenError, listenEndpoint, parseListenAddress
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
+from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
+from etcdgw.shutdown import DrainService
+from etcdgw.signals import ReloadService
 
 log = Logger(namespace="etcdgw")
 
@@ -115,6 +119,21 @@ class Options(usage.Options):
             "tried (Go duration). etcd's gateway has none.",
             _duration("dial-timeout", allowZero=False),
         ],
+        [
+            "shutdown-grace",
+            None,
+            "5s",
+            "On SIGTERM/SIGINT, stop accepting at once and give open connections this "
+            "long to finish before closing them (Go duration; 0 closes them at once).",
+            _duration("shutdown-grace"),
+        ],
+        [
+            "metrics-addr",
+            None,
+            None,
+            "Serve Prometheus /metrics, /health and a status page / on this address "
+            "(same syntax as --listen-addr, e.g. 127.0.0.1:23791); off by default.",
+        ],
         ["discovery-srv", None, None, "DNS domain for SRV discovery of the endpoints."],
         [
             "discovery-srv-name",
@@ -148,7 +167,7 @@ class Options(usage.Options):
     def postOptions(self):
         if self["retry-delay"] is None:
             self["retry-delay"] = parseDuration("1m0s")
-        for name in ("retry-delay", "dial-timeout"):
+        for name in ("retry-delay", "dial-timeout", "shutdown-grace"):
             if isinstance(self[name], str):  # the default, given as text
                 self[name] = _duration(name)(self[name])
         if self["retry-delay"] == 0:
@@ -161,6 +180,11 @@ class Options(usage.Options):
             self["listen-addr"] = parseListenAddress(self["listen-addr"])
         except ListenError as e:
             raise usage.UsageError(f"--listen-addr: {e}") from None
+        if self["metrics-addr"] is not None:
+            try:
+                self["metrics-addr"] = parseListenAddress(self["metrics-addr"])
+            except ListenError as e:
+                raise usage.UsageError(f"--metrics-addr: {e}") from None
         if self["trusted-ca-file"] is not None:
             self["trusted-ca-certificates"] = _loadCertificates(
                 self["trusted-ca-file"], "--trusted-ca-file"
@@ -202,6 +226,19 @@ class ListenerService(StreamServerEndpointService):
             listen=self.describe(),
         )
         return port
+
+    def whenListening(self):
+        """
+        A Deferred firing with the port once it listens.
+        """
+        d = defer.Deferred()
+
+        def fire(port):
+            d.callback(port)
+            return port
+
+        self._waitingForPort.addCallback(fire)
+        return d
 
     def describe(self):
         """
@@ -248,6 +285,35 @@ def makeService(options, reactor=None):
     health = HealthService(pool, reactor, options["retry-delay"], options["dial-timeout"])
     health.setName("health")
     health.setServiceParent(root)
+
+    # After the listener: MultiService stops children in reverse order, so
+    # the port stops accepting in the same turn as the drain begins.
+    drain = DrainService(factory, reactor, options["shutdown-grace"])
+    drain.setName("shutdown")
+    drain.setServiceParent(root)
+
+    reload = ReloadService(root, pool, reactor, options["dial-timeout"])
+    reload.setName("signals")
+    reload.setServiceParent(root)
+
+    notifier = SystemdNotifier.fromEnvironment()
+    if notifier is not None:
+        notify = SystemdNotifyService(
+            notifier, pool, listener, reactor, watchdogInterval()
+        )
+        notify.setName("sdnotify")
+        notify.setServiceParent(root)
+
+    if options["metrics-addr"] is not None:
+        from etcdgw.status import StatusService, statusSite
+
+        web = StatusService(
+            listenEndpoint(reactor, options["metrics-addr"]),
+            statusSite(pool, factory, reactor, root),
+            options["metrics-addr"],
+        )
+        web.setName("metrics")
+        web.setServiceParent(root)
     log.info(
         "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
         "pid {pid}",

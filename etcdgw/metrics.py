@@ -1,0 +1,192 @@
+"""
+Prometheus metrics, read at scrape time.
+
+Nothing is counted for Prometheus as traffic flows: the pool's
+L{etcdgw.pool.EndpointState} and the L{etcdgw.proxy.GatewayFactory} already
+keep the counters, and L{GatewayCollector} turns them into metric families
+only when C{/metrics} is asked for, so the proxy's per-chunk path does no
+extra work.
+"""
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from twisted.web.resource import Resource
+
+PREFIX = "etcd_gateway"
+
+
+def _findService(root, name):
+    if root is None:
+        return None
+    try:
+        return root.getServiceNamed(name)
+    except KeyError:
+        return None
+
+
+class GatewayCollector:
+    """
+    A prometheus_client collector over the gateway's live state.
+
+    @param pool: the L{etcdgw.pool.UpstreamPool}.
+    @param factory: the L{etcdgw.proxy.GatewayFactory}.
+    @param clock: an L{IReactorTime}, for the age of endpoint states.
+    @param root: the gateway's L{MultiService}, or L{None}; its C{"listener"}
+        (accept failures) and C{"discovery"} (refreshes, failures) children
+        are read when they exist.
+    """
+
+    def __init__(self, pool, factory, clock, root=None):
+        self.pool = pool
+        self.factory = factory
+        self.clock = clock
+        self.root = root
+
+    def describe(self):
+        # Collected metrics depend on runtime state (discovery may appear);
+        # returning nothing tells the registry not to call collect() early.
+        return []
+
+    def collect(self):
+        factory = self.factory
+        active = len(factory.clients)
+        yield CounterMetricFamily(
+            f"{PREFIX}_connections_accepted",
+            "Client connections accepted.",
+            value=factory.accepted,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_connections_active",
+            "Client connections open now (including those being dialled).",
+            value=active,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_connections_closed",
+            "Client connections closed.",
+            value=factory.accepted - active,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}_connections_refused",
+            "Client connections closed at once because no endpoint was up.",
+            value=factory.refused,
+        )
+        yield from self._endpoints()
+        yield from self._listener()
+        yield from self._discovery()
+
+    def _endpoints(self):
+        now = self.clock.seconds()
+        families = {
+            "up": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_up",
+                "1 when the endpoint gets new connections, 0 when it is down.",
+                labels=["endpoint"],
+            ),
+            "age": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_state_seconds",
+                "Seconds since the endpoint's last state change (or since it joined).",
+                labels=["endpoint"],
+            ),
+            "active": GaugeMetricFamily(
+                f"{PREFIX}_upstream_connections_active",
+                "Connections open to the endpoint now.",
+                labels=["endpoint"],
+            ),
+            "connections": CounterMetricFamily(
+                f"{PREFIX}_upstream_connections",
+                "Connections opened to the endpoint.",
+                labels=["endpoint"],
+            ),
+            "attempts": CounterMetricFamily(
+                f"{PREFIX}_upstream_dial_attempts",
+                "Dials to the endpoint for clients.",
+                labels=["endpoint"],
+            ),
+            "failures": CounterMetricFamily(
+                f"{PREFIX}_upstream_dial_failures",
+                "Dials to the endpoint that failed.",
+                labels=["endpoint"],
+            ),
+            "sent": CounterMetricFamily(
+                f"{PREFIX}_upstream_sent_bytes",
+                "Bytes forwarded from clients to the endpoint.",
+                labels=["endpoint"],
+            ),
+            "received": CounterMetricFamily(
+                f"{PREFIX}_upstream_received_bytes",
+                "Bytes forwarded from the endpoint to clients.",
+                labels=["endpoint"],
+            ),
+        }
+        for state in self.pool.states():
+            label = [str(state.endpoint)]
+            families["up"].add_metric(label, 1 if state.up else 0)
+            families["age"].add_metric(label, max(0.0, now - state.since))
+            families["active"].add_metric(label, state.active)
+            families["connections"].add_metric(label, state.connections)
+            families["attempts"].add_metric(label, state.dialAttempts)
+            families["failures"].add_metric(label, state.dialFailures)
+            families["sent"].add_metric(label, state.bytesToUpstream)
+            families["received"].add_metric(label, state.bytesFromUpstream)
+        yield from families.values()
+
+    def _listener(self):
+        listener = _findService(self.root, "listener")
+        port = getattr(listener, "port", None)
+        failures = getattr(port, "acceptFailures", None)
+        if failures is not None:
+            yield CounterMetricFamily(
+                f"{PREFIX}_accept_failures",
+                "Accepts that failed for lack of file descriptors or memory.",
+                value=failures,
+            )
+
+    def _discovery(self):
+        discovery = _findService(self.root, "discovery")
+        if discovery is None:
+            return
+        for attributes, name, doc in (
+            (("refreshes", "rounds"), "discovery_refreshes", "DNS SRV discovery refreshes."),
+            (("failures",), "discovery_failures", "DNS SRV discovery refreshes that failed."),
+        ):
+            value = next(
+                (getattr(discovery, a) for a in attributes if hasattr(discovery, a)), None
+            )
+            if isinstance(value, (int, float)):
+                yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def gatewayRegistry(pool, factory, clock, root=None, process=True):
+    """
+    A registry holding the gateway's metrics (and, with C{process}, the
+    standard C{process_*} metrics: CPU, memory, open file descriptors).
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(pool, factory, clock, root))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+class MetricsResource(Resource):
+    """
+    C{/metrics}: the registry in Prometheus text format (or OpenMetrics when
+    the scraper asks for it). Rendered in the reactor thread, where the
+    state it reads lives (prometheus_client's own Twisted resource renders in
+    a thread pool).
+    """
+
+    isLeaf = True
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request):
+        accept = request.getHeader("accept")
+        encoder, contentType = choose_encoder(accept)
+        request.setHeader("content-type", contentType)
+        request.setHeader("cache-control", "no-store")
+        return encoder(self.registry)

@@ -1,0 +1,146 @@
+"""
+SIGHUP: look again now. Every endpoint is probed at once (an up endpoint
+that does not answer is marked down, a down one that answers is marked up),
+and, when the gateway has a discovery service, DNS is queried again now.
+The result is logged as one line. (SIGTERM and SIGINT are twistd's: they
+stop the reactor, see L{etcdgw.shutdown}.)
+"""
+
+import signal
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from etcdgw.dial import describeFailure
+from etcdgw.health import probeTCP
+
+
+class ReloadService(Service):
+    """
+    Re-probes every endpoint, and refreshes discovery, on SIGHUP.
+
+    @param root: the gateway's L{MultiService}; a child named C{"discovery"},
+        if any, has its C{refreshNow()} called.
+    @param pool: the L{etcdgw.pool.UpstreamPool}.
+    @param reactor: provides L{IReactorTCP}, L{IReactorTime} and
+        C{callFromThread} (the signal handler hands over to the reactor).
+    @param timeout: seconds each probe may take (C{--dial-timeout}).
+    @param probe: C{probe(reactor, endpoint, timeout)} -> Deferred.
+    @param installSignal: C{signal.signal}, replaced in tests.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, root, pool, reactor, timeout, probe=probeTCP, installSignal=signal.signal
+    ):
+        self.root = root
+        self.pool = pool
+        self.reactor = reactor
+        self.timeout = timeout
+        self._probe = probe
+        self._installSignal = installSignal
+        self._previous = None
+        self._running = None
+
+    def startService(self):
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self._previous = self._installSignal(signal.SIGHUP, self._onSignal)
+
+    def stopService(self):
+        super().stopService()
+        if self._previous is not None:
+            self._installSignal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _onSignal(self, signum, frame):
+        # In the signal handler: only hand over to the reactor.
+        self.reactor.callFromThread(self.reload)
+
+    def reload(self):
+        """
+        Probe every endpoint and refresh discovery now; log the result.
+
+        @return: a Deferred firing with the summary line once everything
+            asked has answered. A reload already running is not doubled.
+        """
+        if self._running is not None:
+            self.log.info("SIGHUP: a reload is already running")
+            return self._running
+        self.log.info("SIGHUP: probing every endpoint and refreshing discovery now")
+        # Discovery first: it may change the endpoints that are then probed.
+        d = self._running = self._refreshDiscovery()
+        d.addCallback(
+            lambda discovery: self._probeAll().addCallback(
+                lambda probed: (discovery, probed)
+            )
+        )
+        d.addCallback(self._report)
+
+        def done(result):
+            self._running = None
+            return result
+
+        d.addErrback(lambda f: self.log.failure("SIGHUP reload failed", f))
+        d.addBoth(done)
+        return d
+
+    def _refreshDiscovery(self):
+        try:
+            discovery = self.root.getServiceNamed("discovery")
+        except KeyError:
+            return defer.succeed("no discovery (static --endpoints)")
+        refresh = getattr(discovery, "refreshNow", None) or getattr(
+            discovery, "refresh", None
+        )
+        if refresh is None:
+            return defer.succeed("discovery cannot refresh")
+        d = defer.maybeDeferred(refresh)
+        d.addCallbacks(
+            lambda _: "discovery refreshed",
+            lambda f: f"discovery refresh failed: {describeFailure(f)}",
+        )
+        return d
+
+    def _probeAll(self):
+        probes = []
+        for state in self.pool.states():
+            endpoint = state.endpoint
+            d = self._probe(self.reactor, endpoint, self.timeout)
+            d.addCallbacks(
+                self._alive,
+                self._dead,
+                callbackArgs=(endpoint,),
+                errbackArgs=(endpoint,),
+            )
+            probes.append(d)
+        d = defer.gatherResults(probes, consumeErrors=True)
+        d.addCallback(lambda answers: (sum(answers), len(answers)))
+        return d
+
+    def _alive(self, result, endpoint):
+        self.pool.markUp(endpoint, "SIGHUP probe connected")
+        return 1
+
+    def _dead(self, reason, endpoint):
+        self.pool.markDown(endpoint, f"SIGHUP probe: {describeFailure(reason)}")
+        return 0
+
+    def _report(self, result):
+        discovery, (answered, probed) = result
+        summary = (
+            f"{answered}/{probed} endpoints answered; "
+            f"{self.pool.upCount()}/{len(self.pool.endpoints)} up; {discovery}"
+        )
+        self.log.info(
+            "SIGHUP done: {answered}/{probed} endpoints answered; {up}/{total} up; "
+            "{discovery}",
+            answered=answered,
+            probed=probed,
+            up=self.pool.upCount(),
+            total=len(self.pool.endpoints),
+            discovery=discovery,
+        )
+        return summary

@@ -1,0 +1,351 @@
+"""
+The operator's HTTP address (C{--metrics-addr}): C{/metrics} for
+Prometheus, C{/health} for load balancers and Kubernetes probes, C{/} a
+status page a person reads at a glance, and C{/status.json} that the page
+polls to refresh itself in place.
+"""
+
+import datetime
+import html
+import json
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from etcdgw.metrics import MetricsResource, gatewayRegistry
+
+#: How often the status page refreshes itself, in milliseconds.
+REFRESH_MS = 2000
+
+
+def _iso(seconds):
+    return (
+        datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z")
+    )
+
+
+def gatewayStatus(pool, factory, clock, root=None):
+    """
+    The gateway's state now, as a JSON-ready dict (what C{/status.json}
+    serves and the status page shows).
+    """
+    now = clock.seconds()
+    endpoints = []
+    for state in pool.states():
+        endpoints.append(
+            {
+                "endpoint": str(state.endpoint),
+                "state": state.state,
+                "since": _iso(state.since),
+                "sinceSeconds": round(max(0.0, now - state.since), 3),
+                "reason": state.reason,
+                "active": state.active,
+                "connections": state.connections,
+                "dialAttempts": state.dialAttempts,
+                "dialFailures": state.dialFailures,
+                "bytesToUpstream": state.bytesToUpstream,
+                "bytesFromUpstream": state.bytesFromUpstream,
+                "priority": state.endpoint.priority,
+                "weight": state.endpoint.weight,
+            }
+        )
+    listen = None
+    if root is not None:
+        try:
+            listen = root.getServiceNamed("listener").describe()
+        except (KeyError, AttributeError):
+            pass
+    return {
+        "now": _iso(now),
+        "listen": listen,
+        "policy": getattr(pool, "policyName", None),
+        "up": pool.upCount(),
+        "total": len(endpoints),
+        "clients": {
+            "active": len(factory.clients),
+            "accepted": factory.accepted,
+            "refused": factory.refused,
+        },
+        "endpoints": endpoints,
+    }
+
+
+def _json(request, value, code=200):
+    request.setResponseCode(code)
+    request.setHeader("content-type", "application/json")
+    request.setHeader("cache-control", "no-store")
+    return (json.dumps(value, sort_keys=True) + "\n").encode("utf-8")
+
+
+class StatusJSON(Resource):
+    """
+    C{/status.json}: L{gatewayStatus}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status):
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request):
+        return _json(request, self._status())
+
+
+class Health(Resource):
+    """
+    C{/health}: 200 when at least one endpoint is up, 503 otherwise; the
+    JSON body gives the counts.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def render_GET(self, request):
+        up = self.pool.upCount()
+        total = len(self.pool.endpoints)
+        healthy = up > 0
+        return _json(
+            request,
+            {"status": "ok" if healthy else "unavailable", "up": up, "total": total},
+            200 if healthy else 503,
+        )
+
+    render_HEAD = render_GET
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>etcd-gateway</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+h1 {{ font-size: 1.3em; margin: 0 0 .2em; }}
+p.summary {{ margin: 0 0 1em; color: #555; }}
+table {{ border-collapse: collapse; }}
+th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; }}
+th {{ background: #f3f3f3; }}
+td.endpoint, td.reason, th.left {{ text-align: left; }}
+td.state {{ text-align: center; font-weight: bold; color: #fff; }}
+tr.up td.state {{ background: #2e8b3d; }}
+tr.down td.state {{ background: #c0392b; }}
+#refreshed {{ color: #888; font-size: .9em; }}
+</style>
+</head>
+<body>
+<h1>etcd-gateway</h1>
+<p class="summary" id="summary">{summary}</p>
+<table>
+<thead><tr>
+<th class="left">endpoint</th><th>state</th><th class="left">since</th>
+<th class="left">reason</th><th>active</th><th>connections</th><th>dial failures</th>
+<th>bytes to member</th><th>bytes from member</th>
+</tr></thead>
+<tbody id="endpoints">
+{rows}
+</tbody>
+</table>
+<p id="refreshed" data-source="server">as of {now}</p>
+<script>
+"use strict";
+const REFRESH_MS = {refresh};
+function human(n) {{
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {{ n /= 1024; i++; }}
+  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+}}
+function ago(s) {{
+  if (s < 60) return Math.round(s) + "s ago";
+  if (s < 3600) return Math.round(s / 60) + "m ago";
+  if (s < 86400) return (s / 3600).toFixed(1) + "h ago";
+  return (s / 86400).toFixed(1) + "d ago";
+}}
+function cell(row, cls, text, title) {{
+  const td = row.insertCell();
+  td.className = cls;
+  td.textContent = text;
+  if (title) td.title = title;
+}}
+function render(s) {{
+  document.getElementById("summary").textContent = summary(s);
+  const body = document.getElementById("endpoints");
+  body.textContent = "";
+  for (const e of s.endpoints) {{
+    const row = body.insertRow();
+    row.className = e.state;
+    row.dataset.endpoint = e.endpoint;
+    cell(row, "endpoint", e.endpoint);
+    cell(row, "state", e.state);
+    cell(row, "since", ago(e.sinceSeconds), e.since);
+    cell(row, "reason", e.reason);
+    cell(row, "active", String(e.active));
+    cell(row, "connections", String(e.connections));
+    cell(row, "dialFailures", String(e.dialFailures));
+    cell(row, "bytesToUpstream", human(e.bytesToUpstream), e.bytesToUpstream + " bytes");
+    cell(row, "bytesFromUpstream", human(e.bytesFromUpstream), e.bytesFromUpstream + " bytes");
+  }}
+  const refreshed = document.getElementById("refreshed");
+  refreshed.textContent = "as of " + s.now + " (refreshes every " + REFRESH_MS / 1000 + "s)";
+  refreshed.dataset.source = "status.json";
+}}
+function summary(s) {{
+  return s.up + "/" + s.total + " endpoints up; " + s.clients.active +
+    " client connections open, " + s.clients.accepted + " accepted, " +
+    s.clients.refused + " refused" + (s.listen ? "; listening on " + s.listen : "");
+}}
+function refresh() {{
+  fetch("status.json", {{cache: "no-store"}})
+    .then(r => r.json()).then(render)
+    .catch(err => {{
+      const refreshed = document.getElementById("refreshed");
+      refreshed.textContent = "cannot reach the gateway: " + err;
+      refreshed.dataset.source = "error";
+    }})
+    .finally(() => setTimeout(refresh, REFRESH_MS));
+}}
+refresh();
+</script>
+</body>
+</html>
+"""
+
+
+def _humanBytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def _summary(status):
+    text = (
+        f"{status['up']}/{status['total']} endpoints up; "
+        f"{status['clients']['active']} client connections open, "
+        f"{status['clients']['accepted']} accepted, {status['clients']['refused']} refused"
+    )
+    if status["listen"]:
+        text += f"; listening on {status['listen']}"
+    return text
+
+
+def renderPage(status):
+    """
+    The status page for C{status} (a L{gatewayStatus} dict): complete
+    without JavaScript; its script then refreshes it from C{status.json}.
+    """
+    rows = []
+    for e in status["endpoints"]:
+        cells = [
+            ("endpoint", e["endpoint"], None),
+            ("state", e["state"], None),
+            ("since", e["since"], None),
+            ("reason", e["reason"], None),
+            ("active", e["active"], None),
+            ("connections", e["connections"], None),
+            ("dialFailures", e["dialFailures"], None),
+            ("bytesToUpstream", _humanBytes(e["bytesToUpstream"]), e["bytesToUpstream"]),
+            (
+                "bytesFromUpstream",
+                _humanBytes(e["bytesFromUpstream"]),
+                e["bytesFromUpstream"],
+            ),
+        ]
+        rows.append(
+            f'<tr class="{html.escape(e["state"])}" '
+            f'data-endpoint="{html.escape(e["endpoint"])}">'
+            + "".join(
+                f'<td class="{cls}"'
+                + (f' title="{title} bytes"' if title is not None else "")
+                + f">{html.escape(str(text))}</td>"
+                for cls, text, title in cells
+            )
+            + "</tr>"
+        )
+    return _PAGE.format(
+        summary=html.escape(_summary(status)),
+        rows="\n".join(rows),
+        now=html.escape(status["now"]),
+        refresh=REFRESH_MS,
+    ).encode("utf-8")
+
+
+class StatusPage(Resource):
+    """
+    C{/}: the status page. Other unknown paths are 404.
+    """
+
+    def __init__(self, status):
+        super().__init__()
+        self._status = status
+
+    def getChild(self, path, request):
+        if path == b"":
+            return self
+        return Resource.getChild(self, path, request)
+
+    def render_GET(self, request):
+        request.setHeader("content-type", "text/html; charset=utf-8")
+        request.setHeader("cache-control", "no-store")
+        return renderPage(self._status())
+
+
+def statusSite(pool, factory, clock, root=None, registry=None):
+    """
+    The L{Site} for C{--metrics-addr}: C{/}, C{/status.json}, C{/health},
+    C{/metrics}.
+    """
+
+    def status():
+        return gatewayStatus(pool, factory, clock, root)
+
+    if registry is None:
+        registry = gatewayRegistry(pool, factory, clock, root)
+    top = StatusPage(status)
+    top.putChild(b"status.json", StatusJSON(status))
+    top.putChild(b"health", Health(pool))
+    top.putChild(b"metrics", MetricsResource(registry))
+    site = Site(top)
+    site.noisy = False
+    site.log = lambda request: None  # no access log line per scrape
+    return site
+
+
+class StatusService(StreamServerEndpointService):
+    """
+    Serves L{statusSite} on C{--metrics-addr}; logs where once listening.
+    """
+
+    log = Logger()
+
+    def __init__(self, endpoint, site, address):
+        super().__init__(endpoint, site)
+        self._raiseSynchronously = True
+        self.address = address
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        self.port = port
+        where = str(self.address)
+        if self.address.isTCP:
+            where = f"{self.address.host or '*'}:{port.getHost().port}"
+            if ":" in (self.address.host or ""):
+                where = f"[{self.address.host}]:{port.getHost().port}"
+        self.log.info(
+            "metrics on http://{where}/metrics, health on /health, status page on /",
+            where=where,
+        )
+        return port

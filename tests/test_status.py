@@ -1,0 +1,266 @@
+"""
+Tests for L{etcdgw.status}: C{/health}, C{/status.json} and the status page,
+served over real HTTP on 127.0.0.1; the page is also loaded in headless
+Chromium and what it shows is compared with the gateway's state.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from html.parser import HTMLParser
+
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.internet.utils import getProcessOutputAndValue
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.client import Agent, readBody
+
+from etcdgw.endpoint import Endpoint
+from etcdgw.pool import UpstreamPool
+from etcdgw.proxy import GatewayFactory
+from etcdgw.status import gatewayStatus, renderPage, statusSite
+
+
+def chromium():
+    """
+    The path of Debian's chromium, or skip (fail under CI: it must be there).
+    """
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    message = "chromium not found: install it with `apt-get install -y chromium` to test the status page"
+    if os.environ.get("CI"):
+        raise RuntimeError(message)
+    raise SkipTest(message)
+
+
+class Rows(HTMLParser):
+    """
+    The status page's endpoint rows: {endpoint: {cell class: text}}, plus the
+    attributes of C{#refreshed} and the text of C{#summary}.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.rows = {}
+        self.refreshed = {}
+        self.summary = ""
+        self._row = None
+        self._cell = None
+        self._in = None
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tr" and "data-endpoint" in attrs:
+            self._row = self.rows.setdefault(
+                attrs["data-endpoint"], {"_class": attrs.get("class")}
+            )
+        elif tag == "td" and self._row is not None:
+            self._cell = attrs.get("class")
+            self._row[self._cell] = ""
+        elif attrs.get("id") == "refreshed":
+            self.refreshed = attrs
+            self._in = "refreshed"
+        elif attrs.get("id") == "summary":
+            self._in = "summary"
+
+    def handle_endtag(self, tag):
+        if tag == "tr":
+            self._row = None
+        if tag == "td":
+            self._cell = None
+        if tag == "p":
+            self._in = None
+
+    def handle_data(self, data):
+        if self._row is not None and self._cell is not None:
+            self._row[self._cell] += data
+        elif self._in == "summary":
+            self.summary += data
+        elif self._in == "refreshed":
+            self.refreshed["text"] = self.refreshed.get("text", "") + data
+
+
+def parsePage(text):
+    parser = Rows()
+    parser.feed(text)
+    return parser
+
+
+class ServedTestCase(TestCase):
+    """
+    A gateway state (on a fake clock) and its status site on a real port.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.a = Endpoint("10.0.0.1", 2379)
+        self.b = Endpoint("10.0.0.2", 2379)
+        self.pool = UpstreamPool([self.a, self.b], self.clock)
+        self.factory = GatewayFactory(self.pool, self.clock, 1.0)
+        state = self.pool.stateOf(self.a)
+        state.active, state.connections, state.bytesToUpstream = 2, 3, 4096
+        state.bytesFromUpstream = 5 * 1024 * 1024
+        self.site = statusSite(self.pool, self.factory, self.clock)
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.base = f"http://127.0.0.1:{self.port.getHost().port}"
+
+    def get(self, path):
+        d = Agent(reactor).request(b"GET", (self.base + path).encode())
+        return d.addCallback(
+            lambda r: readBody(r).addCallback(lambda body: (r.code, r.headers, body))
+        )
+
+
+class HealthTests(ServedTestCase):
+    def test_upIs200(self):
+        """
+        /health is 200 with the counts while an endpoint is up.
+        """
+
+        def check(result):
+            code, headers, body = result
+            self.assertEqual(code, 200)
+            self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+            self.assertEqual(json.loads(body), {"status": "ok", "up": 2, "total": 2})
+
+        return self.get("/health").addCallback(check)
+
+    def test_allDownIs503(self):
+        """
+        /health is 503 when every endpoint is down.
+        """
+        self.pool.markDown(self.a, "refused")
+        self.pool.markDown(self.b, "refused")
+
+        def check(result):
+            code, headers, body = result
+            self.assertEqual(code, 503)
+            self.assertEqual(json.loads(body), {"status": "unavailable", "up": 0, "total": 2})
+
+        return self.get("/health").addCallback(check)
+
+    def test_unknownPath404(self):
+        """
+        Paths the gateway does not serve are 404.
+        """
+        return self.get("/nope").addCallback(lambda r: self.assertEqual(r[0], 404))
+
+
+class StatusJSONTests(ServedTestCase):
+    def test_statusJSON(self):
+        """
+        /status.json gives each endpoint's state, since when, and counters.
+        """
+        self.clock.advance(5)
+        self.pool.markDown(self.b, "connection refused")
+        self.clock.advance(3)
+
+        def check(result):
+            code, headers, body = result
+            self.assertEqual(code, 200)
+            status = json.loads(body)
+            self.assertEqual((status["up"], status["total"]), (1, 2))
+            a, b = status["endpoints"]
+            self.assertEqual(a["endpoint"], "10.0.0.1:2379")
+            self.assertEqual((a["state"], a["active"], a["bytesToUpstream"]), ("up", 2, 4096))
+            self.assertEqual(a["sinceSeconds"], 8)
+            self.assertEqual((b["state"], b["reason"]), ("down", "connection refused"))
+            self.assertEqual(b["since"], "2027-01-15T08:00:05Z")
+            self.assertEqual(b["sinceSeconds"], 3)
+
+        return self.get("/status.json").addCallback(check)
+
+
+class PageTests(SynchronousTestCase):
+    def test_pageWithoutJavaScript(self):
+        """
+        The page as served shows every endpoint's state and counters.
+        """
+        clock = Clock()
+        a, b = Endpoint("10.0.0.1", 2379), Endpoint("10.0.0.2", 2379)
+        pool = UpstreamPool([a, b], clock)
+        pool.markDown(b, "<refused>")
+        pool.stateOf(a).bytesFromUpstream = 2048
+        factory = GatewayFactory(pool, clock, 1.0)
+        page = parsePage(renderPage(gatewayStatus(pool, factory, clock)).decode())
+        self.assertEqual(page.rows["10.0.0.1:2379"]["state"], "up")
+        self.assertEqual(page.rows["10.0.0.1:2379"]["bytesFromUpstream"], "2.0 KiB")
+        self.assertEqual(page.rows["10.0.0.2:2379"]["_class"], "down")
+        self.assertEqual(page.rows["10.0.0.2:2379"]["reason"], "<refused>")  # escaped
+        self.assertEqual(page.refreshed["data-source"], "server")
+        self.assertIn("1/2 endpoints up", page.summary)
+
+
+class ChromiumTests(ServedTestCase):
+    """
+    The status page in headless Chromium.
+    """
+
+    timeout = 60
+
+    def browse(self, *extra):
+        browser = chromium()
+        profile = tempfile.mkdtemp(prefix="etcdgw-chromium-")
+        self.addCleanup(shutil.rmtree, profile, ignore_errors=True)
+        args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-extensions",
+            "--no-first-run",
+            f"--user-data-dir={profile}",
+            "--virtual-time-budget=3000",
+            *extra,
+            self.base + "/",
+        ]
+        env = {"HOME": profile, "PATH": os.environ.get("PATH", "")}
+        return getProcessOutputAndValue(browser, args, env=env, reactor=reactor)
+
+    def test_pageRefreshesInPlace(self):
+        """
+        Chromium shows each endpoint as the gateway has it, including a
+        change made after the page was served: the page's script fetched
+        /status.json and redrew the table.
+        """
+        page = self.site.resource
+        served = page.render_GET
+
+        def renderThenChange(request):
+            body = served(request)
+            # After the page is served: only its refresh can show these.
+            self.clock.advance(90)
+            self.pool.markDown(self.a, "refused after page load")
+            self.pool.stateOf(self.b).bytesToUpstream = 777
+            return body
+
+        page.render_GET = renderThenChange
+
+        def check(result):
+            out, err, code = result
+            self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+            shown = parsePage(out.decode())
+            self.assertEqual(shown.refreshed.get("data-source"), "status.json", out[-3000:])
+            status = gatewayStatus(self.pool, self.factory, self.clock)
+            self.assertEqual(set(shown.rows), {e["endpoint"] for e in status["endpoints"]})
+            for e in status["endpoints"]:
+                row = shown.rows[e["endpoint"]]
+                self.assertEqual(row["state"], e["state"])
+                self.assertEqual(row["_class"], e["state"])
+                self.assertEqual(row["reason"], e["reason"])
+                self.assertEqual(row["active"], str(e["active"]))
+                self.assertEqual(row["connections"], str(e["connections"]))
+            a, b = shown.rows["10.0.0.1:2379"], shown.rows["10.0.0.2:2379"]
+            self.assertEqual(a["state"], "down")
+            self.assertEqual(a["since"], "0s ago")
+            self.assertEqual(a["bytesFromUpstream"], "5.0 MiB")
+            self.assertEqual(b["since"], "2m ago")
+            self.assertEqual(b["bytesToUpstream"], "777 B")
+            self.assertIn("1/2 endpoints up", shown.summary)
+
+        return self.browse("--dump-dom").addCallback(check)
