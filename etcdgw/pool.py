@@ -13,6 +13,12 @@ from twisted.logger import Logger
 UP = "up"
 DOWN = "down"
 
+#: etcd health (a second dimension next to TCP up/down, set by
+#: L{etcdgw.etcdhealth}): not checked (yet), or what the member said.
+UNKNOWN = "unknown"
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+
 
 class EndpointState:
     """
@@ -29,6 +35,12 @@ class EndpointState:
     @ivar dialFailures: dials to it that failed.
     @ivar bytesToUpstream: bytes forwarded from clients to it.
     @ivar bytesFromUpstream: bytes forwarded from it to clients.
+    @ivar health: L{UNKNOWN}, L{HEALTHY} or L{UNHEALTHY}: what etcd-aware
+        checks say (L{UNKNOWN} when they are off or have not answered yet).
+    @ivar healthReason: why it has that health.
+    @ivar clusterID: the etcd cluster ID the member reported, or L{None}.
+    @ivar foreign: the member belongs to another cluster than the majority's:
+        it is never picked.
     """
 
     __slots__ = (
@@ -42,6 +54,10 @@ class EndpointState:
         "dialFailures",
         "bytesToUpstream",
         "bytesFromUpstream",
+        "health",
+        "healthReason",
+        "clusterID",
+        "foreign",
     )
 
     def __init__(self, endpoint, since):
@@ -55,10 +71,21 @@ class EndpointState:
         self.dialFailures = 0
         self.bytesToUpstream = 0
         self.bytesFromUpstream = 0
+        self.health = UNKNOWN
+        self.healthReason = "not checked"
+        self.clusterID = None
+        self.foreign = False
 
     @property
     def up(self):
         return self.state == UP
+
+    @property
+    def usable(self):
+        """
+        Up, not known unhealthy, and of the right cluster: preferred by pick.
+        """
+        return self.state == UP and self.health != UNHEALTHY and not self.foreign
 
 
 def _roundRobin(pool, tier):
@@ -110,6 +137,29 @@ def _weighted(pool, tier):
     return weighted[-1]
 
 
+def _smoothWeighted(pool, tier):
+    """
+    Smooth weighted round-robin (nginx's): deterministic, in proportion to
+    the weights, and interleaved (weights 5, 1, 1 give a a b a c a a, not
+    a a a a a b c). Each pick adds every endpoint's weight to its running
+    credit, takes the endpoint with the most credit (the first in configured
+    order on a tie) and takes the tier's total weight from it. A weight of 0
+    counts as 1, so endpoints without weights rotate evenly.
+    """
+    credit = pool._credit
+    total = 0
+    best = None
+    for state in tier:
+        weight = max(state.endpoint.weight, 1)
+        total += weight
+        key = state.endpoint.key
+        credit[key] = credit.get(key, 0) + weight
+        if best is None or credit[key] > credit[best.endpoint.key]:
+            best = state
+    credit[best.endpoint.key] -= total
+    return best
+
+
 def _leastConnections(pool, tier):
     """
     The endpoint with the fewest active connections; ties are broken in
@@ -119,11 +169,20 @@ def _leastConnections(pool, tier):
     return _roundRobin(pool, [state for state in tier if state.active == fewest])
 
 
-#: Pick policies by C{--policy} name. Every policy first keeps only the up
-#: endpoints of the lowest priority (RFC 2782), then chooses inside that tier.
+#: Pick policies by C{--policy} name. Every policy first keeps only the
+#: usable endpoints of the lowest priority (RFC 2782), then chooses inside
+#: that tier:
+#:
+#:  - C{round-robin} (the default, as etcd's gateway): the RFC 2782 rule,
+#:    a weighted random choice when SRV records carry weights, a strict
+#:    rotation in configured order when none does (static endpoints).
+#:  - C{weighted}: smooth weighted round-robin, deterministic; weights from
+#:    SRV or C{--endpoint-weights}, 0 counting as 1.
+#:  - C{least-connections}: the fewest open connections, rotating on ties;
+#:    rebalances long-lived etcd client connections after a member returns.
 POLICIES = {
     "round-robin": _weighted,
-    "weighted": _weighted,
+    "weighted": _smoothWeighted,
     "least-connections": _leastConnections,
 }
 
@@ -139,7 +198,13 @@ class UpstreamPool:
 
     def __init__(self, endpoints, clock, policy="round-robin", random=None):
         self.clock = clock
+        if policy not in POLICIES:
+            raise ValueError(
+                f'unknown policy "{policy}" (expected one of {", ".join(POLICIES)})'
+            )
         self._policy = POLICIES[policy]
+        self._credit = {}
+        self._degraded = False
         self.policyName = policy
         self._random = random if random is not None else _systemRandom
         self._states = {}
@@ -184,21 +249,34 @@ class UpstreamPool:
 
     # Picking
 
+    def usable(self):
+        """
+        The states of the endpoints that are up, not known unhealthy and not
+        foreign, in configured order: where new connections go.
+        """
+        return [s for s in self.states() if s.usable]
+
     def pick(self, exclude=()):
         """
         Choose the endpoint for a new connection: among up endpoints not in
-        C{exclude}, the lowest priority tier, then the policy.
+        C{exclude} and not foreign, the healthy ones (or, when none is, the
+        unhealthy ones that still accept TCP), the lowest priority tier, then
+        the policy.
 
         @param exclude: endpoints (or their keys) already tried for this client.
         @return: an L{EndpointState}, or L{None} when no endpoint is up.
         """
         excluded = {getattr(e, "key", e) for e in exclude}
-        best = None
-        tier = []
+        candidates = []
+        fallback = []
         for key in self._order:
             state = self._states[key]
-            if state.state != UP or key in excluded:
+            if state.state != UP or state.foreign or key in excluded:
                 continue
+            (fallback if state.health == UNHEALTHY else candidates).append(state)
+        best = None
+        tier = []
+        for state in candidates or fallback:
             priority = state.endpoint.priority
             if best is None or priority < best:
                 best = priority
@@ -251,7 +329,87 @@ class UpstreamPool:
             self.log.error(
                 "every endpoint is down: new clients are refused until one answers"
             )
+        self._checkDegraded()
         self._notify()
+
+    def setHealth(self, endpoint, health, reason):
+        """
+        C{endpoint}'s etcd health is now C{health} (L{HEALTHY}, L{UNHEALTHY}
+        or L{UNKNOWN}). An unhealthy endpoint gets no new connections while
+        another one is healthy. Logs the change; a repeat is ignored.
+        """
+        state = self._states.get(endpoint.key)
+        if state is None or state.health == health:
+            return
+        old = state.health
+        state.health = health
+        state.healthReason = reason
+        emit = self.log.warn if health == UNHEALTHY else self.log.info
+        emit(
+            "endpoint {endpoint} etcd health {old} -> {new}: {reason} "
+            "({usable}/{total} usable)",
+            endpoint=str(endpoint),
+            old=old,
+            new=health,
+            reason=reason,
+            usable=len(self.usable()),
+            total=len(self._order),
+        )
+        self._checkDegraded()
+        self._notify()
+
+    def setIdentity(self, endpoint, clusterID, foreign, majority=None):
+        """
+        Record the cluster ID C{endpoint} reported, and whether it is
+        C{foreign}: of another cluster than the majority's C{majority}. A
+        foreign endpoint is never picked; becoming foreign is logged at
+        error level, once.
+        """
+        state = self._states.get(endpoint.key)
+        if state is None:
+            return
+        state.clusterID = clusterID
+        if state.foreign == foreign:
+            return
+        state.foreign = foreign
+        if foreign:
+            self.log.error(
+                "endpoint {endpoint} belongs to ANOTHER etcd cluster (cluster ID "
+                "{clusterID}, the others' is {majority}): it is never used; a stale "
+                "member or a foreign cluster on a reused address?",
+                endpoint=str(endpoint),
+                clusterID=clusterID,
+                majority=majority,
+            )
+        else:
+            self.log.info(
+                "endpoint {endpoint} is of the cluster again (cluster ID {clusterID})",
+                endpoint=str(endpoint),
+                clusterID=clusterID,
+            )
+        self._checkDegraded()
+        self._notify()
+
+    def _checkDegraded(self):
+        """
+        Log, once per episode, when no endpoint is usable but some unhealthy
+        ones accept TCP (they get the new connections then), and when that
+        ends.
+        """
+        alive = [s for s in self.states() if s.up and not s.foreign]
+        degraded = bool(alive) and not any(s.usable for s in alive)
+        if degraded == self._degraded:
+            return
+        self._degraded = degraded
+        if degraded:
+            self.log.error(
+                "no endpoint is healthy: new connections go to the {count} that "
+                "accept TCP ({endpoints}) rather than being refused",
+                count=len(alive),
+                endpoints=[str(s.endpoint) for s in alive],
+            )
+        else:
+            self.log.info("an endpoint is healthy again: unhealthy ones get no new connections")
 
     def replaceEndpoints(self, endpoints, reason="replaced"):
         """
@@ -281,6 +439,8 @@ class UpstreamPool:
         removed = [s.endpoint for key, s in old.items() if key not in newStates]
         self._states = newStates
         self._order = order
+        for key in [key for key in self._credit if key not in newStates]:
+            del self._credit[key]
         self._cursor = 0 if not order else self._cursor % len(order)
         if old and (added or removed):
             self.log.info(
@@ -292,6 +452,7 @@ class UpstreamPool:
                 endpoints=[str(e) for e in self.endpoints],
             )
         if added or removed:
+            self._checkDegraded()
             self._notify()
         return added, removed
 
