@@ -257,8 +257,8 @@ class GatewayProcess:
     def stop(self, timeout=10):
         """
         SIGTERM the process and wait for it; return its exit code (negative:
-        killed by that signal; twistd re-raises SIGTERM after a clean
-        shutdown, so a clean stop returns C{-15}).  After C{timeout} seconds it is SIGKILLed and
+        killed by that signal: plain twistd re-raises SIGTERM after its
+        shutdown, giving C{-15}; the gateway's own drain exits with C{0}).  After C{timeout} seconds it is SIGKILLed and
         C{AssertionError} is raised: a gateway must stop on SIGTERM.
         Safe to call again; returns the same code.
         """
