@@ -3,6 +3,7 @@ The twistd plugin's body: C{etcd-gateway}'s flags and its service tree.
 """
 
 import os
+import signal
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -256,6 +257,8 @@ def makeService(options, reactor=None):
     """
     Build the gateway: a listener, the upstream pool, and the health checks.
     """
+    # Only the process's own reactor (twistd's call) takes over SIGTERM/SIGINT.
+    takeSignals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
     endpoints = options["endpoints"]
@@ -288,7 +291,12 @@ def makeService(options, reactor=None):
 
     # After the listener: MultiService stops children in reverse order, so
     # the port stops accepting in the same turn as the drain begins.
-    drain = DrainService(factory, reactor, options["shutdown-grace"])
+    drain = DrainService(
+        factory,
+        reactor,
+        options["shutdown-grace"],
+        installSignal=signal.signal if takeSignals else None,
+    )
     drain.setName("shutdown")
     drain.setServiceParent(root)
 

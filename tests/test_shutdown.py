@@ -130,6 +130,67 @@ class DrainServiceTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
+class StopSignalTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.clock.callFromThread = lambda f, *a: f(*a)
+        pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], self.clock)
+        self.factory = GatewayFactory(pool, self.clock, 1.0)
+        self.handlers = {}
+        self.service = DrainService(self.factory, self.clock, 5, self.installSignal)
+
+    def installSignal(self, signum, handler):
+        previous = self.handlers.get(signum, "reactor's")
+        self.handlers[signum] = handler
+        return previous
+
+    def test_takenOnceRunning(self):
+        """
+        SIGTERM and SIGINT are taken over only once the reactor runs (after
+        it installs its own), and handed back once the drain is over.
+        """
+        self.service.startService()
+        self.assertEqual(self.handlers, {})
+        self.clock.run()
+        self.assertEqual(
+            self.handlers,
+            {signal.SIGTERM: self.service._onSignal, signal.SIGINT: self.service._onSignal},
+        )
+        self.successResultOf(self.service.stopService())
+        self.assertEqual(
+            self.handlers, {signal.SIGTERM: "reactor's", signal.SIGINT: "reactor's"}
+        )
+
+    def test_signalStopsReactor(self):
+        """
+        The first SIGTERM stops the reactor (without recording an exit signal,
+        so twistd exits 0).
+        """
+        self.service.startService()
+        self.clock.run()
+        self.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        self.assertTrue(self.clock.hasStopped)
+        self.assertIsNone(getattr(self.clock, "_exitSignal", None))
+
+    def test_secondSignalCutsAtOnce(self):
+        """
+        A second signal during the grace period cuts the open connections now.
+        """
+        client = FakeClient(self.factory)
+        self.service.startService()
+        self.clock.run()
+        self.service.signalled(signal.SIGTERM)
+        d = self.service.stopService()
+        self.clock.advance(1)
+        self.assertFalse(client.transport.aborted)
+        self.service.signalled(signal.SIGINT)
+        self.assertTrue(client.transport.aborted)
+        self.clock.advance(0)
+        self.successResultOf(d)
+        self.assertEqual((self.service.drained, self.service.cut), (0, 1))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
 class RecordingListener(Service):
     """
     Records when it is stopped, relative to the drain.

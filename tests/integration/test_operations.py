@@ -1,0 +1,259 @@
+"""
+Operating a real gateway process in front of a real etcd member: drain on
+SIGTERM, SIGHUP, systemd notifications, metrics over HTTP, JSON logs.
+"""
+
+import http.client
+import json
+import os
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.trial import unittest
+
+from .etcd import HOST, ClusterTestMixin, etcdctl, freePort
+from .gateway import GatewayProcess
+
+#: The checkout: gateways run from it so they use this tree's code, not an
+#: installed copy (trial runs tests inside _trial_temp).
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _until(predicate, timeout=10, interval=0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def _refused(address):
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _get(url, timeout=5):
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def _samples(text):
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, sample.labels.get("endpoint"))] = sample.value
+    return found
+
+
+class OperationsTests(ClusterTestMixin, unittest.TestCase):
+    """
+    One etcd member for the class; a gateway process per test.
+    """
+
+    clusterSize = 1
+
+    def gateway(self, *args, env=None, twistdArgs=()):
+        env = dict(env or {}, PYTHONPATH=REPO)
+        gw = GatewayProcess(
+            ["--endpoints=" + self.cluster.endpoints, "--retry-delay=1s", *args],
+            env=env,
+            cwd=REPO,
+        )
+        gw.twistdArgs.extend(twistdArgs)
+        self.addCleanup(gw.cleanup)
+        return gw
+
+    def keptAlive(self, gw):
+        """
+        An HTTP/1.1 keep-alive connection through the gateway to etcd, used once.
+        """
+        connection = http.client.HTTPConnection(gw.host, gw.port, timeout=5)
+        self.addCleanup(connection.close)
+        connection.request("GET", "/version")
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertIn("etcdserver", json.loads(response.read()))
+        return connection
+
+    def test_drainLetsOpenConnectionFinish(self):
+        """
+        On SIGTERM the gateway refuses new clients at once, an open connection
+        keeps working through the grace period, and once it closes the
+        process exits 0 having logged it as drained.
+        """
+        gw = self.gateway("--shutdown-grace=10s").start()
+        connection = self.keptAlive(gw)
+        gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _until(lambda: _refused(gw.address), timeout=2)
+        refusedAfter = time.monotonic() - signalled
+        self.assertLess(refusedAfter, 2)
+        # The open connection still reaches etcd during the grace period.
+        body = json.dumps({"key": "ZHJhaW4=", "value": "b2s="})  # drain=ok
+        connection.request("POST", "/v3/kv/put", body=body)
+        response = connection.getresponse()
+        self.assertEqual(response.status, 200, response.read())
+        response.read()
+        self.assertTrue(gw.running())
+        connection.close()
+        closed = time.monotonic()
+        self.assertEqual(gw.wait(timeout=5), 0)
+        exitAfterClose = time.monotonic() - closed
+        self.assertLess(exitAfterClose, 2)  # not the 10s grace
+        log = gw.log()
+        self.assertIn("waiting up to 10s for 1 open connection(s)", log)
+        self.assertIn("drained 1 connection(s)", log)
+        self.assertIn("cut 0 still open", log)
+        rc, out, err = self.cluster.etcdctl("get", "drain", "--print-value-only")
+        self.assertEqual((rc, out.strip()), (0, "ok"), err)
+
+    def test_cutAfterGrace(self):
+        """
+        A connection still open when the grace period ends is closed, and
+        the process exits 0 soon after, having logged it as cut.
+        """
+        gw = self.gateway("--shutdown-grace=1s").start()
+        connection = self.keptAlive(gw)
+        gw.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        self.assertEqual(gw.wait(timeout=6), 0)
+        elapsed = time.monotonic() - signalled
+        self.assertGreaterEqual(elapsed, 0.9)
+        self.assertLess(elapsed, 3)
+        connection.sock.settimeout(2)
+        try:
+            self.assertEqual(connection.sock.recv(1), b"")
+        except ConnectionResetError:
+            pass  # cut: a reset is as good as an end of stream
+        log = gw.log()
+        self.assertIn("drained 0 connection(s)", log)
+        self.assertIn("cut 1 still open after the 1s grace period", log)
+
+    def test_systemdNotify(self):
+        """
+        Through a real NOTIFY_SOCKET (abstract namespace): READY=1 with the
+        endpoint counts once listening, WATCHDOG=1 pings at half of
+        WATCHDOG_USEC, STOPPING=1 on SIGTERM.
+        """
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sink.close)
+        name = f"etcdgw-it-{os.getpid()}-{time.monotonic_ns()}"
+        sink.bind("\0" + name)
+        sink.settimeout(5)
+        gw = self.gateway(
+            env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "400000"}
+        ).start()
+
+        def receive():
+            data = sink.recv(4096).decode()
+            return dict(line.split("=", 1) for line in data.split("\n"))
+
+        messages = [receive() for _ in range(4)]
+        ready = [m for m in messages if "READY" in m]
+        self.assertEqual(len(ready), 1, messages)
+        self.assertEqual(ready[0]["STATUS"], f"1/1 endpoints up; listening on {gw.address}")
+        self.assertEqual(ready[0]["MAINPID"], str(gw.pid))
+        start = time.monotonic()
+        pings = 0
+        while pings < 3:
+            if receive().get("WATCHDOG") == "1":
+                pings += 1
+        # 3 pings at 0.2s intervals
+        self.assertLess(time.monotonic() - start, 2)
+        self.assertEqual(gw.stop(), 0)
+        sink.settimeout(0.5)
+        rest = []
+        try:
+            while True:
+                rest.append(receive())
+        except socket.timeout:
+            pass
+        self.assertIn("1", [m.get("STOPPING") for m in rest], rest)
+
+    def test_metricsHealthAndSighup(self):
+        """
+        Metrics scraped from the real process follow real traffic (a dead
+        endpoint is tried, fails and shows as down); SIGHUP probes every
+        endpoint at once, so with --retry-delay=1h it is SIGHUP alone that
+        brings the endpoint back when it answers, and takes it out again when
+        it stops answering.
+        """
+        metricsPort = freePort()
+        deadPort = freePort()
+        dead = f"{HOST}:{deadPort}"
+        gw = self.gateway(
+            f"--endpoints={self.cluster.endpoints},{dead}",
+            "--retry-delay=1h",
+            f"--metrics-addr={HOST}:{metricsPort}",
+        ).start()
+        base = f"http://{HOST}:{metricsPort}"
+        member = self.cluster.endpoints
+        for i in range(3):
+            rc, out, err = etcdctl(gw.address, "put", f"k{i}", "v" * 100)
+            self.assertEqual(rc, 0, err)
+        code, text = _get(base + "/metrics")
+        self.assertEqual(code, 200)
+        found = _samples(text)
+        self.assertEqual(found[("etcd_gateway_endpoint_up", member)], 1)
+        self.assertEqual(found[("etcd_gateway_endpoint_up", dead)], 0)
+        self.assertGreaterEqual(found[("etcd_gateway_upstream_dial_failures_total", dead)], 1)
+        self.assertEqual(found[("etcd_gateway_upstream_dial_failures_total", member)], 0)
+        self.assertGreaterEqual(found[("etcd_gateway_connections_accepted_total", None)], 3)
+        self.assertEqual(found[("etcd_gateway_connections_refused_total", None)], 0)
+        self.assertGreater(found[("etcd_gateway_upstream_sent_bytes_total", member)], 300)
+        self.assertGreater(found[("etcd_gateway_upstream_received_bytes_total", member)], 0)
+        self.assertEqual(found[("etcd_gateway_upstream_sent_bytes_total", dead)], 0)
+
+        # Something answers on the dead endpoint now: SIGHUP brings it back.
+        answering = socket.socket()
+        self.addCleanup(answering.close)
+        answering.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        answering.bind((HOST, deadPort))
+        answering.listen(8)
+        gw.signal(signal.SIGHUP)
+        log = gw.waitForLog("SIGHUP done")
+        self.assertIn("SIGHUP done: 2/2 endpoints answered; 2/2 up", log)
+        found = _samples(_get(base + "/metrics")[1])
+        self.assertEqual(found[("etcd_gateway_endpoint_up", dead)], 1)
+        self.assertLess(found[("etcd_gateway_endpoint_state_seconds", dead)], 5)
+        code, body = _get(base + "/health")
+        self.assertEqual((code, json.loads(body)), (200, {"status": "ok", "up": 2, "total": 2}))
+
+        # It stops answering: the next SIGHUP takes it out.
+        answering.close()
+        gw.signal(signal.SIGHUP)
+        _until(lambda: gw.log().count("SIGHUP done") == 2)
+        self.assertIn("SIGHUP done: 1/2 endpoints answered; 1/2 up", gw.log())
+        status = json.loads(_get(base + "/status.json")[1])
+        states = {e["endpoint"]: e["state"] for e in status["endpoints"]}
+        self.assertEqual(states, {member: "up", dead: "down"})
+        self.assertEqual(gw.stop(), 0)
+
+    def test_jsonLogs(self):
+        """
+        With --logger=etcdgw.logs.jsonLogObserver every line the process
+        writes is one JSON object, the gateway's fields included.
+        """
+        gw = self.gateway(twistdArgs=["--logger=etcdgw.logs.jsonLogObserver"]).start()
+        rc, out, err = etcdctl(gw.address, "put", "json", "logs")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(gw.stop(), 0)
+        records = [json.loads(line) for line in gw.log().splitlines()]
+        [ready] = [r for r in records if r["message"].startswith("ready to proxy")]
+        self.assertEqual(ready["endpoints"], self.cluster.endpoints)
+        self.assertEqual(ready["level"], "info")
+        self.assertIn("shutting down: no open connection to drain", [r["message"] for r in records])
