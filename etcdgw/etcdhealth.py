@@ -1,0 +1,467 @@
+"""
+etcd-aware health checks (C{--health-check=etcd}): every C{--health-interval},
+each endpoint, up or down, is asked for its own health over HTTP(S), and for
+its cluster ID; rise/fall counts turn answers into the pool's health state,
+and a member whose cluster ID differs from the majority's is never used.
+
+The member's answer is C{/readyz} where it serves it (etcd 3.5.11+), else
+C{/health} (etcd 3.4: C{{"health":"true"}}, HTTP 503 without a leader or
+with an alarm); a 404 on C{/readyz} switches that endpoint to C{/health} for
+good. The cluster ID comes from C{POST /v3/maintenance/status} (etcd's JSON
+gateway), C{header.cluster_id}.
+"""
+
+import json
+from collections import Counter
+
+import attr
+from zope.interface import implementer
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, task
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+
+from etcdgw.dial import describeFailure
+from etcdgw.endpoint import formatHostPort
+from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
+
+#: Largest answer body read from a member (a member list of hundreds of
+#: members fits easily).
+MAX_BODY = 1 << 20
+
+
+class EtcdHTTPError(Exception):
+    """
+    A member's answer could not be used; the message says why, in one line.
+    """
+
+
+@implementer(IPolicyForHTTPS)
+class TLSPolicy:
+    """
+    How HTTPS endpoints are verified: against C{trustRoot} (the
+    C{--trusted-ca-file} CA; the platform's when L{None}) and for the
+    endpoint's host name or IP, presenting C{clientCertificate} if given.
+    """
+
+    def __init__(self, trustRoot=None, clientCertificate=None):
+        self.trustRoot = trustRoot
+        self.clientCertificate = clientCertificate
+
+    def creatorForNetloc(self, hostname, port):
+        return optionsForClientTLS(
+            hostname.decode("ascii"),
+            trustRoot=self.trustRoot,
+            clientCertificate=self.clientCertificate,
+        )
+
+
+def tlsPolicyFromFiles(caCertificates=None, certFile=None, keyFile=None):
+    """
+    A L{TLSPolicy} from the CA certificates (C{cryptography} objects, as
+    C{tap.Options} loads them) and an optional client certificate and key
+    file (PEM).
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from twisted.internet.ssl import Certificate, PrivateCertificate, trustRootFromCertificates
+
+    trustRoot = None
+    if caCertificates:
+        trustRoot = trustRootFromCertificates(
+            [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in caCertificates]
+        )
+    client = None
+    if certFile is not None:
+        with open(certFile, "rb") as f:
+            cert = f.read()
+        with open(keyFile, "rb") as f:
+            key = f.read()
+        client = PrivateCertificate.loadPEM(cert + b"\n" + key)
+    return TLSPolicy(trustRoot, client)
+
+
+class EtcdClient:
+    """
+    A tiny HTTP/1.1 client for etcd members' HTTP API, on the injected
+    reactor: one short-lived connection per request, each request (connect,
+    TLS, answer, body) bounded by C{timeout} seconds.
+    """
+
+    def __init__(self, reactor, timeout, tlsPolicy=None):
+        self.reactor = reactor
+        self.timeout = timeout
+        self._agent = Agent(
+            reactor,
+            contextFactory=tlsPolicy if tlsPolicy is not None else TLSPolicy(),
+            pool=HTTPConnectionPool(reactor, persistent=False),
+        )
+
+    @staticmethod
+    def url(endpoint, path):
+        scheme = "https" if endpoint.tls else "http"
+        return f"{scheme}://{formatHostPort(endpoint.host, endpoint.port)}{path}"
+
+    def request(self, endpoint, method, path, body=None):
+        """
+        Send one request to C{endpoint}.
+
+        @param body: a JSON-able value to POST, or L{None}.
+        @return: a Deferred firing with C{(code, bytes)}; failing on a
+            connection error, or with L{defer.TimeoutError} after C{timeout}.
+        """
+        headers = Headers({b"user-agent": [b"etcd-gateway"]})
+        producer = None
+        if body is not None:
+            headers.addRawHeader(b"content-type", b"application/json")
+            producer = _BytesProducer(json.dumps(body).encode("utf-8"))
+        d = self._agent.request(
+            method, self.url(endpoint, path).encode("ascii"), headers, producer
+        )
+
+        def gotResponse(response):
+            if response.length is not None and response.length > MAX_BODY:
+                response.deliverBody(_Discard())
+                raise EtcdHTTPError(f"answer of {response.length} bytes is too long")
+            return readBody(response).addCallback(lambda data: (response.code, data))
+
+        d.addCallback(gotResponse)
+        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timedOut)
+        return d
+
+    def requestJSON(self, endpoint, method, path, body=None):
+        """
+        Like L{request}, but the answer must be HTTP 200 with a JSON object.
+
+        @return: a Deferred firing with the decoded object, or failing with
+            L{EtcdHTTPError} naming the problem.
+        """
+
+        def decode(result):
+            code, data = result
+            if code != 200:
+                raise EtcdHTTPError(f"{path} answered HTTP {code}: {_snippet(data)}")
+            try:
+                value = json.loads(data)
+            except ValueError:
+                raise EtcdHTTPError(f"{path} answered non-JSON: {_snippet(data)}") from None
+            if not isinstance(value, dict):
+                raise EtcdHTTPError(f"{path} answered {_snippet(data)}, not an object")
+            return value
+
+        return self.request(endpoint, method, path, body).addCallback(decode)
+
+
+def _timedOut(result, timeout):
+    """
+    What a request cut short by its timeout fails with: L{defer.TimeoutError},
+    whatever the cancelled step (a connect fails with
+    L{error.ConnectingCancelledError}) said.
+    """
+    if isinstance(result, Failure) and result.check(
+        defer.CancelledError, error.ConnectingCancelledError
+    ):
+        raise defer.TimeoutError(f"no answer in {timeout}s")
+    return result
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """
+    A request body that is already in memory.
+    """
+
+    def __init__(self, data):
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self._data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class _Discard:
+    def makeConnection(self, transport):
+        transport.stopProducing()
+
+    def dataReceived(self, data):
+        pass
+
+    def connectionLost(self, reason):
+        pass
+
+
+def _snippet(data, size=120):
+    text = data.decode("utf-8", "replace").strip()
+    text = " ".join(text.split())
+    return text if len(text) <= size else text[:size] + "..."
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class CheckResult:
+    """
+    One answer (or its absence) from one member.
+
+    @ivar healthy: whether the member called itself healthy.
+    @ivar detail: a one-line why, for logs.
+    @ivar clusterID: the cluster ID it reported (a decimal string), if any.
+    @ivar answered: an HTTP answer came, so the member accepts connections.
+    @ivar refused: the TCP connect was refused: nothing listens there.
+    """
+
+    healthy: bool
+    detail: str
+    clusterID: str = None
+    answered: bool = False
+    refused: bool = False
+
+
+class EtcdProber:
+    """
+    Asks one member for its health and its cluster ID, through an
+    L{EtcdClient}. Remembers, per endpoint, whether C{/readyz} is served.
+    """
+
+    log = Logger()
+
+    def __init__(self, client):
+        self.client = client
+        self._noReadyz = set()
+
+    def forget(self, key):
+        self._noReadyz.discard(key)
+
+    def __call__(self, endpoint):
+        """
+        @return: a Deferred firing with a L{CheckResult}; never failing.
+        """
+        d = self._health(endpoint)
+        d.addCallback(self._withIdentity, endpoint)
+        d.addErrback(self._failed, endpoint)
+        return d
+
+    def _health(self, endpoint):
+        if endpoint.key in self._noReadyz:
+            return self._ask(endpoint, "/health")
+
+        def readyz(result):
+            code, data = result
+            if code == 404:
+                self._noReadyz.add(endpoint.key)
+                self.log.debug(
+                    "endpoint {endpoint} serves no /readyz: asking /health",
+                    endpoint=str(endpoint),
+                )
+                return self._ask(endpoint, "/health")
+            return ("/readyz", code, data)
+
+        return self.client.request(endpoint, b"GET", "/readyz").addCallback(readyz)
+
+    def _ask(self, endpoint, path):
+        return self.client.request(endpoint, b"GET", path).addCallback(
+            lambda result: (path,) + tuple(result)
+        )
+
+    def _withIdentity(self, answer, endpoint):
+        path, code, data = answer
+        healthy = code == 200
+        if healthy and path == "/health":
+            try:
+                healthy = json.loads(data).get("health") in ("true", True)
+            except (ValueError, AttributeError):
+                healthy = False
+        detail = f"{path} answered HTTP {code}: {_snippet(data)}"
+
+        def status(value):
+            header = value.get("header")
+            clusterID = header.get("cluster_id") if isinstance(header, dict) else None
+            return CheckResult(
+                healthy,
+                detail,
+                None if clusterID is None else str(clusterID),
+                answered=True,
+            )
+
+        def noStatus(reason):
+            return CheckResult(
+                healthy, f"{detail}; no cluster ID: {describeCheckFailure(reason)}", answered=True
+            )
+
+        d = self.client.requestJSON(endpoint, b"POST", "/v3/maintenance/status", {})
+        d.addCallbacks(status, noStatus)
+        return d
+
+    def _failed(self, reason, endpoint):
+        return CheckResult(
+            False,
+            describeCheckFailure(reason),
+            refused=bool(reason.check(error.ConnectionRefusedError)),
+        )
+
+
+def describeCheckFailure(reason):
+    if reason.check(defer.TimeoutError, error.TimeoutError):
+        return "no answer in time"
+    if reason.check(EtcdHTTPError):
+        return str(reason.value)
+    return describeFailure(reason)
+
+
+@attr.s(slots=True)
+class _Track:
+    """
+    Rise/fall counters of one endpoint.
+    """
+
+    ok = attr.ib(default=0)
+    bad = attr.ib(default=0)
+    pending = attr.ib(default=None)
+
+
+def majorityClusterID(clusterIDs):
+    """
+    The cluster ID that more than half of C{clusterIDs} (one per member that
+    reported one) share, or L{None} when none does.
+    """
+    if not clusterIDs:
+        return None
+    value, count = Counter(clusterIDs).most_common(1)[0]
+    return value if count * 2 > len(clusterIDs) else None
+
+
+class EtcdHealthService(Service):
+    """
+    Checks every endpoint of the pool every C{interval} seconds with
+    C{probe} (an L{EtcdProber}); C{rise} good answers in a row make an
+    endpoint healthy, C{fall} bad ones unhealthy (its first answer decides at
+    once). Tells the pool the health, the cluster identity, and TCP
+    up/down where the answer proves it.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3):
+        self.pool = pool
+        self.reactor = reactor
+        self.interval = interval
+        self.rise = rise
+        self.fall = fall
+        self._probe = probe
+        self._tracks = {}
+        self._loop = None
+        self._warnedNoMajority = False
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self.checkNow)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        for track in list(self._tracks.values()):
+            if track.pending is not None:
+                track.pending.cancel()
+        return defer.succeed(None)
+
+    def clusterID(self):
+        """
+        The majority's cluster ID among the members that reported one, or
+        L{None}.
+        """
+        return majorityClusterID(
+            [s.clusterID for s in self.pool.states() if s.clusterID is not None]
+        )
+
+    def checkNow(self):
+        """
+        Check every endpoint whose last check has ended.
+
+        @return: a Deferred firing when those checks have ended.
+        """
+        keys = set()
+        checks = []
+        for state in self.pool.states():
+            endpoint = state.endpoint
+            keys.add(endpoint.key)
+            track = self._tracks.setdefault(endpoint.key, _Track())
+            if track.pending is not None:
+                continue
+            d = track.pending = defer.maybeDeferred(self._probe, endpoint)
+            d.addCallback(self._answered, endpoint, track)
+            d.addErrback(self._broken, endpoint, track)
+            checks.append(d)
+        for key in [k for k in self._tracks if k not in keys]:
+            del self._tracks[key]
+            forget = getattr(self._probe, "forget", None)
+            if forget is not None:
+                forget(key)
+        return defer.DeferredList(checks, consumeErrors=True)
+
+    def _broken(self, reason, endpoint, track):
+        track.pending = None
+        if not reason.check(defer.CancelledError):
+            self.log.failure("health check of {endpoint} failed", reason, endpoint=str(endpoint))
+
+    def _answered(self, result, endpoint, track):
+        track.pending = None
+        state = self.pool.stateOf(endpoint)
+        if not self.running or state is None or self._tracks.get(endpoint.key) is not track:
+            return  # removed from the pool meanwhile
+        if result.refused:
+            self.pool.markDown(endpoint, "etcd health check: connection refused")
+        elif result.answered and not state.up:
+            self.pool.markUp(endpoint, "etcd health check answered")
+        if result.healthy:
+            track.ok += 1
+            track.bad = 0
+            if state.health != HEALTHY and (state.health == UNKNOWN or track.ok >= self.rise):
+                self.pool.setHealth(
+                    endpoint, HEALTHY, f"{result.detail} ({track.ok} in a row)"
+                )
+        else:
+            track.bad += 1
+            track.ok = 0
+            if state.health != UNHEALTHY and (
+                state.health == UNKNOWN or track.bad >= self.fall
+            ):
+                self.pool.setHealth(
+                    endpoint, UNHEALTHY, f"{result.detail} ({track.bad} in a row)"
+                )
+        if result.clusterID is not None:
+            state.clusterID = result.clusterID
+            self._judgeIdentities()
+
+    def _judgeIdentities(self):
+        states = [s for s in self.pool.states() if s.clusterID is not None]
+        majority = majorityClusterID([s.clusterID for s in states])
+        if majority is None:
+            if len({s.clusterID for s in states}) > 1 and not self._warnedNoMajority:
+                self._warnedNoMajority = True
+                self.log.error(
+                    "endpoints report different etcd cluster IDs with no majority: "
+                    "{ids}; none is excluded until a majority agrees",
+                    ids={str(s.endpoint): s.clusterID for s in states},
+                )
+            return
+        self._warnedNoMajority = False
+        for state in states:
+            self.pool.setIdentity(
+                state.endpoint, state.clusterID, state.clusterID != majority, majority
+            )

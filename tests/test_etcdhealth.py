@@ -1,0 +1,321 @@
+"""
+etcd-aware health checks: rise/fall, cluster identity, the /readyz fallback,
+and the HTTP client's timeout, on MemoryReactorClock.
+"""
+
+import json
+
+from twisted.internet import defer, error
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from etcdgw.endpoint import Endpoint, parseEndpoints
+from etcdgw.etcdhealth import (
+    CheckResult,
+    EtcdClient,
+    EtcdHealthService,
+    EtcdProber,
+    majorityClusterID,
+)
+from etcdgw.pool import DOWN, HEALTHY, UNHEALTHY, UNKNOWN, UP, UpstreamPool
+
+A, B, C = Endpoint("a", 1), Endpoint("b", 1), Endpoint("c", 1)
+
+
+class FakeProbe:
+    """
+    Answers from a table: endpoint host -> CheckResult, or a Deferred to
+    hold the answer.
+    """
+
+    def __init__(self):
+        self.answers = {}
+        self.calls = []
+
+    def __call__(self, endpoint):
+        self.calls.append(endpoint.host)
+        answer = self.answers.get(endpoint.host, CheckResult(True, "ok", "7", True))
+        if isinstance(answer, defer.Deferred):
+            return answer
+        return defer.succeed(answer)
+
+
+GOOD = CheckResult(True, "ok", "7", answered=True)
+BAD = CheckResult(False, "/health answered HTTP 503", "7", answered=True)
+SILENT = CheckResult(False, "no answer in time")
+
+
+class CheckerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1,c:1"), self.clock)
+        self.probe = FakeProbe()
+        self.service = EtcdHealthService(self.pool, self.clock, 1.0, self.probe, rise=2, fall=3)
+        self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
+        self.service.startService()
+        self.addCleanup(self.stop)
+
+    def stop(self):
+        if self.service.running:
+            self.service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def health(self, endpoint):
+        return self.pool.stateOf(endpoint).health
+
+    def test_firstAnswerDecides(self):
+        """The first check decides at once; every endpoint is asked, every interval."""
+        self.assertEqual(self.probe.calls, ["a", "b", "c"])
+        self.assertEqual({self.health(e) for e in (A, B, C)}, {HEALTHY})
+        self.clock.advance(1)
+        self.assertEqual(len(self.probe.calls), 6)
+
+    def test_fall(self):
+        """Unhealthy only after `fall` bad answers in a row; then no new connections."""
+        self.probe.answers["b"] = SILENT
+        for _ in range(2):
+            self.clock.advance(1)
+            self.assertEqual(self.health(B), HEALTHY)
+        self.clock.advance(1)
+        self.assertEqual(self.health(B), UNHEALTHY)
+        self.assertNotIn("b", {self.pool.pick().endpoint.host for _ in range(6)})
+        self.assertEqual(self.pool.stateOf(B).state, UP)  # TCP dimension untouched
+
+    def test_oneBadAnswerDoesNotFlap(self):
+        """A bad answer between good ones changes nothing."""
+        self.probe.answers["b"] = SILENT
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.probe.answers["b"] = GOOD
+        self.clock.advance(1)
+        self.probe.answers["b"] = SILENT
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(self.health(B), HEALTHY)
+
+    def test_rise(self):
+        """Healthy again only after `rise` good answers in a row."""
+        self.probe.answers["b"] = BAD
+        for _ in range(3):
+            self.clock.advance(1)
+        self.assertEqual(self.health(B), UNHEALTHY)
+        self.probe.answers["b"] = GOOD
+        self.clock.advance(1)
+        self.assertEqual(self.health(B), UNHEALTHY)
+        self.clock.advance(1)
+        self.assertEqual(self.health(B), HEALTHY)
+
+    def test_unknownStartsFromFirstAnswer(self):
+        """A member silent from the start is unhealthy after its first check."""
+        service = EtcdHealthService(
+            UpstreamPool([A, B], self.clock), self.clock, 1.0, self.probe, 2, 3
+        )
+        self.assertEqual(service.pool.stateOf(B).health, UNKNOWN)
+        self.probe.answers["b"] = SILENT
+        service.startService()
+        self.assertEqual(service.pool.stateOf(B).health, UNHEALTHY)
+        service.stopService()
+
+    def test_refusedMarksDown(self):
+        """A refused connection marks the endpoint down (TCP); an answer marks it up."""
+        self.probe.answers["c"] = CheckResult(False, "connection refused", refused=True)
+        self.clock.advance(1)
+        self.assertEqual(self.pool.stateOf(C).state, DOWN)
+        self.probe.answers["c"] = BAD  # answers HTTP: TCP works, etcd is not healthy
+        self.clock.advance(1)
+        self.assertEqual(self.pool.stateOf(C).state, UP)
+
+    def test_slowAnswerNotDoubled(self):
+        """While an endpoint's check is pending, no second one starts."""
+        held = defer.Deferred()
+        self.probe.answers["a"] = held
+        self.clock.advance(1)
+        self.clock.advance(1)
+        self.assertEqual(self.probe.calls.count("a"), 2)  # start, then the held one
+        self.probe.answers["a"] = GOOD
+        held.callback(GOOD)
+        self.clock.advance(1)
+        self.assertEqual(self.probe.calls.count("a"), 3)
+
+    def test_stopCancelsPending(self):
+        """Stopping cancels the checks in flight and leaves no timer."""
+        cancelled = []
+        self.probe.answers["a"] = defer.Deferred(lambda d: cancelled.append(True))
+        self.clock.advance(1)
+        self.service.stopService()
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_removedEndpointForgotten(self):
+        """An endpoint removed from the pool is no longer checked."""
+        self.pool.replaceEndpoints([A, B])
+        self.clock.advance(1)
+        self.assertEqual(self.probe.calls[3:], ["a", "b"])
+        self.assertNotIn(C.key, self.service._tracks)
+
+    def test_foreignMember(self):
+        """A member whose cluster ID differs from the majority's is never used; logged loudly."""
+        self.probe.answers["c"] = CheckResult(True, "ok", "99", answered=True)
+        self.clock.advance(1)
+        state = self.pool.stateOf(C)
+        self.assertTrue(state.foreign)
+        self.assertEqual(state.clusterID, "99")
+        self.assertEqual(self.service.clusterID(), "7")
+        self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"a", "b"})
+        loud = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertEqual(len(loud), 1)
+        self.assertEqual(loud[0]["endpoint"], "c:1")
+        # It rejoins when it reports the majority's ID again.
+        self.probe.answers["c"] = GOOD
+        self.clock.advance(1)
+        self.assertFalse(state.foreign)
+
+    def test_noMajority(self):
+        """With two members disagreeing and no majority, none is excluded."""
+        pool = UpstreamPool([A, B], self.clock)
+        self.probe.answers["b"] = CheckResult(True, "ok", "99", answered=True)
+        service = EtcdHealthService(pool, self.clock, 1.0, self.probe)
+        events = EventLoggingObserver.createWithCleanup(self, service.log.observer)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertFalse(any(s.foreign for s in pool.states()))
+
+        def warnings():
+            return [e for e in events if "no majority" in e.get("log_format", "")]
+
+        self.assertEqual(len(warnings()), 1)
+        self.assertEqual(warnings()[0]["ids"], {"a:1": "7", "b:1": "99"})
+        self.assertEqual(warnings()[0]["log_level"], LogLevel.error)
+        self.clock.advance(1)
+        self.assertEqual(len(warnings()), 1)  # once, not every round
+        self.assertFalse(any(s.foreign for s in pool.states()))
+
+
+class MajorityTests(SynchronousTestCase):
+    def test_majority(self):
+        """More than half must agree."""
+        self.assertEqual(majorityClusterID(["1", "1", "2"]), "1")
+        self.assertIsNone(majorityClusterID(["1", "2"]))
+        self.assertIsNone(majorityClusterID([]))
+
+
+class FakeClient:
+    """
+    An EtcdClient stand-in: (method, path) -> (code, body) or an exception.
+    """
+
+    def __init__(self, answers):
+        self.answers = answers
+        self.asked = []
+
+    def request(self, endpoint, method, path, body=None):
+        self.asked.append(path)
+        answer = self.answers[(method, path)]
+        if isinstance(answer, Exception):
+            return defer.fail(answer)
+        return defer.succeed(answer)
+
+    def requestJSON(self, endpoint, method, path, body=None):
+        def decode(answer):
+            return json.loads(answer[1])
+
+        return self.request(endpoint, method, path, body).addCallback(decode)
+
+
+STATUS = (200, b'{"header":{"cluster_id":"1513","member_id":"6"},"version":"3.4.23"}')
+
+
+class ProberTests(SynchronousTestCase):
+    def test_readyzFallsBackToHealth(self):
+        """A 404 on /readyz (etcd 3.4) switches that endpoint to /health for good."""
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): (404, b"404 page not found\n"),
+                (b"GET", "/health"): (200, b'{"health":"true"}'),
+                (b"POST", "/v3/maintenance/status"): STATUS,
+            }
+        )
+        prober = EtcdProber(client)
+        result = self.successResultOf(prober(A))
+        self.assertEqual((result.healthy, result.clusterID, result.answered), (True, "1513", True))
+        self.successResultOf(prober(A))
+        self.assertEqual(
+            client.asked,
+            ["/readyz", "/health", "/v3/maintenance/status", "/health", "/v3/maintenance/status"],
+        )
+
+    def test_readyzServed(self):
+        """Where /readyz is served, its 200 means healthy."""
+        client = FakeClient(
+            {(b"GET", "/readyz"): (200, b"ok"), (b"POST", "/v3/maintenance/status"): STATUS}
+        )
+        self.assertTrue(self.successResultOf(EtcdProber(client)(A)).healthy)
+
+    def test_healthFalse(self):
+        """/health answering 503 {"health":"false"} is unhealthy, but answered."""
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): (404, b""),
+                (b"GET", "/health"): (503, b'{"health":"false"}'),
+                (b"POST", "/v3/maintenance/status"): STATUS,
+            }
+        )
+        result = self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual((result.healthy, result.answered), (False, True))
+        self.assertIn("503", result.detail)
+
+    def test_healthTrueButNotJSON(self):
+        """A 200 from /health whose body is not {"health":"true"} is unhealthy."""
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): (404, b""),
+                (b"GET", "/health"): (200, b"<html>"),
+                (b"POST", "/v3/maintenance/status"): STATUS,
+            }
+        )
+        self.assertFalse(self.successResultOf(EtcdProber(client)(A)).healthy)
+
+    def test_refused(self):
+        """A refused connection is reported as such (the pool marks it down)."""
+        client = FakeClient({(b"GET", "/readyz"): error.ConnectionRefusedError()})
+        result = self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual((result.healthy, result.refused), (False, True))
+        self.assertEqual(result.detail, "connection refused")
+
+    def test_noStatus(self):
+        """Health still counts when the status call fails; the cluster ID is unknown."""
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): (200, b"ok"),
+                (b"POST", "/v3/maintenance/status"): defer.TimeoutError(),
+            }
+        )
+        result = self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual((result.healthy, result.clusterID), (True, None))
+        self.assertIn("no cluster ID: no answer in time", result.detail)
+
+
+class ClientTests(SynchronousTestCase):
+    def test_timeout(self):
+        """A member that never answers fails the request after the timeout, leaving no timer."""
+        reactor = MemoryReactorClock()
+        client = EtcdClient(reactor, timeout=2.0)
+        d = client.request(Endpoint("127.0.0.1", 2379), b"GET", "/health")
+        self.assertEqual(reactor.tcpClients[0][:2], ("127.0.0.1", 2379))
+        self.assertNoResult(d)
+        reactor.advance(2.0)
+        self.failureResultOf(d, defer.TimeoutError)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_urls(self):
+        """https endpoints are asked over TLS; IPv6 hosts get brackets."""
+        self.assertEqual(
+            EtcdClient.url(Endpoint("::1", 2379, tls=True), "/health"),
+            "https://[::1]:2379/health",
+        )
+        self.assertEqual(
+            EtcdClient.url(Endpoint("h", 1), "/v3/cluster/member/list"),
+            "http://h:1/v3/cluster/member/list",
+        )
