@@ -15,7 +15,7 @@ from etcdgw.duration import DurationError, formatDuration, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints
 from etcdgw.health import HealthService
 from etcdgw.listen import ListenError, listenEndpoint, parseListenAddress
-from etcdgw.pool import UpstreamPool
+from etcdgw.pool import POLICIES, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
 from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
@@ -65,6 +65,60 @@ def _loadCertificates(path, flag):
     if not certificates:
         raise usage.UsageError(f'{flag}: "{path}" holds no PEM certificate')
     return certificates
+
+
+def _checkHealthOptions(options):
+    """
+    Check and complete the flags of etcd-aware health, membership sync and
+    balancing (L{etcdgw.etcdhealth}, L{etcdgw.membership}).
+
+    @raise usage.UsageError: naming the bad flag.
+    """
+    for name, default in (
+        ("health-interval", "5s"),
+        ("health-timeout", "2s"),
+        ("sync-interval", "0s"),
+    ):
+        if isinstance(options[name], str):  # the default, given as text
+            options[name] = _duration(name)(options[name] or default)
+    if options["policy"] not in POLICIES:
+        raise usage.UsageError(
+            f'--policy: "{options["policy"]}" is not one of {", ".join(POLICIES)}'
+        )
+    if options["health-check"] not in ("tcp", "etcd"):
+        raise usage.UsageError(
+            f'--health-check: "{options["health-check"]}" is not tcp or etcd'
+        )
+    for name in ("health-rise", "health-fall"):
+        value = options[name]
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                raise usage.UsageError(f'--{name}: "{value}" is not a number') from None
+        if value < 1:
+            raise usage.UsageError(f"--{name}: {value} must be at least 1")
+        options[name] = value
+    if options["health-key-file"] is not None and options["health-cert-file"] is None:
+        raise usage.UsageError("--health-key-file needs --health-cert-file")
+    for name in ("health-cert-file", "health-key-file"):
+        if options[name] is not None and not os.access(options[name], os.R_OK):
+            raise usage.UsageError(f'--{name}: cannot read "{options[name]}"')
+
+
+def _etcdClient(options, reactor):
+    """
+    The HTTP client of etcd health checks and membership sync, with the TLS
+    trust of --trusted-ca-file and the client certificate of
+    --health-cert-file (or --discovery-cert-file).
+    """
+    from etcdgw.etcdhealth import EtcdClient, tlsPolicyFromFiles
+
+    cert, key = options.get("health-cert-file"), options.get("health-key-file")
+    if cert is None:
+        cert, key = options.get("discovery-cert-file"), options.get("discovery-key-file")
+    policy = tlsPolicyFromFiles(options.get("trusted-ca-certificates"), cert, key)
+    return EtcdClient(reactor, options["health-timeout"], policy)
 
 
 class Options(usage.Options):
@@ -119,6 +173,60 @@ class Options(usage.Options):
             "How long one connect to an endpoint may take before the next endpoint is "
             "tried (Go duration). etcd's gateway has none.",
             _duration("dial-timeout", allowZero=False),
+        ],
+        [
+            "policy",
+            None,
+            "round-robin",
+            "How a member is chosen for each new connection: round-robin (as etcd: "
+            "rotation, or RFC 2782 weighted random when SRV gives weights), weighted "
+            "(smooth weighted round-robin on SRV weights), least-connections.",
+        ],
+        [
+            "health-check",
+            None,
+            "tcp",
+            "tcp: a member is used while it accepts TCP (as etcd's gateway). etcd: also "
+            "ask every member /health (/readyz where served) and its cluster ID every "
+            "--health-interval; unhealthy or foreign members get no new connections.",
+        ],
+        [
+            "health-interval",
+            None,
+            "5s",
+            "How often --health-check=etcd asks every member (Go duration).",
+            _duration("health-interval", allowZero=False),
+        ],
+        [
+            "health-timeout",
+            None,
+            "2s",
+            "How long one etcd health answer may take (Go duration).",
+            _duration("health-timeout", allowZero=False),
+        ],
+        ["health-rise", None, "2", "Good answers in a row that make a member healthy."],
+        ["health-fall", None, "3", "Bad answers in a row that make a member unhealthy."],
+        [
+            "health-cert-file",
+            None,
+            None,
+            "PEM client certificate for health checks and membership sync, for members "
+            "with --client-cert-auth (default: --discovery-cert-file).",
+        ],
+        [
+            "health-key-file",
+            None,
+            None,
+            "Private key of --health-cert-file (default: read from that file).",
+        ],
+        [
+            "sync-interval",
+            None,
+            "0s",
+            "Read the member list this often and follow it: endpoints are added and "
+            "removed to match the members' client URLs (Go duration; 0, the default, "
+            "is off).",
+            _duration("sync-interval"),
         ],
         [
             "shutdown-grace",
@@ -197,6 +305,7 @@ class Options(usage.Options):
                 "--discovery-srv is not yet supported by this version; "
                 "give the members with --endpoints"
             )
+        _checkHealthOptions(self)
         try:
             checkSelfLoop(self["listen-addr"], self["endpoints"])
         except SelfLoopError as e:
@@ -269,7 +378,7 @@ def makeService(options, reactor=None):
                 "end, untouched; clients speak TLS to the gateway as to the member",
                 endpoint=str(endpoint),
             )
-    pool = UpstreamPool(endpoints, reactor)
+    pool = UpstreamPool(endpoints, reactor, policy=options.get("policy", "round-robin"))
     factory = GatewayFactory(pool, reactor, options["dial-timeout"])
 
     root = MultiService()
@@ -288,6 +397,48 @@ def makeService(options, reactor=None):
     health = HealthService(pool, reactor, options["retry-delay"], options["dial-timeout"])
     health.setName("health")
     health.setServiceParent(root)
+
+    etcdHealth = None
+    if options.get("health-check") == "etcd" or options.get("sync-interval"):
+        client = _etcdClient(options, reactor)
+    if options.get("health-check") == "etcd":
+        from etcdgw.etcdhealth import EtcdHealthService, EtcdProber
+
+        etcdHealth = EtcdHealthService(
+            pool,
+            reactor,
+            options["health-interval"],
+            EtcdProber(client),
+            rise=options["health-rise"],
+            fall=options["health-fall"],
+        )
+        etcdHealth.setName("etcd-health")
+        etcdHealth.setServiceParent(root)
+        log.info(
+            "etcd health: every member asked every {interval} (timeout {timeout}, "
+            "rise {rise}, fall {fall}); policy {policy}",
+            interval=formatDuration(options["health-interval"]),
+            timeout=formatDuration(options["health-timeout"]),
+            rise=options["health-rise"],
+            fall=options["health-fall"],
+            policy=pool.policyName,
+        )
+    if options.get("sync-interval"):
+        from etcdgw.membership import MembershipSync
+
+        membership = MembershipSync(
+            pool,
+            reactor,
+            options["sync-interval"],
+            client,
+            clusterID=etcdHealth.clusterID if etcdHealth is not None else (lambda: None),
+        )
+        membership.setName("membership")
+        membership.setServiceParent(root)
+        log.info(
+            "endpoints follow the cluster's member list, read every {interval}",
+            interval=formatDuration(options["sync-interval"]),
+        )
 
     # After the listener: MultiService stops children in reverse order, so
     # the port stops accepting in the same turn as the drain begins.

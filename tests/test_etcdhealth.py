@@ -319,3 +319,61 @@ class ClientTests(SynchronousTestCase):
             EtcdClient.url(Endpoint("h", 1), "/v3/cluster/member/list"),
             "http://h:1/v3/cluster/member/list",
         )
+
+
+class FlagTests(SynchronousTestCase):
+    def parse(self, *argv):
+        from etcdgw.tap import Options
+
+        options = Options()
+        options.parseOptions(["--endpoints=127.0.0.1:2379,127.0.0.1:22379", *argv])
+        return options
+
+    def test_defaults(self):
+        """Defaults: tcp checks, 5s/2s, rise 2, fall 3, sync off, round-robin."""
+        o = self.parse()
+        self.assertEqual(
+            (o["health-check"], o["health-interval"], o["health-timeout"]),
+            ("tcp", 5.0, 2.0),
+        )
+        self.assertEqual((o["health-rise"], o["health-fall"], o["sync-interval"]), (2, 3, 0))
+        self.assertEqual(o["policy"], "round-robin")
+
+    def test_badValues(self):
+        """Bad values are refused with a one-line error naming the flag."""
+        from twisted.python.usage import UsageError
+
+        for argv, text in [
+            (["--policy=fastest"], '--policy: "fastest"'),
+            (["--health-check=http"], '--health-check: "http"'),
+            (["--health-fall=0"], "--health-fall: 0"),
+            (["--health-rise=x"], '--health-rise: "x"'),
+            (["--health-interval=5"], "--health-interval"),
+            (["--health-key-file=/etc/hostname"], "--health-key-file needs --health-cert-file"),
+        ]:
+            e = self.assertRaises(UsageError, self.parse, *argv)
+            self.assertIn(text, str(e))
+
+    def test_wiring(self):
+        """--health-check=etcd and --sync-interval add named children; --policy reaches the pool."""
+        from etcdgw.tap import makeService
+
+        reactor = MemoryReactorClock()
+        o = self.parse(
+            "--health-check=etcd", "--sync-interval=30s", "--policy=least-connections",
+            "--health-interval=1s", "--health-fall=4",
+        )
+        root = makeService(o, reactor=reactor)
+        names = {s.name for s in root}
+        self.assertTrue({"etcd-health", "membership"} <= names, names)
+        self.assertEqual(root.pool.policyName, "least-connections")
+        checker = root.getServiceNamed("etcd-health")
+        self.assertEqual((checker.interval, checker.fall), (1.0, 4))
+        self.assertEqual(root.getServiceNamed("membership").interval, 30.0)
+
+    def test_offByDefault(self):
+        """Without the flags, neither child exists."""
+        from etcdgw.tap import makeService
+
+        names = {s.name for s in makeService(self.parse(), reactor=MemoryReactorClock())}
+        self.assertFalse({"etcd-health", "membership"} & names)
