@@ -257,6 +257,34 @@ class Options(usage.Options):
             None,
             "PEM CA bundle that discovered TLS endpoints' certificates must chain to.",
         ],
+        [
+            "discovery-dns",
+            None,
+            None,
+            "DNS server for SRV discovery, IP:PORT (e.g. Consul at 127.0.0.1:8600); "
+            "default: the system resolver.",
+        ],
+        [
+            "discovery-refresh",
+            None,
+            None,
+            "Re-resolve the SRV records this often (Go duration; 0 turns re-resolution "
+            "off). Default: the records' TTL, clamped to 5s-5m.",
+            _duration("discovery-refresh"),
+        ],
+        [
+            "discovery-cert-file",
+            None,
+            None,
+            "PEM client certificate presented in the validation handshake to members "
+            "that require client certificates.",
+        ],
+        [
+            "discovery-key-file",
+            None,
+            None,
+            "Private key of --discovery-cert-file (default: read from that file).",
+        ],
     ]
 
     def __init__(self):
@@ -301,15 +329,63 @@ class Options(usage.Options):
         if self["discovery-srv-name"] is not None and self["discovery-srv"] is None:
             raise usage.UsageError("--discovery-srv-name needs --discovery-srv")
         if self["discovery-srv"] is not None:
-            raise usage.UsageError(
-                "--discovery-srv is not yet supported by this version; "
-                "give the members with --endpoints"
-            )
+            self._discover()
+        else:
+            for flag in ("discovery-dns", "discovery-refresh", "discovery-cert-file"):
+                if self[flag] is not None:
+                    raise usage.UsageError(f"--{flag} needs --discovery-srv")
         _checkHealthOptions(self)
         try:
             checkSelfLoop(self["listen-addr"], self["endpoints"])
         except SelfLoopError as e:
             raise usage.UsageError(str(e)) from None
+
+
+    def _discover(self):
+        """
+        SRV discovery at start (blocking, bounded by timeouts; the reactor is
+        not running yet): C{self["endpoints"]} becomes what was found, and
+        C{self["discovery"]} the L{DiscoveryConfig} for re-resolution.
+        """
+        from etcdgw.discovery import (
+            DiscoveryConfig,
+            DiscoveryError,
+            discoverAtStart,
+            parseNameserver,
+        )
+        from etcdgw.verify import TLSTrust
+
+        nameserver = None
+        if self["discovery-dns"] is not None:
+            try:
+                nameserver = parseNameserver(self["discovery-dns"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+        if self["discovery-key-file"] is not None and self["discovery-cert-file"] is None:
+            raise usage.UsageError("--discovery-key-file needs --discovery-cert-file")
+        for flag in ("discovery-cert-file", "discovery-key-file"):
+            if self[flag] is not None and not os.access(self[flag], os.R_OK):
+                raise usage.UsageError(f'--{flag}: cannot read "{self[flag]}"')
+        config = DiscoveryConfig(
+            domain=self["discovery-srv"],
+            serviceName=self["discovery-srv-name"],
+            insecure=bool(self["insecure-discovery"]),
+            trust=TLSTrust(
+                self["trusted-ca-file"],
+                self["discovery-cert-file"],
+                self["discovery-key-file"],
+            ),
+            nameserver=nameserver,
+            refresh=self["discovery-refresh"],
+        )
+        fallback = self["endpoints"] if "endpoints" in self.explicit else None
+        try:
+            endpoints, first = discoverAtStart(config, fallback)
+        except DiscoveryError as e:
+            raise usage.UsageError(str(e)) from None
+        self["endpoints"] = endpoints
+        self["discovery"] = config
+        self["discovery-first"] = first
 
 
 class ListenerService(StreamServerEndpointService):
@@ -473,6 +549,15 @@ def makeService(options, reactor=None):
         )
         web.setName("metrics")
         web.setServiceParent(root)
+
+    if options.get("discovery") is not None:
+        from etcdgw.discovery import DiscoveryService
+
+        discovery = DiscoveryService(
+            pool, reactor, options["discovery"], options["discovery-first"]
+        )
+        discovery.setName("discovery")
+        discovery.setServiceParent(root)
     log.info(
         "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
         "pid {pid}",

@@ -1,0 +1,189 @@
+"""
+Proving one discovered TLS endpoint: a real TLS handshake whose certificate
+chains to the trusted CAs and names the SRV target.
+
+This is blocking code (a plain socket, bounded by a timeout): discovery runs
+it off the reactor thread (see L{etcdgw.discovery}). etcd's own gateway only
+makes a TCP connection here and never reads the CA file.
+"""
+
+import select
+import socket
+import time
+
+import attr
+from OpenSSL import SSL
+from service_identity import VerificationError
+from service_identity.pyopenssl import verify_hostname
+
+from etcdgw.endpoint import formatHostPort
+
+
+class ValidationError(Exception):
+    """
+    An endpoint could not be proven; the message says why, in one line.
+    """
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class TLSTrust:
+    """
+    What a validation handshake trusts and presents.
+
+    @ivar caFile: a PEM CA bundle, or L{None} for the system trust store.
+    @ivar certFile: a PEM client certificate presented to members that ask
+        for one (etcd's C{--client-cert-auth}), or L{None}.
+    @ivar keyFile: its private key.
+    """
+
+    caFile: object = None
+    certFile: object = None
+    keyFile: object = None
+
+    def context(self):
+        """
+        A fresh pyOpenSSL context that verifies the peer against the trust.
+
+        @raise ValidationError: if a file cannot be loaded.
+        """
+        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        try:
+            if self.caFile is not None:
+                ctx.load_verify_locations(_fs(self.caFile))
+            else:
+                ctx.set_default_verify_paths()
+            if self.certFile is not None:
+                ctx.use_certificate_chain_file(_fs(self.certFile))
+                ctx.use_privatekey_file(_fs(self.keyFile or self.certFile))
+        except SSL.Error as e:
+            raise ValidationError(f"cannot load TLS files: {_sslError(e)}") from None
+        return ctx
+
+
+def _fs(path):
+    return path.encode() if isinstance(path, str) else path
+
+
+def _sslError(error):
+    """
+    One line from an C{SSL.Error} (a list of OpenSSL error tuples).
+    """
+    reasons = []
+    for item in error.args[0] if error.args and isinstance(error.args[0], list) else []:
+        if isinstance(item, tuple) and item:
+            reasons.append(str(item[-1]))
+    return "; ".join(reasons) or str(error) or type(error).__name__
+
+
+def _verifyErrorString(code):
+    try:
+        from OpenSSL._util import ffi, lib
+
+        return ffi.string(lib.X509_verify_cert_error_string(code)).decode()
+    except Exception:  # a private API: fall back to the number
+        return f"verify error {code}"
+
+
+def validateTLS(address, port, name, trust, timeout, context=None):
+    """
+    Connect to C{address}:C{port} (an IP), make a TLS handshake with SNI
+    C{name}, and check that the certificate chains to C{trust} and that its
+    DNS names match C{name} (RFC 6125, by service_identity).
+
+    @param context: a context from L{TLSTrust.context}, to reuse; built
+        from C{trust} when L{None}.
+    @return: L{None} once proven.
+    @raise ValidationError: with a one-line reason otherwise.
+    """
+    if context is None:
+        context = trust.context()
+    where = formatHostPort(address, port)
+    deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    failures = []
+
+    def verify(conn, cert, errnum, depth, ok):
+        if not ok and not failures:
+            subject = cert.get_subject().CN or str(cert.get_subject())
+            failures.append(
+                f"certificate verify failed: {_verifyErrorString(errnum)} "
+                f"(depth {depth}, subject CN={subject})"
+            )
+        return ok
+
+    try:
+        sock.settimeout(max(timeout, 0.001))
+        try:
+            sock.connect((address, port))
+        except socket.timeout:
+            raise ValidationError(f"connect to {where} timed out") from None
+        except OSError as e:
+            raise ValidationError(f"connect to {where}: {e.strerror or e}") from None
+        sock.setblocking(False)
+        conn = SSL.Connection(context, sock)
+        conn.set_verify(SSL.VERIFY_PEER, verify)
+        conn.set_tlsext_host_name(name.encode("idna"))
+        conn.set_connect_state()
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                _wait(sock, deadline, where, read=True)
+            except SSL.WantWriteError:
+                _wait(sock, deadline, where, read=False)
+            except (SSL.SysCallError, OSError) as e:
+                reason = e.args[-1] if e.args else e
+                raise ValidationError(
+                    f"TLS handshake with {where} failed: {reason}"
+                ) from None
+            except SSL.Error as e:
+                if failures:
+                    raise ValidationError(failures[0]) from None
+                raise ValidationError(
+                    f"TLS handshake with {where} failed: {_sslError(e)}"
+                ) from None
+        if failures:  # pragma: no cover - OpenSSL fails the handshake first
+            raise ValidationError(failures[0])
+        try:
+            verify_hostname(conn, name)
+        except VerificationError as e:
+            names = _certificateNames(conn)
+            raise ValidationError(
+                f"certificate does not name {name} (it names {names}): {e}"
+            ) from None
+        try:
+            conn.shutdown()
+        except SSL.Error:
+            pass
+    finally:
+        sock.close()
+
+
+def _wait(sock, deadline, where, read):
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ValidationError(f"TLS handshake with {where} timed out")
+    readable, writable, _ = select.select(
+        [sock] if read else [], [] if read else [sock], [], remaining
+    )
+    if not readable and not writable:
+        raise ValidationError(f"TLS handshake with {where} timed out")
+
+
+def _certificateNames(conn):
+    from cryptography import x509
+
+    cert = conn.get_peer_certificate()
+    if cert is None:
+        return "nothing"
+    cert = cert.to_cryptography()
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "no subject alternative name"
+    names = [str(n) for n in sans.get_values_for_type(x509.DNSName)]
+    names += [str(n) for n in sans.get_values_for_type(x509.IPAddress)]
+    return ", ".join(names) or "no DNS name"
