@@ -157,7 +157,10 @@ class SystemdNotifyService(Service):
             return
         self.ready = True
         self._lastStatus = describePool(self.pool, self.listener.describe())
-        self.notifier.notify(READY="1", STATUS=self._lastStatus, MAINPID=os.getpid())
+        if not self.notifier.notify(
+            READY="1", STATUS=self._lastStatus, MAINPID=os.getpid()
+        ):
+            return
         self.log.info(
             "told systemd: ready ({status}){watchdog}",
             status=self._lastStatus,

@@ -6,8 +6,11 @@ SIGTERM, SIGHUP, systemd notifications, metrics over HTTP, JSON logs.
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
 from .etcd import HOST, ClusterTestMixin, etcdctl, freePort
-from .gateway import GatewayProcess
+from .gateway import _TWISTD, GatewayProcess
 
 #: The checkout: gateways run from it so they use this tree's code, not an
 #: installed copy (trial runs tests inside _trial_temp).
@@ -256,4 +259,65 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
         [ready] = [r for r in records if r["message"].startswith("ready to proxy")]
         self.assertEqual(ready["endpoints"], self.cluster.endpoints)
         self.assertEqual(ready["level"], "info")
-        self.assertIn("shutting down: no open connection to drain", [r["message"] for r in records])
+        [stop] = [r for r in records if r["message"] == "received SIGTERM: shutting down"]
+        self.assertEqual((stop["signal"], stop["namespace"]), ("SIGTERM", "etcdgw.shutdown.DrainService"))
+
+
+class SocketActivationTests(ClusterTestMixin, unittest.TestCase):
+    """
+    The gateway started by systemd's socket activation protocol, as
+    etcd-gateway.socket does, through systemd-socket-activate(1).
+    """
+
+    clusterSize = 1
+
+    def test_socketActivated(self):
+        """
+        The first client connection starts the gateway on the passed socket
+        (LISTEN_FDS); it is served; READY=1 arrives on NOTIFY_SOCKET; SIGTERM
+        ends it with status 0.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            raise unittest.SkipTest("systemd-socket-activate not found (Debian's systemd package)")
+        sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(sink.close)
+        name = f"etcdgw-sa-{os.getpid()}-{time.monotonic_ns()}"
+        sink.bind("\0" + name)
+        sink.settimeout(10)
+        port = freePort()
+        log = open(os.path.join(self.mktemp() + ".log"), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                activate,
+                f"--listen={HOST}:{port}",
+                "--fdname=etcd-gateway",  # systemd >= 227 always sets LISTEN_FDNAMES
+                f"--setenv=PYTHONPATH={REPO}",
+                f"--setenv=NOTIFY_SOCKET=@{name}",
+                sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "etcd-gateway",
+                "--listen-addr=systemd:domain=INET:index=0",
+                "--endpoints=" + self.cluster.endpoints,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+        def stop():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
+        _until(lambda: not _refused(f"{HOST}:{port}"), timeout=5)
+        rc, out, err = etcdctl(f"{HOST}:{port}", "put", "activated", "yes")
+        self.assertEqual(rc, 0, err)
+        data = sink.recv(4096).decode()
+        self.assertIn("READY=1", data.split("\n"))
+        self.assertIn(f"MAINPID={process.pid}", data.split("\n"))
+        process.terminate()
+        self.assertEqual(process.wait(timeout=10), 0)
+        rc, out, err = self.cluster.etcdctl("get", "activated", "--print-value-only")
+        self.assertEqual(out.strip(), "yes")
