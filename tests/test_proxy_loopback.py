@@ -1,0 +1,229 @@
+"""
+The proxy over real loopback sockets, in this process: what only the kernel
+shows (backpressure, half-close, resets, TCP_NODELAY, no descriptor left open).
+"""
+
+import hashlib
+import os
+import socket
+
+from zope.interface import implementer
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.trial.unittest import TestCase
+
+from etcdgw.endpoint import Endpoint
+from etcdgw.listen import GatewayTCPEndpoint
+from etcdgw.pool import UpstreamPool
+from etcdgw.proxy import GatewayFactory
+
+
+def waitFor(condition, timeout=10.0, interval=0.01):
+    """
+    Poll C{condition} on the reactor until it is true (bounded by C{timeout}).
+    """
+
+    def check():
+        if condition():
+            return None
+        return task.deferLater(reactor, interval, check)
+
+    d = task.deferLater(reactor, 0, check)
+    d.addTimeout(timeout, reactor)
+    return d
+
+
+@implementer(IHalfCloseableProtocol)
+class Collect(protocol.Protocol):
+    """
+    Collects what it reads; on the peer's half-close, replies with the digest
+    of everything it read and closes.
+    """
+
+    def connectionMade(self):
+        self.received = []
+        self.lost = defer.Deferred()
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def readConnectionLost(self):
+        data = b"".join(self.received)
+        self.transport.write(b"%d:" % len(data) + hashlib.sha256(data).hexdigest().encode())
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.reason = reason
+        self.lost.callback(None)
+
+
+class Client(Collect):
+    def readConnectionLost(self):
+        self.eof = True
+        self.transport.loseConnection()
+
+
+class LoopbackTests(TestCase):
+    def setUp(self):
+        self.upstreamFactory = protocol.Factory.forProtocol(Collect)
+        self.upstreamFactory.connections = []
+        self.upstreamPort = reactor.listenTCP(0, self.upstreamFactory, interface="127.0.0.1")
+        self.addCleanup(self.upstreamPort.stopListening)
+        endpoint = Endpoint("127.0.0.1", self.upstreamPort.getHost().port)
+        self.pool = UpstreamPool([endpoint], reactor)
+        self.gateway = GatewayFactory(self.pool, reactor, dialTimeout=5)
+        d = GatewayTCPEndpoint(reactor, "127.0.0.1", 0).listen(self.gateway)
+        d.addCallback(self._listening)
+        return d
+
+    def _listening(self, port):
+        self.gatewayPort = port
+        self.addCleanup(port.stopListening)
+        self.addCleanup(self.settled)
+
+    def settled(self):
+        """
+        Wait until the gateway has closed both sides of every connection.
+        """
+        return waitFor(
+            lambda: not self.gateway.clients
+            and all(s.active == 0 for s in self.pool.states())
+            and all(not c.transport.connected for c in self.upstreamFactory.connections)
+        )
+
+    def connect(self):
+        factory = protocol.ClientFactory.forProtocol(Client)
+        factory.connections = []
+        connected = defer.Deferred()
+        factory.buildProtocol = lambda addr, f=factory: _build(f, connected)
+        reactor.connectTCP("127.0.0.1", self.gatewayPort.getHost().port, factory)
+        return connected
+
+    @defer.inlineCallbacks
+    def upstream(self):
+        yield waitFor(lambda: self.upstreamFactory.connections)
+        return self.upstreamFactory.connections[-1]
+
+    @defer.inlineCallbacks
+    def test_halfCloseGetsWholeReply(self):
+        """A client that shuts down its write side still gets the whole reply."""
+        client = yield self.connect()
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        yield client.lost
+        expected = b"%d:" % len(payload) + hashlib.sha256(payload).hexdigest().encode()
+        self.assertEqual(b"".join(client.received), expected)
+        self.assertTrue(client.eof)
+
+    @defer.inlineCallbacks
+    def test_noDelayBothSockets(self):
+        """TCP_NODELAY is set on the client's and the member's connection."""
+        client = yield self.connect()
+        yield self.upstream()
+        (gatewayClient,) = self.gateway.clients
+        for transport in (gatewayClient.transport, gatewayClient.peer.transport):
+            self.assertEqual(
+                transport.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1
+            )
+        client.transport.loseConnection()
+        yield client.lost
+
+    @defer.inlineCallbacks
+    def test_backpressure(self):
+        """A client that does not read makes the gateway stop reading the member."""
+        client = yield self.connect()
+        client.transport.pauseProducing()
+        upstream = yield self.upstream()
+        total = 64 * 1024 * 1024
+        chunk = os.urandom(1024 * 1024)
+        for _ in range(total // len(chunk)):
+            upstream.transport.write(chunk)
+        (gatewayClient,) = self.gateway.clients
+        gatewayUpstream = gatewayClient.peer.transport
+        # the gateway's upstream reader pauses once its client-side buffer fills
+        yield waitFor(lambda: gatewayUpstream not in reactor.getReaders())
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        buffered = _queued(gatewayClient.transport) + _queued(gatewayUpstream)
+        self.assertLess(buffered, 1024 * 1024)
+        self.assertGreater(_queued(upstream.transport), total // 2)  # the member waits
+        client.transport.resumeProducing()
+        yield waitFor(lambda: sum(map(len, client.received)) >= total, timeout=60)
+        self.assertEqual(b"".join(client.received), chunk * (total // len(chunk)))
+        client.transport.loseConnection()
+        yield client.lost
+
+    @defer.inlineCallbacks
+    def test_clientCloseClosesMember(self):
+        """When the client closes, the member's connection is closed too."""
+        client = yield self.connect()
+        upstream = yield self.upstream()
+        client.transport.loseConnection()
+        yield upstream.lost
+        yield client.lost
+        yield self.settled()
+        self.assertEqual(self.pool.stateOf(self.pool.endpoints[0]).connections, 1)
+
+    @defer.inlineCallbacks
+    def test_memberResetClosesClient(self):
+        """A member that resets mid-stream gets the client's connection closed."""
+        client = yield self.connect()
+        upstream = yield self.upstream()
+        upstream.transport.write(b"partial")
+        yield waitFor(lambda: client.received)
+        upstream.transport.abortConnection()
+        yield client.lost
+        self.assertEqual(b"".join(client.received), b"partial")
+        yield waitFor(lambda: not self.gateway.clients)
+
+    @defer.inlineCallbacks
+    def test_noDescriptorLeak(self):
+        """After many connections open and close, no descriptor is left open."""
+        fdsBefore = None
+        for i in range(51):
+            client = yield self.connect()
+            client.transport.write(b"x")
+            client.transport.loseWriteConnection()
+            yield client.lost
+            if i == 0:  # the first connection warms up what the process opens once
+                yield self.settled()
+                fdsBefore = len(os.listdir("/proc/self/fd"))
+        yield waitFor(lambda: not self.gateway.clients)
+        yield self.settled()
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fdsBefore, _fds())
+        self.assertEqual(self.gateway.accepted, 51)
+
+
+def _queued(transport):
+    if not hasattr(transport, "dataBuffer"):
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def _build(factory, connected):
+    p = Client()
+    p.factory = factory
+    p.eof = False
+    original = p.connectionMade
+
+    def made():
+        original()
+        connected.callback(p)
+
+    p.connectionMade = made
+    return p
+
+
+def _fds():
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append((fd, os.readlink(f"/proc/self/fd/{fd}")))
+        except OSError:
+            pass
+    return out
