@@ -99,7 +99,8 @@ class ReloadService(Service):
             return defer.succeed("discovery cannot refresh")
         d = defer.maybeDeferred(refresh)
         d.addCallbacks(
-            lambda _: "discovery refreshed",
+            # A discovery that describes its round (a string) is quoted.
+            lambda result: result if isinstance(result, str) else "discovery refreshed",
             lambda f: f"discovery refresh failed: {describeFailure(f)}",
         )
         return d

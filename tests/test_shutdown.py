@@ -323,6 +323,18 @@ class ReloadServiceTests(SynchronousTestCase):
             probe.callback(None)
         self.assertIn("discovery refreshed", self.successResultOf(d))
 
+    def test_discoverySummaryQuoted(self):
+        """
+        A discovery whose refresh describes its round has that text logged.
+        """
+        discovery = FakeDiscovery(defer.succeed("SRV: 3 endpoints, 1 added"))
+        discovery.setName("discovery")
+        discovery.setServiceParent(self.root)
+        d = self.service().reload()
+        for probe in list(self.probes.values()):
+            probe.callback(None)
+        self.assertTrue(self.successResultOf(d).endswith("; SRV: 3 endpoints, 1 added"))
+
     def test_discoveryFailureReported(self):
         """
         A failed discovery refresh is reported and the probes still run.
