@@ -16,6 +16,10 @@ from twisted.web.resource import Resource
 
 PREFIX = "etcd_gateway"
 
+#: The values of L{etcdgw.pool.EndpointState.health}, each a label value of
+#: C{etcd_gateway_endpoint_health}.
+HEALTH_VALUES = ("healthy", "unhealthy", "unknown")
+
 
 def _findService(root, name):
     if root is None:
@@ -119,6 +123,18 @@ class GatewayCollector:
                 "Bytes forwarded from the endpoint to clients.",
                 labels=["endpoint"],
             ),
+            "usable": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_usable",
+                "1 when new connections prefer the endpoint: up, not known "
+                "unhealthy, of the right cluster.",
+                labels=["endpoint"],
+            ),
+            "health": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_health",
+                "What etcd-aware health checks say of the endpoint: 1 for its "
+                "current health (healthy, unhealthy or unknown), 0 for the others.",
+                labels=["endpoint", "health"],
+            ),
         }
         for state in self.pool.states():
             label = [str(state.endpoint)]
@@ -130,6 +146,11 @@ class GatewayCollector:
             families["failures"].add_metric(label, state.dialFailures)
             families["sent"].add_metric(label, state.bytesToUpstream)
             families["received"].add_metric(label, state.bytesFromUpstream)
+            families["usable"].add_metric(label, 1 if getattr(state, "usable", state.up) else 0)
+            health = getattr(state, "health", None)
+            if health is not None:
+                for value in HEALTH_VALUES:
+                    families["health"].add_metric(label + [value], 1 if health == value else 0)
         yield from families.values()
 
     def _listener(self):

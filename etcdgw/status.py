@@ -49,6 +49,10 @@ def gatewayStatus(pool, factory, clock, root=None):
                 "dialFailures": state.dialFailures,
                 "bytesToUpstream": state.bytesToUpstream,
                 "bytesFromUpstream": state.bytesFromUpstream,
+                "health": getattr(state, "health", None),
+                "healthReason": getattr(state, "healthReason", None),
+                "foreign": getattr(state, "foreign", False),
+                "usable": getattr(state, "usable", state.up),
                 "priority": state.endpoint.priority,
                 "weight": state.endpoint.weight,
             }
@@ -131,10 +135,13 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
 h1 {{ font-size: 1.3em; margin: 0 0 .2em; }}
 p.summary {{ margin: 0 0 1em; color: #555; }}
 table {{ border-collapse: collapse; }}
-th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; }}
+th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }}
+td.reason {{ white-space: normal; }}
 th {{ background: #f3f3f3; }}
 td.endpoint, td.reason, th.left {{ text-align: left; }}
-td.state {{ text-align: center; font-weight: bold; color: #fff; }}
+td.state, td.health {{ text-align: center; }}
+td.state {{ font-weight: bold; color: #fff; }}
+tr.unusable td.health {{ color: #c0392b; font-weight: bold; }}
 tr.up td.state {{ background: #2e8b3d; }}
 tr.down td.state {{ background: #c0392b; }}
 #refreshed {{ color: #888; font-size: .9em; }}
@@ -146,7 +153,7 @@ tr.down td.state {{ background: #c0392b; }}
 <table>
 <thead><tr>
 <th class="left">endpoint</th><th>state</th><th class="left">since</th>
-<th class="left">reason</th><th>active</th><th>connections</th><th>dial failures</th>
+<th class="left">reason</th><th>etcd health</th><th>active</th><th>connections</th><th>dial failures</th>
 <th>bytes to member</th><th>bytes from member</th>
 </tr></thead>
 <tbody id="endpoints">
@@ -169,6 +176,10 @@ function ago(s) {{
   if (s < 86400) return (s / 3600).toFixed(1) + "h ago";
   return (s / 86400).toFixed(1) + "d ago";
 }}
+function health(e) {{
+  if (e.foreign) return "other cluster";
+  return e.health || "-";
+}}
 function cell(row, cls, text, title) {{
   const td = row.insertCell();
   td.className = cls;
@@ -181,12 +192,13 @@ function render(s) {{
   body.textContent = "";
   for (const e of s.endpoints) {{
     const row = body.insertRow();
-    row.className = e.state;
+    row.className = e.state + (e.usable ? "" : " unusable");
     row.dataset.endpoint = e.endpoint;
     cell(row, "endpoint", e.endpoint);
     cell(row, "state", e.state);
     cell(row, "since", ago(e.sinceSeconds), e.since);
     cell(row, "reason", e.reason);
+    cell(row, "health", health(e), e.healthReason || "");
     cell(row, "active", String(e.active));
     cell(row, "connections", String(e.connections));
     cell(row, "dialFailures", String(e.dialFailures));
@@ -227,6 +239,12 @@ def _humanBytes(n):
     return f"{n} B"  # pragma: no cover
 
 
+def _health(e):
+    if e["foreign"]:
+        return "other cluster"
+    return e["health"] or "-"
+
+
 def _summary(status):
     text = (
         f"{status['up']}/{status['total']} endpoints up; "
@@ -250,6 +268,7 @@ def renderPage(status):
             ("state", e["state"], None),
             ("since", e["since"], None),
             ("reason", e["reason"], None),
+            ("health", _health(e), None),
             ("active", e["active"], None),
             ("connections", e["connections"], None),
             ("dialFailures", e["dialFailures"], None),
@@ -261,7 +280,7 @@ def renderPage(status):
             ),
         ]
         rows.append(
-            f'<tr class="{html.escape(e["state"])}" '
+            f'<tr class="{html.escape(e["state"])}{"" if e["usable"] else " unusable"}" '
             f'data-endpoint="{html.escape(e["endpoint"])}">'
             + "".join(
                 f'<td class="{cls}"'

@@ -12,7 +12,7 @@ from twisted.web.client import Agent, readBody
 
 from etcdgw.endpoint import Endpoint
 from etcdgw.metrics import GatewayCollector, gatewayRegistry
-from etcdgw.pool import UpstreamPool
+from etcdgw.pool import UNHEALTHY, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.status import statusSite
 
@@ -45,6 +45,7 @@ def gatewayState(clock):
     factory.clients = {object()}
     clock.advance(30)
     pool.markDown(b, "connection refused")
+    pool.setHealth(a, UNHEALTHY, "etcdserver: no leader")
     clock.advance(12)
     return pool, factory, a, b
 
@@ -109,6 +110,11 @@ class HTTPScrapeTests(TestCase):
                 ("etcd_gateway_upstream_received_bytes_total", A): 56789,
                 ("etcd_gateway_upstream_connections_total", A): 5,
                 ("etcd_gateway_upstream_connections_active", A): 1,
+                ("etcd_gateway_endpoint_usable", A): 0,  # unhealthy
+                ("etcd_gateway_endpoint_usable", B): 0,
+                ("etcd_gateway_endpoint_health", A | {("health", "unhealthy")}): 1,
+                ("etcd_gateway_endpoint_health", A | {("health", "healthy")}): 0,
+                ("etcd_gateway_endpoint_health", B | {("health", "unknown")}): 1,
                 ("etcd_gateway_discovery_refreshes_total", none): 4,
                 ("etcd_gateway_discovery_failures_total", none): 1,
             }
@@ -133,6 +139,7 @@ class HTTPScrapeTests(TestCase):
             found = samples(result[1].decode())
             B = frozenset({("endpoint", "10.0.0.2:2379")})
             self.assertEqual(found[("etcd_gateway_endpoint_up", B)], 1)
+            self.assertEqual(found[("etcd_gateway_endpoint_usable", B)], 1)
             self.assertEqual(found[("etcd_gateway_upstream_sent_bytes_total", B)], 10)
             self.assertEqual(found[("etcd_gateway_endpoint_state_seconds", B)], 0)
 

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from etcdgw.endpoint import Endpoint
-from etcdgw.pool import UpstreamPool
+from etcdgw.pool import UNHEALTHY, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.status import gatewayStatus, renderPage, statusSite
 
@@ -190,7 +190,8 @@ class PageTests(SynchronousTestCase):
         page = parsePage(renderPage(gatewayStatus(pool, factory, clock)).decode())
         self.assertEqual(page.rows["10.0.0.1:2379"]["state"], "up")
         self.assertEqual(page.rows["10.0.0.1:2379"]["bytesFromUpstream"], "2.0 KiB")
-        self.assertEqual(page.rows["10.0.0.2:2379"]["_class"], "down")
+        self.assertEqual(page.rows["10.0.0.2:2379"]["_class"], "down unusable")
+        self.assertEqual(page.rows["10.0.0.1:2379"]["health"], "unknown")
         self.assertEqual(page.rows["10.0.0.2:2379"]["reason"], "<refused>")  # escaped
         self.assertEqual(page.refreshed["data-source"], "server")
         self.assertIn("1/2 endpoints up", page.summary)
@@ -237,6 +238,7 @@ class ChromiumTests(ServedTestCase):
             self.clock.advance(90)
             self.pool.markDown(self.a, "refused after page load")
             self.pool.stateOf(self.b).bytesToUpstream = 777
+            self.pool.setHealth(self.b, UNHEALTHY, "etcdserver: no leader")
             return body
 
         page.render_GET = renderThenChange
@@ -251,7 +253,9 @@ class ChromiumTests(ServedTestCase):
             for e in status["endpoints"]:
                 row = shown.rows[e["endpoint"]]
                 self.assertEqual(row["state"], e["state"])
-                self.assertEqual(row["_class"], e["state"])
+                self.assertEqual(row["_class"].split()[0], e["state"])
+                self.assertEqual("unusable" in row["_class"].split(), not e["usable"])
+                self.assertEqual(row["health"], e["health"])
                 self.assertEqual(row["reason"], e["reason"])
                 self.assertEqual(row["active"], str(e["active"]))
                 self.assertEqual(row["connections"], str(e["connections"]))
@@ -261,6 +265,7 @@ class ChromiumTests(ServedTestCase):
             self.assertEqual(a["bytesFromUpstream"], "5.0 MiB")
             self.assertEqual(b["since"], "2m ago")
             self.assertEqual(b["bytesToUpstream"], "777 B")
+            self.assertEqual((b["health"], b["_class"]), ("unhealthy", "up unusable"))
             self.assertIn("1/2 endpoints up", shown.summary)
 
         return self.browse("--dump-dom").addCallback(check)
