@@ -2,8 +2,8 @@
 A real DNS server on 127.0.0.1 for integration tests: twisted.names serving a
 zone that tests change while it runs.
 
-The server is a child process (C{python -m tests.integration.dns ZONE
-PORTFILE}), so it keeps answering while the test process blocks (starting a
+The server is a child process (C{python tests/integration/dns.py ZONE
+PORTFILE}, by path: trial runs in C{_trial_temp}), so it keeps answering while the test process blocks (starting a
 gateway, running etcdctl). The zone lives in a JSON file that the server reads
 at every query, so a change is seen by the next query::
 
@@ -76,7 +76,7 @@ class DNSServer:
         Start the server and block until it answers a query. On a restart the
         same port is used again.
         """
-        argv = [sys.executable, "-m", "tests.integration.dns", self.zonePath, self.portPath]
+        argv = [sys.executable, os.path.abspath(__file__), self.zonePath, self.portPath]
         if self.port is not None:
             argv.append(str(self.port))
         elif os.path.exists(self.portPath):
@@ -167,10 +167,9 @@ def _serve(zonePath, portPath, port=None):
             return defer.succeed((answers, [], []))
 
     factory = server.DNSServerFactory(authorities=[JSONZone()])
-    protocol = dns.DNSDatagramProtocol(factory)
     if port is None:
         for _ in range(50):  # one port for UDP and TCP
-            udp = reactor.listenUDP(0, protocol, interface=HOST)
+            udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface=HOST)
             port = udp.getHost().port
             try:
                 reactor.listenTCP(port, factory, interface=HOST)
@@ -180,7 +179,7 @@ def _serve(zonePath, portPath, port=None):
         else:
             raise RuntimeError("no free port for UDP and TCP")
     else:
-        reactor.listenUDP(port, protocol, interface=HOST)
+        reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface=HOST)
         reactor.listenTCP(port, factory, interface=HOST)
     with open(portPath + ".tmp", "w") as f:
         f.write(str(port))

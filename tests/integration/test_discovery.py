@@ -1,0 +1,294 @@
+"""
+SRV discovery end to end: a real DNS server on 127.0.0.1 (L{tests.integration.dns}),
+real etcd members with TLS certificates naming the SRV targets, the real
+gateway process, and etcdctl through it.
+"""
+
+import json
+import os
+import socket
+import ssl
+import threading
+import time
+
+from twisted.trial import unittest
+
+from etcdgw.discovery import PLAIN_REFUSED
+from tests.certs import CertificateAuthority
+from tests.integration.dns import DNSServer, a, srv
+from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl
+from tests.integration.gateway import GatewayProcess, GatewayStartError
+
+#: The checkout: the gateway runs from here so it uses this tree's etcdgw
+#: (trial runs in _trial_temp, where an installed copy would win).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SSL = "_etcd-client-ssl._tcp.etcd.test"
+PLAIN = "_etcd-client._tcp.etcd.test"
+
+
+def _tls(directory):
+    """
+    A CA and one certificate per member naming mN.etcd.test (and 127.0.0.1,
+    for the harness's health checks and etcdctl through the gateway).
+    """
+    ca = CertificateAuthority("etcdgw discovery test CA")
+    certs = tuple(ca.issue(directory, f"m{i + 1}", [f"m{i + 1}.etcd.test"]) for i in range(3))
+    path = ca.write(directory)
+    _CAs[path] = ca
+    # etcd 3.4 asks for client certificates as soon as --trusted-ca-file is set.
+    clientCert, clientKey = ca.issue(directory, "client", [], ips=(), client=True)
+    return TLSConfig(ca=path, certs=certs, clientCert=clientCert, clientKey=clientKey)
+
+
+#: The CAs made by L{_tls}, by certificate path, to issue more certificates.
+_CAs = {}
+
+
+class _TLSTrap:
+    """
+    A TLS server in a thread that records the SNI of every connection: the
+    gateway's validation handshakes carry the SRV target name; a client
+    forwarded by the gateway (etcdctl to 127.0.0.1) would carry none.
+    """
+
+    def __init__(self, certAndKey):
+        self.names = []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certAndKey)
+        context.sni_callback = lambda sock, name, ctx: self.names.append(name)
+        self.context = context
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            try:
+                conn.settimeout(2)
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+class _GatewayMixin:
+    def dnsServer(self, records):
+        server = DNSServer()
+        self.addCleanup(server.cleanup)
+        server.setRecords(records)
+        server.start()
+        return server
+
+    def gateway(self, dns, *args):
+        gw = GatewayProcess(
+            ["--discovery-srv=etcd.test", "--discovery-dns=" + dns.address, "--retry-delay=1s"]
+            + list(args),
+            cwd=REPOSITORY,
+            env={"PYTHONPATH": REPOSITORY},
+        )
+        self.addCleanup(gw.cleanup)
+        return gw
+
+    def failedStart(self, gw):
+        self.assertRaises(GatewayStartError, gw.start)
+        self.assertNotEqual(gw.returncode, 0)
+        return gw.log()
+
+
+class TLSDiscoveryTests(ClusterTestMixin, _GatewayMixin, unittest.TestCase):
+    """
+    C{_etcd-client-ssl._tcp} records verified against --trusted-ca-file.
+    """
+
+    clusterSize = 3
+    clusterTLS = staticmethod(_tls)
+
+    def setUp(self):
+        super().setUp()
+        self.ports = [self.cluster.members[i].clientPort for i in range(3)]
+        self.ids = {int(self.cluster.memberID(i), 16): i for i in range(3)}
+
+    def records(self, members, priorities=None, service=SSL, ttl=1):
+        priorities = priorities or {}
+        result = []
+        for i in members:
+            result.append(
+                srv(service, f"m{i + 1}.etcd.test.", self.ports[i], priorities.get(i, 10), 0, ttl)
+            )
+        return result + [a(f"m{i + 1}.etcd.test") for i in range(3)]
+
+    def answering(self, gw, count=6):
+        """
+        The member that answered each of C{count} etcdctl calls through the gateway.
+        """
+        seen = []
+        for _ in range(count):
+            rc, out, err = etcdctl(
+                "https://" + gw.address, "endpoint", "status", "-w", "json", tls=self.cluster.tls
+            )
+            self.assertEqual(rc, 0, err + gw.log()[-3000:])
+            seen.append(self.ids[json.loads(out)[0]["Status"]["header"]["member_id"]])
+        return seen
+
+    def test_verifiedAndFollowsDNS(self):
+        """
+        Verified members carry etcdctl through the gateway; a rogue-CA member and
+        a wrong-name member (both preferred by priority) never get a client;
+        members added, removed and re-prioritised in DNS are followed within a
+        refresh; with the DNS server stopped the last good set keeps serving.
+        """
+        tmp = os.path.abspath(self.mktemp())
+        os.makedirs(tmp)
+        rogue = _TLSTrap(CertificateAuthority("rogue CA").issue(tmp, "rogue", ["rogue.etcd.test"]))
+        self.addCleanup(rogue.close)
+        # Issued by the trusted CA, but for another name than its SRV target.
+        trustedCA = _CAs[self.cluster.tls.ca]
+        wrong = _TLSTrap(trustedCA.issue(tmp, "wrong", ["other.etcd.test"]))
+        self.addCleanup(wrong.close)
+        traps = [
+            srv(SSL, "rogue.etcd.test.", rogue.port, 0, 0, 1),
+            srv(SSL, "wrong.etcd.test.", wrong.port, 0, 0, 1),
+            a("rogue.etcd.test"),
+            a("wrong.etcd.test"),
+        ]
+        dns = self.dnsServer(self.records([0, 1], {0: 10, 1: 20}) + traps)
+        gw = self.gateway(
+            dns,
+            "--trusted-ca-file=" + self.cluster.tls.ca,
+            "--discovery-refresh=1s",
+            "--discovery-cert-file=" + self.cluster.tls.clientCert,
+            "--discovery-key-file=" + self.cluster.tls.clientKey,
+        )
+        gw.start()
+        log = gw.waitForLog("discovered cluster from SRV")
+        self.assertIn("rogue.etcd.test:", log)
+        self.assertIn("certificate verify failed: unable to get local issuer certificate", log)
+        self.assertIn("certificate does not name wrong.etcd.test", log)
+
+        # Priority 10 (m1) beats 20 (m2); the traps at 0 would win if accepted.
+        self.assertEqual(set(self.answering(gw)), {0})
+
+        # Priorities swapped.
+        dns.setRecords(self.records([0, 1], {0: 20, 1: 10}) + traps)
+        gw.waitForLog("SRV records changed")
+        self.assertEqual(set(self.answering(gw)), {1})
+
+        # m3 added at m2's priority, m2 removed.
+        dns.setRecords(self.records([0, 2], {0: 20, 2: 10}) + traps)
+        log = gw.waitForLog("added ['m3.etcd.test:")
+        self.assertIn(
+            f"removed ['m2.etcd.test:{self.ports[1]} (127.0.0.1)']",
+            log[log.index("added ['m3.etcd.test:"):].splitlines()[0],
+        )
+        self.assertEqual(set(self.answering(gw)), {2})
+
+        # DNS gone: the last good set keeps serving.
+        dns.stop()
+        gw.waitForLog("keeping the last good set of 2", timeout=20)
+        self.assertEqual(set(self.answering(gw, 3)), {2})
+
+        # The traps saw only validation handshakes, each naming its target.
+        self.assertGreater(rogue.accepted, 1)  # retried at each refresh
+        self.assertEqual(set(rogue.names), {"rogue.etcd.test"})
+        self.assertEqual(set(wrong.names), {"wrong.etcd.test"})
+        self.assertEqual(len(rogue.names), rogue.accepted)
+        self.assertEqual(len(wrong.names), wrong.accepted)
+
+    def test_srvNameAndTTL(self):
+        """
+        --discovery-srv-name selects _etcd-client-ssl-NAME._tcp; without
+        --discovery-refresh the next look-up follows the TTL, clamped to 5s.
+        """
+        dns = self.dnsServer(
+            self.records([1], service="_etcd-client-ssl-prod._tcp.etcd.test", ttl=1)
+        )
+        gw = self.gateway(dns, "--trusted-ca-file=" + self.cluster.tls.ca, "--discovery-srv-name=prod")
+        gw.start()
+        log = gw.waitForLog("discovered cluster from SRV")
+        self.assertIn("next look-up in 5s", log)
+        self.assertEqual(set(self.answering(gw, 2)), {1})
+
+    def test_nothingVerifiable(self):
+        """
+        Only members whose certificates do not chain to the CA: the gateway
+        exits non-zero saying what it found and why each was refused.
+        """
+        tmp = os.path.abspath(self.mktemp())
+        os.makedirs(tmp)
+        otherCA = CertificateAuthority("another CA").write(tmp)
+        dns = self.dnsServer(self.records([0]))
+        log = self.failedStart(self.gateway(dns, "--trusted-ca-file=" + otherCA))
+        self.assertIn("no usable endpoint found", log)
+        self.assertIn(f"{SSL}: 1 record", log)
+        self.assertIn(f"{SSL} m1.etcd.test:{self.ports[0]} refused: certificate verify failed", log)
+
+
+class PlainDiscoveryTests(ClusterTestMixin, _GatewayMixin, unittest.TestCase):
+    """
+    C{_etcd-client._tcp} records: accepted with --insecure-discovery only.
+    """
+
+    clusterSize = 1
+
+    def zone(self):
+        port = self.cluster.members[0].clientPort
+        return [srv(PLAIN, "m1.etcd.test.", port, 0, 0, 60), a("m1.etcd.test")]
+
+    def test_insecure(self):
+        """
+        With --insecure-discovery, etcdctl works through the gateway, and the
+        endpoint is logged as unverified.
+        """
+        dns = self.dnsServer(self.zone())
+        gw = self.gateway(dns, "--insecure-discovery")
+        gw.start()
+        rc, out, err = etcdctl(gw.address, "put", "k", "plain")
+        self.assertEqual(rc, 0, err)
+        rc, out, err = etcdctl(gw.address, "get", "k", "--print-value-only")
+        self.assertEqual((rc, out.strip()), (0, "plain"), err)
+        self.assertIn("accepted unverified (--insecure-discovery)", gw.waitForLog("unverified"))
+
+    def test_refused(self):
+        """
+        Without --insecure-discovery the plain record is refused at start with
+        the documented reason, and the gateway exits non-zero.
+        """
+        log = self.failedStart(self.gateway(self.dnsServer(self.zone())))
+        self.assertIn(f"{PLAIN} m1.etcd.test:{self.cluster.members[0].clientPort} refused: "
+                      f"{PLAIN_REFUSED}", log)
+
+    def test_fallback(self):
+        """
+        Nothing usable with an explicit --endpoints: the gateway falls back to
+        them, logged at error level.
+        """
+        gw = self.gateway(self.dnsServer(self.zone()), "--endpoints=" + self.cluster.endpoints)
+        gw.start()
+        self.assertIn("falling back to --endpoints", gw.waitForLog("falling back"))
+        rc, out, err = etcdctl(gw.address, "endpoint", "health")
+        self.assertEqual(rc, 0, err)
+
+    def test_dnsDownAtStart(self):
+        """
+        DNS failure at start: exit non-zero with the DNS error, even with --endpoints.
+        """
+        dns = self.dnsServer([])
+        dns.stop()
+        gw = self.gateway(dns, "--endpoints=" + self.cluster.endpoints, "--insecure-discovery")
+        log = self.failedStart(gw)
+        self.assertIn("DNS look-up failed", log)
+        self.assertIn("timed out", log)
