@@ -30,6 +30,8 @@ import time
 from .etcd import HOST, _live, _tail, freePort
 
 
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # twisted.scripts.twistd has no __main__ guard, so "-m" would not run it.
 _TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
@@ -91,6 +93,11 @@ class GatewayProcess:
         self.logPath = os.path.join(self.directory, "gateway.log")
         self.env = dict(os.environ)
         self.env["PYTHONUNBUFFERED"] = "1"
+        # Run this checkout's code (and plugin), not an installed copy: under
+        # trial the working directory is _trial_temp, not the repository.
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [REPOSITORY] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         if env:
             self.env.update(env)
         self.cwd = cwd
