@@ -22,7 +22,7 @@ from twisted.internet import defer, error, task
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 
@@ -85,6 +85,14 @@ def tlsPolicyFromFiles(caCertificates=None, certFile=None, keyFile=None):
     return TLSPolicy(trustRoot, client)
 
 
+class _QuietFactory(_HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" line for every health check
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
+
+
 class EtcdClient:
     """
     A tiny HTTP/1.1 client for etcd members' HTTP API, on the injected
@@ -98,7 +106,7 @@ class EtcdClient:
         self._agent = Agent(
             reactor,
             contextFactory=tlsPolicy if tlsPolicy is not None else TLSPolicy(),
-            pool=HTTPConnectionPool(reactor, persistent=False),
+            pool=_QuietPool(reactor, persistent=False),
         )
 
     @staticmethod
@@ -159,12 +167,11 @@ class EtcdClient:
 def _timedOut(result, timeout):
     """
     What a request cut short by its timeout fails with: L{defer.TimeoutError},
-    whatever the cancelled step (a connect fails with
-    L{error.ConnectingCancelledError}) said.
+    whatever the cancelled step said (a connect fails with
+    L{error.ConnectingCancelledError}, a request in flight with
+    C{ResponseNeverReceived}).
     """
-    if isinstance(result, Failure) and result.check(
-        defer.CancelledError, error.ConnectingCancelledError
-    ):
+    if isinstance(result, Failure):
         raise defer.TimeoutError(f"no answer in {timeout}s")
     return result
 

@@ -1,0 +1,144 @@
+"""
+etcd-aware health, membership sync and least-connections against real etcd
+members and a real gateway process.
+"""
+
+import http.client
+import json
+import os
+import time
+
+from twisted.trial.unittest import TestCase
+
+from tests.integration.etcd import HOST, ClusterTestMixin
+from tests.integration.gateway import GatewayProcess
+
+#: The checkout: trial runs tests from _trial_temp, where a gateway process
+#: would import an installed (possibly stale) etcdgw instead of this one.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def memberID(host, port, timeout=3.0):
+    """
+    The member ID of whichever member answers C{/v3/maintenance/status} on
+    C{host:port} (through the gateway: the member this new connection went to).
+    """
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        return statusOn(conn)
+    finally:
+        conn.close()
+
+
+def statusOn(conn):
+    conn.request("POST", "/v3/maintenance/status", body="{}")
+    return json.loads(conn.getresponse().read())["header"]["member_id"]
+
+
+class _Base(ClusterTestMixin, TestCase):
+    clusterSize = 3
+
+    def gateway(self, *args):
+        gw = GatewayProcess(["--endpoints=" + self.cluster.endpoints, *args], cwd=ROOT)
+        self.addCleanup(gw.cleanup)
+        return gw.start()
+
+    def ids(self):
+        """
+        Member index by member ID, asked of each member directly.
+        """
+        return {
+            memberID(HOST, self.cluster.clientPort(i)): i for i in self.cluster._indexes()
+        }
+
+
+class FrozenMemberTests(_Base):
+    def test_frozenMemberGetsNoNewConnections(self):
+        """
+        A SIGSTOPped member (TCP still accepted by its kernel) is unhealthy
+        within the fall count and gets no new connections while the others do;
+        after SIGCONT it gets them again.
+        """
+        ids = self.ids()
+        gw = self.gateway(
+            "--health-check=etcd",
+            "--health-interval=200ms",
+            "--health-timeout=300ms",
+            "--health-rise=2",
+            "--health-fall=3",
+        )
+        frozen = self.cluster.clientAddress(2)
+        gw.waitForLog(f"endpoint {frozen} etcd health unknown -> healthy", timeout=5)
+        start = time.monotonic()
+        self.cluster.freeze(2)
+        gw.waitForLog(f"endpoint {frozen} etcd health healthy -> unhealthy", timeout=5)
+        detected = time.monotonic() - start
+        # fall 3 x interval 200ms, plus the 300ms timeout of the third check.
+        self.assertLess(detected, 2.0)
+        self.assertIn("(3 in a row)", gw.log())
+        reached = [ids[memberID(gw.host, gw.port)] for _ in range(12)]
+        self.assertEqual(set(reached), {0, 1}, reached)
+
+        self.cluster.thaw(2)
+        gw.waitForLog(f"endpoint {frozen} etcd health unhealthy -> healthy", timeout=10)
+        reached = [ids[memberID(gw.host, gw.port)] for _ in range(9)]
+        self.assertEqual(set(reached), {0, 1, 2}, reached)
+
+
+class MembershipSyncTests(_Base):
+    def test_followsMemberAddAndRemove(self):
+        """
+        Seeded with one member, the gateway learns the others; `member add`
+        and `member remove` are followed within one sync interval.
+        """
+        interval = 0.5
+        seed = self.cluster.clientAddress(0)
+        gw = GatewayProcess(["--endpoints=" + seed, "--sync-interval=500ms"], cwd=ROOT)
+        self.addCleanup(gw.cleanup)
+        gw.start()
+        gw.waitForLog(self.cluster.clientAddress(2), timeout=5)
+        ids = self.ids()
+        reached = {ids[memberID(gw.host, gw.port)] for _ in range(9)}
+        self.assertEqual(reached, {0, 1, 2})
+
+        new = self.cluster.addMember()
+        started = time.monotonic()
+        gw.waitForLog(f"added ['{self.cluster.clientAddress(new)}']", timeout=5)
+        self.assertLess(time.monotonic() - started, interval + 0.5)
+
+        removed = self.cluster.clientAddress(1)
+        self.cluster.removeMember(1)
+        started = time.monotonic()
+        gw.waitForLog(f"removed ['{removed}']", timeout=5)
+        self.assertLess(time.monotonic() - started, interval + 0.5)
+        ids = self.ids()
+        reached = {ids[memberID(gw.host, gw.port)] for _ in range(12)}
+        self.assertEqual(reached, {0, 2, new})
+
+
+class LeastConnectionsTests(_Base):
+    def test_newConnectionsGoToLeastLoaded(self):
+        """
+        After a member comes back with no connections, least-connections
+        sends it the new ones until it catches up with the others.
+        """
+        ids = self.ids()
+        gw = self.gateway("--policy=least-connections", "--retry-delay=300ms")
+        self.cluster.stop(2)
+        back = self.cluster.clientAddress(2)
+        held = []
+        self.addCleanup(lambda: [c.close() for c in held])
+
+        def openHeld():
+            conn = http.client.HTTPConnection(gw.host, gw.port, timeout=5)
+            held.append(conn)
+            return ids[statusOn(conn)]
+
+        before = [openHeld() for _ in range(6)]
+        self.assertEqual(sorted(before), [0, 0, 0, 1, 1, 1])
+        self.cluster.restart(2)
+        gw.waitForLog(f"endpoint {back} down -> up", timeout=10)
+        after = [openHeld() for _ in range(3)]
+        self.assertEqual(after, [2, 2, 2])
+        # Loads are even now (3, 3, 3): the next ones rotate again.
+        self.assertEqual(sorted(openHeld() for _ in range(3)), [0, 1, 2])
