@@ -5,8 +5,8 @@ endpoint proven before it gets traffic, and re-resolution while running.
 One round (L{discover}) is blocking code: dnspython look-ups and TLS
 handshakes on plain sockets, each bounded by a timeout. The first round runs
 before the reactor starts (from C{Options.postOptions}: a gateway that cannot
-find its cluster must not start); later rounds run in the reactor's thread
-pool (L{DiscoveryService}), so the reactor never blocks. One code path for
+find its cluster must not start); later rounds run in a daemon thread
+(L{DiscoveryService}), so the reactor never blocks. One code path for
 both, and dnspython's resolver (nameserver and port choice, TCP fallback on
 truncation, A/AAAA) is simpler and better tested than re-building the same
 on twisted.names.
@@ -18,13 +18,14 @@ what the pool keys on) and the target name (C{name}, what the certificate was
 verified against and what logs show).
 """
 
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import attr
 from twisted.application.service import Service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
+from twisted.python import failure
 
 from etcdgw.duration import formatDuration
 from etcdgw.endpoint import Endpoint, formatHostPort, splitHostPort
@@ -332,8 +333,7 @@ def discover(config, resolver=None, validate=validateTLS, known=frozenset()):
         except LookupFailed as e:
             return e
 
-    with ThreadPoolExecutor(max_workers=len(names)) as executor:
-        answers = list(executor.map(lookup, [service for service, _ in names]))
+    answers = _parallel(lookup, [service for service, _ in names])
     for (service, tls), answer in zip(names, answers):
         if isinstance(answer, LookupFailed):
             errors.append((service, str(answer)))
@@ -383,8 +383,31 @@ def _check(config, resolver, validate, known, records):
     def one(record):
         return _checkOne(config, resolver, validate, known, context, record)
 
-    with ThreadPoolExecutor(max_workers=min(8, len(records))) as pool:
-        return list(pool.map(one, records))
+    return _parallel(one, records)
+
+
+def _parallel(f, items):
+    """
+    C{[f(item) for item in items]}, each in its own daemon thread (every call
+    is bounded by a timeout): a round takes as long as its slowest look-up or
+    handshake, not their sum, and a process that exits never waits for one.
+    """
+    if len(items) <= 1:
+        return [f(item) for item in items]
+    results = [None] * len(items)
+
+    def run(index, item):
+        results[index] = f(item)
+
+    workers = [
+        threading.Thread(target=run, args=(i, item), daemon=True, name="etcdgw-discovery")
+        for i, item in enumerate(items)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return results
 
 
 def _checkOne(config, resolver, validate, known, context, record):
@@ -451,8 +474,25 @@ def discoverAtStart(config, fallback=None, resolver=None, validate=validateTLS):
 
 
 def _runInThread(reactor):
+    """
+    Run a round in a daemon thread and fire a Deferred in the reactor thread.
+    Not the reactor's thread pool: it is joined at shutdown, and a round can
+    be in a DNS timeout then, which would hold SIGTERM up for seconds.
+    """
+
     def run(f, *args, **kwargs):
-        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+        d = defer.Deferred()
+
+        def work():
+            try:
+                result = f(*args, **kwargs)
+            except BaseException:
+                reactor.callFromThread(d.errback, failure.Failure())
+            else:
+                reactor.callFromThread(d.callback, result)
+
+        threading.Thread(target=work, daemon=True, name="etcdgw-discovery").start()
+        return d
 
     return run
 
