@@ -325,6 +325,23 @@ class OtherWork:
         return max(0.0, other / wall) if wall > 0 else None
 
 
+def wait_quiet(procs, threshold, max_wait):
+    """Wait (at most max_wait s) until other work uses under `threshold` cores
+    over one second.  Returns the seconds waited."""
+    if max_wait <= 0:
+        return 0.0
+    t0 = time.monotonic()
+    while True:
+        meter = OtherWork(procs)
+        time.sleep(1.0)
+        if meter.cores() < threshold:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 >= max_wait:
+            log("  machine still busy (%.2f cores of other work) after %.0f s; measuring anyway"
+                % (meter.cores(), max_wait))
+            return time.monotonic() - t0
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -526,6 +543,7 @@ class Bench:
             if a.warmup > 0:
                 self.procs.run("wrk-warmup", [a.wrk, "-t1", "-c%d" % a.connections,
                                               "-d%ds" % a.warmup, url], a.warmup + 30)
+            wait_quiet(self.procs, a.quiet_threshold, a.quiet_wait)
             load = loadavg()
             other = OtherWork(self.procs)
             c0 = cpu_seconds(gw.pid)
@@ -554,6 +572,7 @@ class Bench:
         try:
             wait_listening(srv, iport)
             gw, port = self.start_gateway(name, [iport])
+            wait_quiet(self.procs, a.quiet_threshold, a.quiet_wait)
             load = loadavg()
             other = OtherWork(self.procs)
             c0 = cpu_seconds(gw.pid)
@@ -1049,6 +1068,11 @@ def parse_args(argv):
                    help="contenders for the slow-reader check (default: all selected)")
     p.add_argument("--haproxy-connect-timeout", default="1s",
                    help="HAProxy 'timeout connect' (default 1s)")
+    p.add_argument("--quiet-threshold", type=float, default=0.3,
+                   help="before wrk and iperf3, wait until processes not started here use "
+                        "fewer than this many cores (default 0.3)")
+    p.add_argument("--quiet-wait", type=float, default=30.0,
+                   help="longest wait for that, in seconds; 0 disables (default 30)")
     p.add_argument("--settle", type=float, default=0.3, help="seconds after a gateway listens")
     p.add_argument("--data-root", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the etcd data dir goes (default /dev/shm)")
