@@ -8,6 +8,8 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory
 
+from etcdgw.transport import connectTCP
+
 
 class _DialFactory(ClientFactory):
     """
@@ -53,8 +55,8 @@ def dial(reactor, endpoint, buildProtocol, timeout):
                 connector.stopConnecting()
 
         d = defer.Deferred(cancel)
-        connector = reactor.connectTCP(
-            endpoint.host, endpoint.port, _DialFactory(buildProtocol, d), timeout=timeout
+        connector = connectTCP(
+            reactor, endpoint.host, endpoint.port, _DialFactory(buildProtocol, d), timeout
         )
         return d
     factory = _EndpointFactory(buildProtocol)

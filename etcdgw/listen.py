@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 
 from etcdgw.endpoint import EndpointError, formatHostPort, splitHostPort
+from etcdgw.transport import GatewayServer
 
 #: Twisted endpoint-string types accepted as C{--listen-addr} as they are.
 ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
@@ -148,6 +149,7 @@ class GatewayPort(tcp.Port):
     """
 
     log = Logger()
+    transport = GatewayServer
     numberAccepts = 100
     _backoff = 0.0
     _resume = None

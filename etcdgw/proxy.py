@@ -11,10 +11,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from etcdgw.dial import connected, describeFailure, dial
-from etcdgw.fastpath import fastWriter
+from etcdgw.transport import writerFor
 
 
 def _noDelay(transport):
+    if getattr(transport, "fast", False):
+        return  # set when the socket was made
     try:
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):
@@ -140,8 +142,8 @@ class ClientProtocol(_Side):
         _noDelay(upstream.transport)
         upstream.peer = self
         self.peer = upstream
-        self._write = fastWriter(upstream.transport)
-        upstream._write = fastWriter(self.transport)
+        self._write = writerFor(upstream.transport)
+        upstream._write = writerFor(self.transport)
         self.transport.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()

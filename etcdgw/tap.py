@@ -15,6 +15,7 @@ from etcdgw.duration import DurationError, formatDuration, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints
 from etcdgw.health import HealthService
 from etcdgw.listen import ListenError, listenEndpoint, parseListenAddress
+from etcdgw.reactor import leanDispatch
 from etcdgw.pool import POLICIES, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
@@ -446,6 +447,8 @@ def makeService(options, reactor=None):
     takeSignals = reactor is None
     if reactor is None:
         from twisted.internet import reactor
+
+        leanDispatch(reactor)
     endpoints = options["endpoints"]
     for endpoint in endpoints:
         if endpoint.tls:

@@ -1,0 +1,78 @@
+import socket
+
+from twisted.internet import defer
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from etcdgw.reactor import leanDispatch
+
+
+class LeanDispatchTests(SynchronousTestCase):
+    def test_otherReactorsUntouched(self):
+        """Reactors other than epoll are left as they are."""
+        reactor = MemoryReactorClock()
+        self.assertFalse(leanDispatch(reactor))
+
+    def test_dispatches(self):
+        """A changed epoll reactor still delivers reads to their descriptors."""
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertTrue(leanDispatch(reactor))
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        seen = []
+
+        class Reader:
+            def fileno(self):
+                return a.fileno()
+
+            def doRead(self):
+                seen.append(a.recv(10))
+
+            def logPrefix(self):
+                return "reader"
+
+            def connectionLost(self, reason):
+                pass
+
+        reader = Reader()
+        reactor.addReader(reader)
+        b.send(b"ping")
+        reactor.doIteration(0)
+        reactor.removeReader(reader)
+        self.assertEqual(seen, [b"ping"])
+        reactor.doIteration(0)  # nothing ready, nothing raised
+
+    def test_handlerErrorClosesConnection(self):
+        """A doRead that raises is logged and its descriptor disconnected, as Twisted does."""
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        leanDispatch(reactor)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        lost = []
+
+        class Broken:
+            def fileno(self):
+                return a.fileno()
+
+            def doRead(self):
+                raise ZeroDivisionError()
+
+            def logPrefix(self):
+                return "broken"
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+        broken = Broken()
+        reactor.addReader(broken)
+        b.send(b"x")
+        reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(len(lost), 1)
+        self.assertTrue(lost[0].check(ZeroDivisionError))
+        self.assertNotIn(broken, reactor.getReaders())
