@@ -102,6 +102,9 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
         connection = self.keptAlive(gw)
         gw.signal(signal.SIGTERM)
         signalled = time.monotonic()
+        # Probe only once the signal is handled: a probe that connects before
+        # would be a second open connection to drain.
+        gw.waitForLog("no longer accepting", timeout=2)
         _until(lambda: _refused(gw.address), timeout=2)
         refusedAfter = time.monotonic() - signalled
         self.assertLess(refusedAfter, 2)
