@@ -291,6 +291,33 @@ class Options(usage.Options):
     def __init__(self):
         super().__init__()
         self.explicit = set()
+        self.arguments = []
+
+    def parseOptions(self, options=None):
+        if options is None:
+            import sys
+
+            options = sys.argv[1:]
+        self.arguments = list(options)  # what --workers passes on to workers
+        return super().parseOptions(options)
+
+    def opt_workers(self, value):
+        """
+        Gateway processes sharing the TCP listen port (SO_REUSEPORT), each with its own endpoint health. [default: 1]
+        """
+        try:
+            count = int(value)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= 256:
+            raise usage.UsageError(f'--workers: "{value}" is not a number from 1 to 256')
+        self["workers"] = count
+
+    def opt_worker_of(self, value):
+        """
+        (internal) This process is a worker of the gateway with this pid.
+        """
+        self["worker-of"] = int(value)
 
     def opt_endpoints(self, value):
         self.explicit.add("endpoints")
@@ -303,6 +330,8 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self):
+        self.setdefault("workers", 1)
+        self.setdefault("worker-of", None)
         if self["retry-delay"] is None:
             self["retry-delay"] = parseDuration("1m0s")
         for name in ("retry-delay", "dial-timeout", "shutdown-grace"):
@@ -336,6 +365,11 @@ class Options(usage.Options):
                 if self[flag] is not None:
                     raise usage.UsageError(f"--{flag} needs --discovery-srv")
         _checkHealthOptions(self)
+        if self["workers"] > 1 and not (self["listen-addr"].isTCP and self["listen-addr"].port):
+            raise usage.UsageError(
+                "--workers above 1 needs a TCP --listen-addr with a fixed port "
+                "(the workers share it with SO_REUSEPORT)"
+            )
         try:
             checkSelfLoop(self["listen-addr"], self["endpoints"])
         except SelfLoopError as e:
@@ -464,8 +498,12 @@ def makeService(options, reactor=None):
     root.pool = pool
     root.factory = factory
 
+    workers = options.get("workers", 1)
+    workerOf = options.get("worker-of")
     listener = ListenerService(
-        listenEndpoint(reactor, options["listen-addr"]),
+        listenEndpoint(
+            reactor, options["listen-addr"], reusePort=workers > 1 or workerOf is not None
+        ),
         factory,
         options["listen-addr"],
         pool,
@@ -534,7 +572,22 @@ def makeService(options, reactor=None):
     reload.setName("signals")
     reload.setServiceParent(root)
 
-    notifier = SystemdNotifier.fromEnvironment()
+    if workers > 1:
+        from etcdgw.workers import WorkersService
+
+        supervisor = WorkersService(
+            workers - 1, options.arguments, reactor, options["shutdown-grace"] + 5
+        )
+        supervisor.setName("workers")
+        supervisor.setServiceParent(root)
+    if workerOf is not None:
+        from etcdgw.workers import SupervisorWatch
+
+        watch = SupervisorWatch(workerOf, reactor, reactor.stop)
+        watch.setName("supervisor-watch")
+        watch.setServiceParent(root)
+
+    notifier = SystemdNotifier.fromEnvironment() if workerOf is None else None
     if notifier is not None:
         notify = SystemdNotifyService(
             notifier, pool, listener, reactor, watchdogInterval()
@@ -542,7 +595,7 @@ def makeService(options, reactor=None):
         notify.setName("sdnotify")
         notify.setServiceParent(root)
 
-    if options["metrics-addr"] is not None:
+    if options["metrics-addr"] is not None and workerOf is None:
         from etcdgw.status import StatusService, statusSite
 
         web = StatusService(

@@ -1,0 +1,200 @@
+"""
+C{--workers N}: more gateway processes on the same listening port.
+
+One Python process forwards on one core. With C{--workers N} the gateway
+starts N-1 more copies of itself (the same flags) that listen on the same TCP
+port with C{SO_REUSEPORT}, so the kernel spreads new connections over N
+processes, each with its own reactor and its own endpoint health. The first
+process supervises the others: it logs their output with their name, restarts
+one that dies (after a growing delay), and on stop sends each SIGTERM (so it
+drains as usual) and waits for it to exit before exiting itself. A worker
+whose supervisor disappears stops by itself.
+"""
+
+import os
+import signal
+import sys
+
+from twisted.application.service import Service
+from twisted.internet import defer, protocol, task
+from twisted.logger import Logger
+
+#: Runs twistd from an interpreter (twisted.scripts.twistd has no __main__).
+TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+
+#: Environment a worker must not inherit (systemd talks to the supervisor only).
+PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                       "LISTEN_PID", "LISTEN_FDNAMES")
+
+
+def workerArguments(pluginArguments, supervisor):
+    """
+    The plugin flags for a worker: the supervisor's, less C{--workers} and
+    C{--metrics-addr} (one status page, the supervisor's), plus
+    C{--worker-of}.
+    """
+    result = []
+    skip = False
+    for argument in pluginArguments:
+        if skip:
+            skip = False
+            continue
+        name = argument.split("=", 1)[0]
+        if name in ("--workers", "--metrics-addr", "--worker-of"):
+            skip = "=" not in argument
+            continue
+        result.append(argument)
+    return result + [f"--worker-of={supervisor}"]
+
+
+class _Worker(protocol.ProcessProtocol):
+    log = Logger()
+
+    def __init__(self, name):
+        self.name = name
+        self.ended = defer.Deferred()
+        self._partial = b""
+
+    def outReceived(self, data):
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.log.info("[{worker}] {line}", worker=self.name,
+                          line=line.decode("utf-8", "replace"))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+
+class WorkersService(Service):
+    """
+    Runs and supervises C{count} worker processes.
+
+    @param count: how many workers (besides this process).
+    @param pluginArguments: this gateway's own flags, which each worker gets
+        (see L{workerArguments}).
+    @param stopTimeout: how long a worker may take to drain after SIGTERM
+        before it is killed.
+    """
+
+    log = Logger()
+    restartDelay = 1.0
+    maxRestartDelay = 30.0
+
+    def __init__(self, count, pluginArguments, reactor, stopTimeout, env=None):
+        self.count = count
+        self.pluginArguments = pluginArguments
+        self.argv = None
+        self.reactor = reactor
+        self.stopTimeout = stopTimeout
+        env = dict(os.environ if env is None else env)
+        for name in PRIVATE_ENVIRONMENT:
+            env.pop(name, None)
+        self.env = env
+        self.workers = {}
+        self._delays = {}
+        self._restarts = {}
+
+    def startService(self):
+        super().startService()
+        # Only now: the pid must be the running (maybe daemonized) process's.
+        self.argv = workerCommand(self.pluginArguments, os.getpid())
+        for i in range(1, self.count + 1):
+            self._start(f"worker-{i}")
+
+    def _start(self, name):
+        self._restarts.pop(name, None)
+        worker = _Worker(name)
+        self.workers[name] = worker
+        worker.transport = self.reactor.spawnProcess(
+            worker, self.argv[0], self.argv, env=self.env
+        )
+        worker.started = self.reactor.seconds()
+        self.log.info("started {worker} (pid {pid})", worker=name, pid=worker.transport.pid)
+        worker.ended.addCallback(self._ended, name, worker)
+
+    def _ended(self, code, name, worker):
+        if self.workers.get(name) is worker:
+            del self.workers[name]
+        if not self.running:
+            return code
+        ranFor = self.reactor.seconds() - worker.started
+        delay = self._delays.get(name, self.restartDelay)
+        delay = self.restartDelay if ranFor > 10 else min(self.maxRestartDelay, delay * 2)
+        self._delays[name] = delay
+        self.log.error(
+            "{worker} exited with status {code}; restarting it in {delay}s",
+            worker=name, code=code, delay=delay,
+        )
+        self._restarts[name] = self.reactor.callLater(delay, self._start, name)
+        return code
+
+    def stopService(self):
+        super().stopService()
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        ended = []
+        for name, worker in list(self.workers.items()):
+            self._signal(worker, signal.SIGTERM)
+            kill = self.reactor.callLater(self.stopTimeout, self._signal, worker, signal.SIGKILL)
+            worker.ended.addBoth(lambda result, kill=kill: kill.active() and kill.cancel())
+            ended.append(worker.ended)
+        return defer.DeferredList(ended)
+
+    def _signal(self, worker, signum):
+        try:
+            worker.transport.signalProcess(signum)
+        except Exception:
+            pass  # already gone
+
+
+class SupervisorWatch(Service):
+    """
+    In a worker: stop the process when its supervisor is gone (the worker
+    was re-parented), the same way SIGTERM would.
+    """
+
+    log = Logger()
+    interval = 1.0
+
+    def __init__(self, supervisor, reactor, stop, getppid=os.getppid):
+        self.supervisor = supervisor
+        self.reactor = reactor
+        self._stop = stop
+        self._getppid = getppid
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(self._check)
+        self._loop.clock = self.reactor
+        # Not now: startService runs before the reactor does, and stopping a
+        # reactor that is not running yet does nothing.
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _check(self):
+        if self._getppid() != self.supervisor:
+            self.log.error(
+                "supervisor (pid {pid}) is gone: stopping this worker", pid=self.supervisor
+            )
+            self._loop.stop()
+            self._stop()
+
+
+def workerCommand(pluginArguments, supervisor):
+    """
+    The full command line that runs one worker in the foreground, logging to
+    its standard output (which the supervisor reads).
+    """
+    return [sys.executable, "-c", TWISTD, "-n", "--pidfile=", "etcd-gateway"] + (
+        workerArguments(pluginArguments, supervisor)
+    )

@@ -1,0 +1,123 @@
+import signal
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.internet.error import ProcessTerminated
+from twisted.trial.unittest import SynchronousTestCase
+
+from etcdgw.tap import Options
+from etcdgw.workers import SupervisorWatch, WorkersService, workerArguments
+
+
+class WorkerArgumentsTests(SynchronousTestCase):
+    def test_dropsSupervisorOnlyFlags(self):
+        """Workers get the same flags, less --workers and --metrics-addr, plus --worker-of."""
+        self.assertEqual(
+            workerArguments(
+                ["--endpoints=a:1", "--workers", "4", "--metrics-addr=127.0.0.1:9", "--retry-delay=1s"],
+                123,
+            ),
+            ["--endpoints=a:1", "--retry-delay=1s", "--worker-of=123"],
+        )
+
+    def test_options(self):
+        """--workers takes 1 to 256 and needs a fixed TCP port above 1."""
+        o = Options()
+        o.parseOptions(["--workers=3", "--listen-addr=127.0.0.1:23790"])
+        self.assertEqual(o["workers"], 3)
+        self.assertEqual(o.arguments, ["--workers=3", "--listen-addr=127.0.0.1:23790"])
+        for args, message in [
+            (["--workers=0"], "not a number from 1 to 256"),
+            (["--workers=x"], "not a number from 1 to 256"),
+            (["--workers=2", "--listen-addr=unix:/tmp/gw.sock"], "needs a TCP --listen-addr"),
+            (["--workers=2", "--listen-addr=127.0.0.1:0"], "with a fixed port"),
+        ]:
+            e = self.assertRaises(usage.UsageError, Options().parseOptions, args)
+            self.assertIn(message, str(e))
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, signum):
+        self.signals.append(signum)
+
+
+class ProcessReactor(MemoryReactorClock):
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+
+    def spawnProcess(self, protocol, executable, args, env=None, **kw):
+        process = FakeProcess(1000 + len(self.spawned))
+        self.spawned.append((protocol, args, env, process))
+        protocol.makeConnection(process)
+        return process
+
+
+def exit(protocol, code):
+    protocol.processEnded(Failure(ProcessTerminated(exitCode=code)))
+
+
+class WorkersServiceTests(SynchronousTestCase):
+    def setUp(self):
+        self.reactor = ProcessReactor()
+        self.service = WorkersService(
+            2, ["--endpoints=a:1", "--workers=3"], self.reactor, stopTimeout=7,
+            env={"NOTIFY_SOCKET": "/run/x", "PATH": "/bin"},
+        )
+
+    def test_startsWorkers(self):
+        """Each worker runs the gateway with the worker flags, without systemd's variables."""
+        self.service.startService()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        protocol, args, env, process = self.reactor.spawned[0]
+        self.assertIn("etcd-gateway", args)
+        self.assertEqual(args[-2:][0], "--endpoints=a:1")
+        self.assertTrue(args[-1].startswith("--worker-of="))
+        self.assertEqual(env, {"PATH": "/bin"})
+
+    def test_restartsDeadWorker(self):
+        """A worker that exits is restarted after a delay, logged."""
+        self.service.startService()
+        protocol = self.reactor.spawned[0][0]
+        exit(protocol, 1)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(self.service.restartDelay * 2)
+        self.assertEqual(len(self.reactor.spawned), 3)
+        self.assertEqual(set(self.service.workers), {"worker-1", "worker-2"})
+
+    def test_stopWaitsForWorkers(self):
+        """Stopping sends SIGTERM and waits; a worker still there after the timeout is killed."""
+        self.service.startService()
+        d = self.service.stopService()
+        (p1, _, _, proc1), (p2, _, _, proc2) = self.reactor.spawned
+        self.assertEqual(proc1.signals, [signal.SIGTERM])
+        exit(p1, 0)
+        self.assertNoResult(d)
+        self.reactor.advance(7)
+        self.assertEqual(proc2.signals, [signal.SIGTERM, signal.SIGKILL])
+        exit(p2, None)
+        self.successResultOf(d)
+        self.assertEqual(len(self.reactor.spawned), 2)  # none restarted
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class SupervisorWatchTests(SynchronousTestCase):
+    def test_stopsWhenOrphaned(self):
+        """A worker whose parent is no longer the supervisor stops itself."""
+        reactor = MemoryReactorClock()
+        parent = [42]
+        stopped = []
+        watch = SupervisorWatch(42, reactor, lambda: stopped.append(True), getppid=lambda: parent[0])
+        watch.startService()
+        reactor.advance(5)
+        self.assertEqual(stopped, [])
+        parent[0] = 1
+        reactor.advance(1)
+        self.assertEqual(stopped, [True])
+        watch.stopService()
+        self.assertEqual(reactor.getDelayedCalls(), [])
