@@ -299,7 +299,20 @@ class Options(usage.Options):
 
             options = sys.argv[1:]
         self.arguments = list(options)  # what --workers passes on to workers
-        return super().parseOptions(options)
+        try:
+            return super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise
+            # Run by twistd, which would print its whole help text before
+            # the error: say just what is wrong, on one line, and exit 1.
+            import sys
+
+            sys.stderr.write(
+                f"etcd-gateway: error: {e}\n"
+                "(twistd etcd-gateway --help lists the flags and their defaults)\n"
+            )
+            raise SystemExit(1)
 
     def opt_workers(self, value):
         """
@@ -317,6 +330,8 @@ class Options(usage.Options):
         """
         (internal) This process is a worker of the gateway with this pid.
         """
+        if not value.isdigit():
+            raise usage.UsageError(f'--worker-of: "{value}" is not a process id')
         self["worker-of"] = int(value)
 
     def opt_endpoints(self, value):
