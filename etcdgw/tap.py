@@ -308,10 +308,7 @@ class Options(usage.Options):
             # the error: say just what is wrong, on one line, and exit 1.
             import sys
 
-            sys.stderr.write(
-                f"etcd-gateway: error: {e}\n"
-                "(twistd etcd-gateway --help lists the flags and their defaults)\n"
-            )
+            sys.stderr.write(f"etcd-gateway: error: {e} (see: twistd etcd-gateway --help)\n")
             raise SystemExit(1)
 
     def opt_workers(self, value):
