@@ -877,6 +877,10 @@ def machine_info(a):
         "iperf3": cmd_version([a.iperf3, "--version"], r"iperf\s+(\S+)") if a.iperf3 else None,
         "wrk": cmd_version([a.wrk, "--version"], r"wrk\s+(\S+)") if a.wrk else None,
         "loadavg_start": loadavg(),
+        "repo_commit": cmd_version(["git", "-C", REPO, "log", "-1", "--format=%h %cd",
+                                    "--date=iso"]),
+        "repo_dirty": bool(cmd_version(["git", "-C", REPO, "status", "--porcelain",
+                                        "--untracked-files=no", "--", "etcdgw", "twisted"])),
     }
     return info
 
@@ -1227,6 +1231,8 @@ def report(a, info, contenders, tests, results, slow, ours):
     print("versions: python %s, Twisted %s, etcd %s, haproxy %s, iperf3 %s, wrk %s" % (
         info["python"], info["twisted"], info["etcd"], info["haproxy"], info["iperf3"],
         info["wrk"]))
+    print("gateway code: commit %s%s" % (info["repo_commit"],
+                                         " + uncommitted changes" if info["repo_dirty"] else ""))
     print("load average: start %s, end %s" % (info["loadavg_start"], info["loadavg_end"]))
     print("rounds: %d (medians)" % len(results))
     print()
