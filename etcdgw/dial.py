@@ -85,8 +85,12 @@ def connected(protocol):
     Tell the dial that C{protocol} is connected (call from C{connectionMade}).
     A no-op for dials through an endpoint, which report it themselves.
     """
-    deferred = getattr(protocol.factory, "deferred", None)
+    factory = protocol.factory
+    deferred = getattr(factory, "deferred", None)
     if deferred is not None and not deferred.called:
+        # The connector keeps the factory for the connection's life: let go
+        # of what only the dial needed.
+        factory.deferred = factory._build = None
         deferred.callback(protocol)
 
 

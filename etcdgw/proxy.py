@@ -30,11 +30,22 @@ class _Side(Protocol):
     half-close through, and closes when both directions are done.
     """
 
-    peer = None
-    state = None
-    _write = None
-    _readDone = False
-    _writeDone = False
+    # Slots: a gateway holds two of these per client, often for hours.
+    __slots__ = (
+        "factory",
+        "transport",
+        "connected",
+        "peer",
+        "state",
+        "_write",
+        "_readDone",
+        "_writeDone",
+    )
+
+    def __init__(self):
+        self.factory = self.transport = self.peer = self.state = self._write = None
+        self.connected = 0
+        self._readDone = self._writeDone = False
 
     def readConnectionLost(self):
         self._readDone = True
@@ -71,7 +82,10 @@ class UpstreamProtocol(_Side):
     The gateway's connection to an etcd member.
     """
 
+    __slots__ = ("client",)
+
     def __init__(self, client):
+        super().__init__()
         self.client = client
 
     def connectionMade(self):
@@ -93,8 +107,12 @@ class ClientProtocol(_Side):
     A client's connection to the gateway.
     """
 
+    __slots__ = ("_dialing", "_tried")
     log = Logger()
-    _dialing = None
+
+    def __init__(self):
+        super().__init__()
+        self._dialing = None
 
     def connectionMade(self):
         self.transport.pauseProducing()
@@ -137,6 +155,7 @@ class ClientProtocol(_Side):
 
     def _connected(self, upstream, state):
         self._dialing = None
+        del self._tried
         upstream.state = self.state = state
         self.factory.pool.connectionOpened(state)
         _noDelay(upstream.transport)

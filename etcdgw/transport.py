@@ -36,7 +36,61 @@ class FastTransport:
     Mixin for L{tcp.Connection} subclasses; it must come first in the bases.
     """
 
+    __slots__ = ()
     fast = True
+
+    def _initSlots(self):
+        """
+        Give the slotted attributes the defaults Twisted's classes keep as
+        class attributes (a slot hides those), before Twisted's own
+        C{__init__} runs.
+        """
+        self.producer = None
+        self.streamingProducer = False
+        self.producerPaused = False
+        self.connected = 0
+        self.disconnecting = 0
+        self.disconnected = 0
+        self.dataBuffer = b""
+        self.offset = 0
+        self._writeDisconnecting = False
+        self._writeDisconnected = False
+
+    # Twisted formats two strings for every connection, for logging contexts
+    # and repr; the gateway's lean dispatch does not use them, so they are
+    # made only when asked for (a few hundred bytes less per connection).
+    @property
+    def logstr(self):
+        return f"{type(self.protocol).__name__},{getattr(self, 'sessionno', 'client')}"
+
+    @logstr.setter
+    def logstr(self, value):
+        pass
+
+    # Twisted keeps the socket's bound fileno method per connection; look it
+    # up when asked instead.
+    @property
+    def fileno(self):
+        try:
+            return self.socket.fileno
+        except AttributeError:  # closed: Twisted deleted the socket
+            return _closedFileno
+
+    @fileno.setter
+    def fileno(self, value):
+        pass
+
+    @fileno.deleter
+    def fileno(self):
+        pass
+
+    @property
+    def repstr(self):
+        return f"<{type(self).__name__} {self.logstr}>"
+
+    @repstr.setter
+    def repstr(self, value):
+        pass
 
     def doRead(self):
         try:
@@ -73,10 +127,41 @@ class FastTransport:
             tcp.Connection.write(self, bytes(data[sent:]))
 
 
+def _closedFileno():
+    return -1
+
+
+#: What Twisted sets on every connection: kept in slots rather than in a
+#: per-connection dict (about 400 bytes less per connection).
+_CONNECTION_SLOTS = (
+    "socket",
+    "protocol",
+    "reactor",
+    "producer",
+    "streamingProducer",
+    "producerPaused",
+    "_tempDataBuffer",
+    "_tempDataLen",
+    "connected",
+    "disconnecting",
+    "disconnected",
+    "dataBuffer",
+    "offset",
+    "_writeDisconnecting",
+    "_writeDisconnected",
+)
+
+
 class GatewayServer(FastTransport, tcp.Server):
     """
     An accepted client connection.
     """
+
+    __slots__ = _CONNECTION_SLOTS + ("client", "hostname", "server", "sessionno")
+
+    def __init__(self, *args, **kwargs):
+        self._initSlots()
+        super().__init__(*args, **kwargs)
 
 
 class GatewayClient(FastTransport, tcp.Client):
@@ -84,10 +169,36 @@ class GatewayClient(FastTransport, tcp.Client):
     A connection to an etcd member, with C{TCP_NODELAY} set before connecting.
     """
 
+    __slots__ = _CONNECTION_SLOTS + ("addr", "realAddress", "connector", "_requiresResolution")
+
+    def __init__(self, *args, **kwargs):
+        self._initSlots()
+        super().__init__(*args, **kwargs)
+
+    def _connectDone(self):
+        super()._connectDone()
+        self.connector = _CONNECTED
+
     def createInternetSocket(self):
         s = super().createInternetSocket()
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return s
+
+
+class _Connected:
+    """
+    Stands in for a connector once its connection is made: a transport only
+    tells it that the connection is lost, which the gateway's dial factories
+    do not need to hear. Letting go of the real connector (and through it
+    the dial's factory) saves several hundred bytes per open connection.
+    """
+
+    @staticmethod
+    def connectionLost(reason):
+        pass
+
+
+_CONNECTED = _Connected()
 
 
 class GatewayConnector(tcp.Connector):
