@@ -342,6 +342,10 @@ def wait_quiet(procs, threshold, max_wait):
             return time.monotonic() - t0
 
 
+def nfds_tree(pid):
+    return sum(nfds(p) for p in proc_tree(pid))
+
+
 def loadavg():
     with open("/proc/loadavg") as f:
         return [float(x) for x in f.read().split()[:3]]
@@ -615,7 +619,7 @@ class Bench:
             load = loadavg()
             rss0 = rss_kb(gw.pid)
             fd0 = nfds(holder.pid)
-            gwfd0 = nfds(gw.pid)
+            gwfd0 = nfds_tree(gw.pid)
             last = (rss0, gwfd0, 0)  # last reading while the gateway was alive
             deadline = time.monotonic() + a.idle_timeout
             failures = 0
@@ -652,11 +656,11 @@ class Bench:
                     }
                 held = nfds(holder.pid) - fd0
                 if held > 0:
-                    last = (rss_kb(gw.pid), nfds(gw.pid), min(held, len(socks)))
+                    last = (rss_kb(gw.pid), nfds_tree(gw.pid), min(held, len(socks)))
             time.sleep(1.0)
             held = nfds(holder.pid) - fd0
             rss1 = rss_kb(gw.pid)
-            gwfd1 = nfds(gw.pid)
+            gwfd1 = nfds_tree(gw.pid)
             n = min(len(socks), held)
             if n < a.idle_conns:
                 log("  idle %s: only %d of %d connections reached the holder"
