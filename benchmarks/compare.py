@@ -1026,8 +1026,19 @@ def ratios(results, contenders, base="etcd"):
     return out
 
 
+TABLE_STYLE = {"rst": False}
+
+
 def table(hdr, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *rows)]
+    if TABLE_STYLE["rst"]:
+        rule = "  ".join("=" * w for w in widths)
+        out = [rule, "  ".join("%-*s" % (w, h) for w, h in zip(widths, hdr)), rule]
+        for row in rows:
+            out.append("  ".join(("%-*s" if i == 0 else "%*s") % (w, x or "--")
+                                 for i, (w, x) in enumerate(zip(widths, row))))
+        out.append(rule)
+        return out
     line = "  ".join("%-*s" % (w, h) for w, h in zip(widths, hdr))
     out = [line, "  ".join("-" * w for w in widths)]
     for row in rows:
@@ -1088,6 +1099,10 @@ def parse_args(argv):
                    help="as root, raise the hard RLIMIT_NOFILE to this for every process "
                         "started (default 65536 as root; otherwise soft = hard limit)")
     p.add_argument("--json", metavar="FILE", help="save raw results here")
+    p.add_argument("--report-from", metavar="FILE",
+                   help="print the report of a saved --json FILE and exit (runs nothing)")
+    p.add_argument("--rst", action="store_true",
+                   help="print the tables as reStructuredText (for BENCHMARKS.rst)")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with all logs")
     return p.parse_args(argv)
 
@@ -1097,6 +1112,14 @@ def main(argv=None):
     if argv[:1] == ["--_helper"]:
         return run_helper(argv[1:])
     a = parse_args(argv)
+    TABLE_STYLE["rst"] = a.rst
+    if a.report_from:
+        with open(a.report_from) as f:
+            saved = json.load(f)
+        a.syn_cap = saved["args"].get("syn_cap", a.syn_cap)
+        report(a, saved["machine"], saved["contenders"], saved["tests"], saved["rounds"],
+               saved["slow_reader"], saved["ours"])
+        return 0
     if a.rounds < 1 or a.rounds > 50:
         raise SystemExit("--rounds must be 1..50")
 
