@@ -3,6 +3,8 @@ The proxy: accept a client, pick an endpoint, dial it, then join the two
 connections byte for byte.
 """
 
+import collections
+
 from zope.interface import implementer
 
 from twisted.internet import defer, error
@@ -10,7 +12,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from etcdgw.dial import connected, describeFailure, dial
+from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.transport import writerFor
 
 
@@ -95,6 +97,12 @@ class UpstreamProtocol(_Side):
         self.state.bytesFromUpstream += len(data)
         self._write(data)
 
+    def spliced(self, count):
+        """
+        C{count} bytes went to the client inside the kernel (splice).
+        """
+        self.state.bytesFromUpstream += count
+
     def connectionLost(self, reason):
         if self.state is not None:
             self.client.factory.pool.connectionClosed(self.state)
@@ -107,17 +115,26 @@ class ClientProtocol(_Side):
     A client's connection to the gateway.
     """
 
-    __slots__ = ("_dialing", "_tried")
+    __slots__ = ("_dialing", "_tried", "_retry", "_accepted", "_localFailures")
     log = Logger()
+
+    #: The first wait before dialling again when the gateway itself is out
+    #: of descriptors or buffers; doubled each time, up to a second.
+    localRetryDelay = 0.05
+    #: How long an accepted client may wait for the gateway to have a
+    #: descriptor for its member connection before it is closed.
+    localRetryWindow = 30.0
 
     def __init__(self):
         super().__init__()
-        self._dialing = None
+        self._dialing = self._retry = None
+        self._localFailures = 0
 
     def connectionMade(self):
         self.transport.pauseProducing()
         _noDelay(self.transport)
         self._tried = []
+        self._accepted = self.factory.reactor.seconds()
         self.factory.clientConnected(self)
         self._dial()
 
@@ -149,8 +166,47 @@ class ClientProtocol(_Side):
         self._dialing = None
         if reason.check(defer.CancelledError):
             return  # the client went away while we dialled
+        if isLocalResourceError(reason):
+            self._localFailure(reason, state)
+            return
         state.dialFailures += 1
         self.factory.pool.markDown(state.endpoint, describeFailure(reason))
+        self._dial()
+
+    def _localFailure(self, reason, state):
+        """
+        The gateway itself could not open a socket (out of descriptors or
+        buffers): not the member's fault, so it stays up. The client waits,
+        paused, and the dial is tried again with a growing delay, for up to
+        L{localRetryWindow} from its arrival; the listening port pauses
+        accepting meanwhile, as it meets the same shortage.
+        """
+        self._tried.remove(state.endpoint)
+        factory = self.factory
+        waited = factory.reactor.seconds() - self._accepted
+        delay = min(1.0, self.localRetryDelay * 2**self._localFailures)
+        self._localFailures += 1
+        if waited + delay > max(factory.dialTimeout, self.localRetryWindow):
+            factory.refused += 1
+            self.log.error(
+                "cannot dial {endpoint} for client {client}: {reason} (the gateway is "
+                "out of resources; the member is not marked down); closing the client "
+                "after {waited:.2f}s",
+                endpoint=str(state.endpoint),
+                client=_describePeer(self.transport),
+                reason=describeFailure(reason),
+                waited=waited,
+            )
+            self.transport.loseConnection()
+            return
+        self._retry = factory.reactor.callLater(delay, self._dialAgain)
+        factory.starve(self)
+
+    def _dialAgain(self):
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        self.factory.fed(self)
         self._dial()
 
     def _connected(self, upstream, state):
@@ -171,7 +227,17 @@ class ClientProtocol(_Side):
         self.state.bytesToUpstream += len(data)
         self._write(data)
 
+    def spliced(self, count):
+        """
+        C{count} bytes went to the member inside the kernel (splice).
+        """
+        self.state.bytesToUpstream += count
+
     def connectionLost(self, reason):
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+            self.factory.fed(self)
         if self._dialing is not None:
             dialing, self._dialing = self._dialing, None
             dialing.cancel()
@@ -197,6 +263,12 @@ class GatewayFactory(Factory):
     @ivar clients: the client connections open now.
     @ivar accepted: client connections accepted since start.
     @ivar refused: clients closed because no endpoint was up.
+    @ivar starved: accepted clients waiting, in arrival order, for the
+        gateway to have a descriptor for their member connection. While any
+        waits, the listening port accepts nothing new (see
+        L{etcdgw.listen.GatewayPort}), and each connection that closes lets
+        the first of them dial at once: new arrivals cannot take the
+        descriptors that waiting clients need.
     """
 
     protocol = ClientProtocol
@@ -209,7 +281,14 @@ class GatewayFactory(Factory):
         self.clients = set()
         self.accepted = 0
         self.refused = 0
+        self.starved = collections.OrderedDict()
         self._idleWaiters = []
+
+    def starve(self, client):
+        self.starved[client] = None
+
+    def fed(self, client):
+        self.starved.pop(client, None)
 
     def clientConnected(self, client):
         self.accepted += 1
@@ -217,6 +296,9 @@ class GatewayFactory(Factory):
 
     def clientDisconnected(self, client):
         self.clients.discard(client)
+        if self.starved:
+            # Descriptors were freed: the longest-waiting client dials now.
+            next(iter(self.starved))._dialAgain()
         if not self.clients:
             waiters, self._idleWaiters = self._idleWaiters, []
             for d in waiters:

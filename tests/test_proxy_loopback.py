@@ -11,7 +11,7 @@ from zope.interface import implementer
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw.endpoint import Endpoint
 from etcdgw.listen import GatewayTCPEndpoint
@@ -120,6 +120,27 @@ class LoopbackTests(TestCase):
         expected = b"%d:" % len(payload) + hashlib.sha256(payload).hexdigest().encode()
         self.assertEqual(b"".join(client.received), expected)
         self.assertTrue(client.eof)
+
+    @defer.inlineCallbacks
+    def test_bulkIsSpliced(self):
+        """A bulk transfer moves through a pipe (splice), exactly, and is counted."""
+        from etcdgw.transport import SPLICE
+
+        if not SPLICE:
+            raise SkipTest("no os.splice here")
+        client = yield self.connect()
+        payload = os.urandom(16 * 1024 * 1024)
+        client.transport.write(payload)
+        yield waitFor(lambda: self.gateway.clients)
+        (gatewayClient,) = self.gateway.clients
+        yield waitFor(lambda: gatewayClient.transport._pipe is not None)
+        client.transport.loseWriteConnection()
+        yield client.lost
+        expected = b"%d:" % len(payload) + hashlib.sha256(payload).hexdigest().encode()
+        self.assertEqual(b"".join(client.received), expected)
+        state = self.pool.states()[0]
+        self.assertEqual(state.bytesToUpstream, len(payload))
+        self.assertEqual(state.bytesFromUpstream, len(expected))
 
     @defer.inlineCallbacks
     def test_noDelayBothSockets(self):
