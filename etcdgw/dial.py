@@ -3,6 +3,8 @@ Dialling one endpoint, bounded by a timeout: shared by the proxy and the
 health checks.
 """
 
+import errno
+
 from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
@@ -92,6 +94,23 @@ def connected(protocol):
         # of what only the dial needed.
         factory.deferred = factory._build = None
         deferred.callback(protocol)
+
+
+#: errno values that mean the gateway itself ran short, not the member.
+LOCAL_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def isLocalResourceError(reason):
+    """
+    Whether a dial failed because this process or machine is out of
+    descriptors, buffers or memory (creating the socket failed), rather than
+    because of the member.
+    """
+    value = reason.value
+    code = getattr(value, "osError", None)
+    if code is None and isinstance(value, OSError):
+        code = value.errno
+    return code in LOCAL_RESOURCE_ERRORS
 
 
 def describeFailure(reason):

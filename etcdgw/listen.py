@@ -133,6 +133,8 @@ def listenEndpoint(reactor, address, reusePort=False):
 #: descriptors or memory; doubled at each failure in a row, up to the maximum.
 ACCEPT_BACKOFF_MIN = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
+#: Shortages that follow one another this closely are logged as one.
+ACCEPT_LOG_INTERVAL = 10.0
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -152,10 +154,16 @@ class GatewayPort(tcp.Port):
     transport = GatewayServer
     numberAccepts = 100
     _backoff = 0.0
+    _lastEpisodeEnd = float("-inf")
     _resume = None
     acceptFailures = 0
 
     def doRead(self):
+        if getattr(self.factory, "starved", None):
+            # Accepted clients wait for descriptors: new ones must not take
+            # them first.
+            self._pauseAccepting(None)
+            return
         accepted = 0
         limit = self.numberAccepts
         while accepted < limit:
@@ -175,11 +183,13 @@ class GatewayPort(tcp.Port):
                 return
             accepted += 1
             if self._backoff:
-                self.log.info(
-                    "accepting again on {address} after {failures} failed accepts",
-                    address=str(self._realPortNumber),
-                    failures=self.acceptFailures,
-                )
+                if self.reactor.seconds() - self._lastEpisodeEnd > ACCEPT_LOG_INTERVAL:
+                    self.log.info(
+                        "accepting again on {address} ({failures} failed accepts so far)",
+                        address=str(self._realPortNumber),
+                        failures=self.acceptFailures,
+                    )
+                self._lastEpisodeEnd = self.reactor.seconds()
                 self._backoff = 0.0
             if len(addr) == 4:
                 addr = (
@@ -201,12 +211,18 @@ class GatewayPort(tcp.Port):
             self.numberAccepts = max(1, accepted)
 
     def _pauseAccepting(self, e):
-        self.acceptFailures += 1
+        """
+        Stop accepting for a while: for lack of resources (C{e}, the error),
+        or (C{e} is None) while accepted clients wait for descriptors.
+        """
+        if e is not None:
+            self.acceptFailures += 1
         first = not self._backoff
         self._backoff = min(
             ACCEPT_BACKOFF_MAX, max(ACCEPT_BACKOFF_MIN, self._backoff * 2)
         )
-        if first:
+        now = self.reactor.seconds()
+        if e is not None and first and now - self._lastEpisodeEnd > ACCEPT_LOG_INTERVAL:
             self.log.error(
                 "cannot accept new connections: {error}; open connections keep "
                 "working, accepting paused for {backoff}s (retried with back-off up to "

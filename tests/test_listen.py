@@ -182,3 +182,22 @@ def _waitFor(condition, timeout=5.0):
     d = defer.maybeDeferred(check)
     d.addTimeout(timeout, globalReactor)
     return d
+
+
+class StarvedTests(SynchronousTestCase):
+    def test_noAcceptWhileClientsWait(self):
+        """While accepted clients wait for descriptors, the port accepts nothing new."""
+        reactor = MemoryReactorClock()
+        factory = Factory.forProtocol(Protocol)
+        factory.starved = {"client": None}
+        port = GatewayPort(0, factory, 50, "127.0.0.1", reactor)
+        port.connected = True
+        port.socket = FakeListeningSocket([OSError(errno.EMFILE, "unreachable")])
+        port.startReading()
+        port.doRead()
+        self.assertNotIn(port, reactor.getReaders())
+        self.assertEqual(len(port.socket.results), 1)  # accept() was not called
+        self.assertEqual(port.acceptFailures, 0)
+        factory.starved = {}
+        reactor.advance(ACCEPT_BACKOFF_MIN)
+        self.assertIn(port, reactor.getReaders())

@@ -31,7 +31,7 @@ class FakeTCP(StringTransport):
         self.protocol.connectionLost(Failure(reason))
 
 
-class ProxyTests(SynchronousTestCase):
+class ProxyCase(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"), self.reactor)
@@ -61,6 +61,9 @@ class ProxyTests(SynchronousTestCase):
         host, port, dialFactory, timeout = self.lastDial()
         dialFactory.clientConnectionFailed(self.reactor.connectors[-1], Failure(reason))
 
+
+
+class ProxyTests(ProxyCase):
     def test_pausedWhileDialling(self):
         """A new client is paused and the first endpoint is dialled with the dial timeout."""
         client, transport = self.accept()
@@ -180,3 +183,50 @@ class ProxyTests(SynchronousTestCase):
         self.reactor.advance(0.1)
         self.assertFalse(self.pool.isUp(Endpoint("etcd.invalid", 2379)))
         self.assertEqual(self.lastDial()[:2], ("10.0.0.9", 1))
+
+
+class LocalResourceTests(ProxyCase):
+    def test_outOfDescriptorsIsNotTheMember(self):
+        """When the gateway cannot open a socket (EMFILE), the member stays up and the dial is retried."""
+        client, transport = self.accept()
+        self.failDial(error.ConnectBindError(24, "Too many open files"))
+        self.assertEqual(self.pool.upCount(), 3)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(ClientProtocol.localRetryDelay)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # dialled again
+        self.connectUpstream()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_outOfDescriptorsGivesUp(self):
+        """Still out of descriptors after the retry window: the client is closed, logged, no member down."""
+        client, transport = self.accept()
+        while not transport.disconnecting:
+            self.failDial(error.ConnectBindError(24, "Too many open files"))
+            if self.reactor.getDelayedCalls():
+                self.reactor.advance(self.reactor.getDelayedCalls()[0].getTime() - self.reactor.seconds())
+        self.assertLessEqual(self.reactor.seconds(), ClientProtocol.localRetryWindow)
+        self.assertGreater(self.reactor.seconds(), ClientProtocol.localRetryWindow - 1.5)
+        self.assertEqual(self.pool.upCount(), 3)
+        errors = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertIn("out of resources", errors[-1]["log_format"])
+
+    def test_clientLeavesDuringRetry(self):
+        """A client that leaves while a local-failure retry is pending cancels it."""
+        client, transport = self.accept()
+        self.failDial(error.ConnectBindError(24, "Too many open files"))
+        transport.lose(error.ConnectionLost())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_closingConnectionFeedsWaitingClient(self):
+        """A client waiting for descriptors dials as soon as another connection closes."""
+        first, firstTransport = self.accept()
+        self.connectUpstream()
+        waiting, waitingTransport = self.accept()
+        self.failDial(error.ConnectBindError(24, "Too many open files"))
+        self.assertEqual(list(self.factory.starved), [waiting])
+        dials = len(self.reactor.tcpClients)
+        firstTransport.lose(error.ConnectionDone())
+        self.assertEqual(len(self.reactor.tcpClients), dials + 1)  # at once, no timer
+        self.assertEqual(list(self.factory.starved), [])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

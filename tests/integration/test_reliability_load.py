@@ -287,8 +287,3 @@ class DescriptorExhaustionTests(TestCase):
         self.assertEqual(downs, [])
         self.assertEqual(closed, 0)
 
-    test_exhaustionIsNotMemberFailure.todo = (
-        "gateway core bug: a local EMFILE on the upstream socket marks the member "
-        "down (\"up -> down: Couldn't bind: 24: Too many open files\") and waiting "
-        "clients are closed with 'no endpoint is up' until the next probe"
-    )
