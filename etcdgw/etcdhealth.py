@@ -17,8 +17,7 @@ from collections import Counter
 import attr
 from zope.interface import implementer
 
-from twisted.application.service import Service
-from twisted.internet import defer, error, task
+from twisted.internet import defer, error
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +27,7 @@ from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
 
 from etcdgw.dial import describeFailure
 from etcdgw.endpoint import formatHostPort
+from etcdgw.periodic import PeriodicService
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
 
 #: Largest answer body read from a member (a member list of hundreds of
@@ -349,43 +349,41 @@ def majorityClusterID(clusterIDs):
     return value if count * 2 > len(clusterIDs) else None
 
 
-class EtcdHealthService(Service):
+class EtcdHealthService(PeriodicService):
     """
     Checks every endpoint of the pool every C{interval} seconds with
     C{probe} (an L{EtcdProber}); C{rise} good answers in a row make an
     endpoint healthy, C{fall} bad ones unhealthy (its first answer decides at
     once). Tells the pool the health, the cluster identity, and TCP
     up/down where the answer proves it.
+
+    Each endpoint's check runs on its own: a member that answers slowly
+    delays only its own next check, never the others'.
     """
 
     log = Logger()
+    runAtStart = True
+    roundName = "etcd health round"
 
     def __init__(self, pool, reactor, interval, probe, rise=2, fall=3):
+        super().__init__(reactor, interval)
         self.pool = pool
         self.reactor = reactor
-        self.interval = interval
         self.rise = rise
         self.fall = fall
         self._probe = probe
         self._tracks = {}
-        self._loop = None
         self._warnedNoMajority = False
 
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self.checkNow)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
+    def runRound(self):
+        self.checkNow()  # not waited for: see the class docstring
 
     def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        result = super().stopService()
         for track in list(self._tracks.values()):
             if track.pending is not None:
                 track.pending.cancel()
-        return defer.succeed(None)
+        return result
 
     def clusterID(self):
         """

@@ -4,12 +4,12 @@ probed with a TCP connect bounded by C{--dial-timeout}; one that answers is
 marked up.
 """
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from etcdgw.dial import connected, describeFailure, dial
+from etcdgw.periodic import PeriodicService
 
 
 class _Probe(Protocol):
@@ -29,36 +29,20 @@ def probeTCP(reactor, endpoint, timeout):
     return d
 
 
-class HealthService(Service):
+class HealthService(PeriodicService):
     """
     Probes the pool's down endpoints every C{interval} seconds.
     """
 
     log = Logger()
+    roundName = "health check round"
 
     def __init__(self, pool, reactor, interval, timeout, probe=probeTCP):
+        super().__init__(reactor, interval)
         self.pool = pool
         self.reactor = reactor
-        self.interval = interval
         self.timeout = timeout
         self._probe = probe
-        self._loop = None
-        self._round = None
-
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self._safeRound)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._round is not None:
-            self._round.cancel()
-        return defer.succeed(None)
 
     def probeNow(self):
         """
@@ -66,25 +50,9 @@ class HealthService(Service):
 
         @return: a Deferred that fires when every probe has ended.
         """
-        return self._safeRound()
+        return self.runNow()
 
-    def _safeRound(self):
-        if self._round is not None:
-            return self._round  # the last round is still running
-        d = self._round = defer.maybeDeferred(self._probeDown)
-
-        def done(result):
-            self._round = None
-            return None
-
-        def failed(reason):
-            self.log.failure("health check round failed", reason)
-
-        d.addErrback(failed)
-        d.addBoth(done)
-        return d
-
-    def _probeDown(self):
+    def runRound(self):
         probes = []
         for endpoint in self.pool.down():
             d = defer.maybeDeferred(self._probe, self.reactor, endpoint, self.timeout)

@@ -10,6 +10,7 @@ import socket
 import attr
 from zope.interface import implementer
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -291,3 +292,53 @@ class GatewayAdoptedEndpoint:
             return port
 
         return defer.execute(adopt)
+
+
+class ListeningService(StreamServerEndpointService):
+    """
+    Listens on a parsed address (L{parseListenAddress}): fails the start
+    when it cannot listen, and knows, once listening, where it listens.
+
+    @ivar port: the listening port, once listening.
+    """
+
+    def __init__(self, endpoint, factory, address):
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True  # a port in use fails the start
+        self.address = address
+        self.port = None
+
+    def privilegedStartService(self):
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listened)
+
+    def _listened(self, port):
+        self.port = port
+        self.listening(port)
+        return port
+
+    def listening(self, port):
+        """
+        Called once listening: for subclasses.
+        """
+
+    def whenListening(self):
+        """
+        A Deferred firing with the port once it listens.
+        """
+        d = defer.Deferred()
+
+        def fire(port):
+            d.callback(port)
+            return port
+
+        self._waitingForPort.addCallback(fire)
+        return d
+
+    def describe(self):
+        """
+        Where it listens, with the real port when 0 was asked.
+        """
+        if self.port is not None and self.address.isTCP:
+            return formatHostPort(self.address.host or "*", self.port.getHost().port)
+        return str(self.address)

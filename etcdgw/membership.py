@@ -9,13 +9,13 @@ change on their side.
 
 import attr
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from etcdgw.endpoint import EndpointError, parseEndpoint
 from etcdgw.etcdhealth import describeCheckFailure
+from etcdgw.periodic import PeriodicService
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -106,7 +106,7 @@ def mergeMembers(members, current):
     return Merge(tuple(result), tuple(skipped))
 
 
-class MembershipSync(Service):
+class MembershipSync(PeriodicService):
     """
     Every C{interval} seconds, read the member list from a usable member
     through C{client} (an L{etcdgw.etcdhealth.EtcdClient}) and replace the
@@ -118,31 +118,16 @@ class MembershipSync(Service):
     """
 
     log = Logger()
+    runAtStart = True
+    roundName = "membership sync"
 
     def __init__(self, pool, reactor, interval, client, clusterID=lambda: None):
+        super().__init__(reactor, interval)
         self.pool = pool
         self.reactor = reactor
-        self.interval = interval
         self.client = client
         self._clusterID = clusterID
-        self._loop = None
-        self._running = None
         self._lastSkipped = None
-
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self.syncNow)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        if self._running is not None:
-            self._running.cancel()
-        return defer.succeed(None)
 
     def syncNow(self):
         """
@@ -150,20 +135,10 @@ class MembershipSync(Service):
 
         @return: a Deferred firing when done; never failing.
         """
-        if self._running is not None:
-            return self._running
-        d = self._running = self._sync()
+        return self.runNow()
 
-        def done(result):
-            self._running = None
-
-        def failed(reason):
-            if not reason.check(defer.CancelledError):
-                self.log.failure("membership sync failed", reason)
-
-        d.addErrback(failed)
-        d.addBoth(done)
-        return d
+    def runRound(self):
+        return self._sync()
 
     @defer.inlineCallbacks
     def _sync(self):

@@ -9,11 +9,11 @@ import datetime
 import html
 import json
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from etcdgw.listen import ListeningService
 from etcdgw.metrics import MetricsResource, gatewayRegistry
 
 #: How often the status page refreshes itself, in milliseconds.
@@ -339,32 +339,15 @@ def statusSite(pool, factory, clock, root=None, registry=None):
     return site
 
 
-class StatusService(StreamServerEndpointService):
+class StatusService(ListeningService):
     """
     Serves L{statusSite} on C{--metrics-addr}; logs where once listening.
     """
 
     log = Logger()
 
-    def __init__(self, endpoint, site, address):
-        super().__init__(endpoint, site)
-        self._raiseSynchronously = True
-        self.address = address
-        self.port = None
-
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port):
-        self.port = port
-        where = str(self.address)
-        if self.address.isTCP:
-            where = f"{self.address.host or '*'}:{port.getHost().port}"
-            if ":" in (self.address.host or ""):
-                where = f"[{self.address.host}]:{port.getHost().port}"
+    def listening(self, port):
         self.log.info(
             "metrics on http://{where}/metrics, health on /health, status page on /",
-            where=where,
+            where=self.describe(),
         )
-        return port

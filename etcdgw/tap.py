@@ -5,16 +5,14 @@ The twistd plugin's body: C{etcd-gateway}'s flags and its service tree.
 import os
 import signal
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from etcdgw.duration import DurationError, formatDuration, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints
 from etcdgw.health import HealthService
-from etcdgw.listen import ListenError, listenEndpoint, parseListenAddress
+from etcdgw.listen import ListenError, ListeningService, listenEndpoint, parseListenAddress
 from etcdgw.reactor import leanDispatch
 from etcdgw.pool import POLICIES, UpstreamPool
 from etcdgw.proxy import GatewayFactory
@@ -435,54 +433,21 @@ class Options(usage.Options):
         self["discovery-first"] = first
 
 
-class ListenerService(StreamServerEndpointService):
+class ListenerService(ListeningService):
     """
     Listens for clients; logs etcd's "ready" line once the port is open.
     """
 
     def __init__(self, endpoint, factory, address, pool):
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
-        self.address = address
+        super().__init__(endpoint, factory, address)
         self.pool = pool
-        self.port = None
 
-    def privilegedStartService(self):
-        super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port):
-        self.port = port
+    def listening(self, port):
         log.info(
             "ready to proxy client requests to [{endpoints}] on {listen}",
             endpoints=" ".join(str(e) for e in self.pool.endpoints),
             listen=self.describe(),
         )
-        return port
-
-    def whenListening(self):
-        """
-        A Deferred firing with the port once it listens.
-        """
-        d = defer.Deferred()
-
-        def fire(port):
-            d.callback(port)
-            return port
-
-        self._waitingForPort.addCallback(fire)
-        return d
-
-    def describe(self):
-        """
-        The address clients connect to, with the real port when 0 was asked.
-        """
-        if self.port is not None and self.address.isTCP:
-            host = self.port.getHost()
-            return f"{self.address.host or '*'}:{host.port}" if ":" not in (
-                self.address.host or ""
-            ) else f"[{self.address.host}]:{host.port}"
-        return str(self.address)
 
 
 def makeService(options, reactor=None):

@@ -38,6 +38,18 @@ _buffer = bytearray(READ_SIZE)
 _view = memoryview(_buffer)
 
 
+def _madeWhenRead(getter):
+    """
+    A property that Twisted may assign or delete (ignored) and whose value is
+    made from C{getter} each time it is read.
+    """
+    return property(getter, lambda self, value: None, lambda self: None)
+
+
+def _closedFileno():
+    return -1
+
+
 class FastTransport:
     """
     Mixin for L{tcp.Connection} subclasses; it must come first in the bases.
@@ -66,45 +78,24 @@ class FastTransport:
         self._pipeBytes = 0
         self._eof = False
 
-    # Twisted formats two strings for every connection, for logging contexts
-    # and repr; the gateway's lean dispatch does not use them, so they are
-    # made only when asked for (a few hundred bytes less per connection).
-    @property
-    def logstr(self):
-        return f"{type(self.protocol).__name__},{getattr(self, 'sessionno', 'client')}"
-
-    @logstr.setter
-    def logstr(self, value):
-        pass
-
-    # Twisted keeps the socket's bound fileno method per connection; look it
-    # up when asked instead.
-    @property
-    def fileno(self):
-        try:
-            return self.socket.fileno
-        except AttributeError:  # closed: Twisted deleted the socket
-            return _closedFileno
-
-    @fileno.setter
-    def fileno(self, value):
-        pass
-
-    @fileno.deleter
-    def fileno(self):
-        pass
-
-    @property
-    def repstr(self):
-        return f"<{type(self).__name__} {self.logstr}>"
-
-    @repstr.setter
-    def repstr(self, value):
-        pass
+    # Twisted sets these on every connection; made only when read instead
+    # (a few hundred bytes less per connection): the log-context and repr
+    # strings, which the gateway's lean dispatch does not use, and the
+    # socket's bound fileno method.
+    logstr = _madeWhenRead(
+        lambda self: f"{type(self.protocol).__name__},{getattr(self, 'sessionno', 'client')}"
+    )
+    repstr = _madeWhenRead(lambda self: f"<{type(self).__name__} {self.logstr}>")
+    fileno = _madeWhenRead(
+        lambda self: self.socket.fileno if hasattr(self, "socket") else _closedFileno
+    )
 
     def doRead(self):
         if self._pipe is not None:
             return self._spliceRead()
+        return self._copyRead(mayStartSplicing=True)
+
+    def _copyRead(self, mayStartSplicing=False):
         try:
             n = self.socket.recv_into(_buffer)
         except (BlockingIOError, InterruptedError):
@@ -115,7 +106,7 @@ class FastTransport:
             self._eof = True
             return main.CONNECTION_DONE
         self.protocol.dataReceived(_view[:n])
-        if n == READ_SIZE and SPLICE and self.connected:
+        if mayStartSplicing and n == READ_SIZE and SPLICE and self.connected:
             self._startSplicing()
         return None
 
@@ -179,19 +170,6 @@ class FastTransport:
         if not self._flushPipe():
             self.stopReading()
             target.startWriting()
-        return None
-
-    def _copyRead(self):
-        try:
-            n = self.socket.recv_into(_buffer)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            self._eof = True
-            return main.CONNECTION_DONE
-        self.protocol.dataReceived(_view[:n])
         return None
 
     def _flushPipe(self):
@@ -273,10 +251,6 @@ def _peerTransport(transport):
     if peer is None or not hasattr(transport.protocol, "spliced"):
         return None
     return peer.transport
-
-
-def _closedFileno():
-    return -1
 
 
 #: What Twisted sets on every connection: kept in slots rather than in a

@@ -16,8 +16,10 @@ import signal
 import sys
 
 from twisted.application.service import Service
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.logger import Logger
+
+from etcdgw.periodic import PeriodicService
 
 #: Runs twistd from an interpreter (twisted.scripts.twistd has no __main__).
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
@@ -152,36 +154,24 @@ class WorkersService(Service):
             pass  # already gone
 
 
-class SupervisorWatch(Service):
+class SupervisorWatch(PeriodicService):
     """
     In a worker: stop the process when its supervisor is gone (the worker
     was re-parented), the same way SIGTERM would.
     """
 
     log = Logger()
-    interval = 1.0
+    roundName = "supervisor watch"
 
-    def __init__(self, supervisor, reactor, stop, getppid=os.getppid):
+    def __init__(self, supervisor, reactor, stop, getppid=os.getppid, interval=1.0):
+        # The first look comes after one interval: startService runs before
+        # the reactor does, and stopping a reactor not yet running does nothing.
+        super().__init__(reactor, interval)
         self.supervisor = supervisor
-        self.reactor = reactor
         self._stop = stop
         self._getppid = getppid
-        self._loop = None
 
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(self._check)
-        self._loop.clock = self.reactor
-        # Not now: startService runs before the reactor does, and stopping a
-        # reactor that is not running yet does nothing.
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-
-    def _check(self):
+    def runRound(self):
         if self._getppid() != self.supervisor:
             self.log.error(
                 "supervisor (pid {pid}) is gone: stopping this worker", pid=self.supervisor

@@ -8,7 +8,6 @@ import json
 from twisted.internet import defer, error
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints

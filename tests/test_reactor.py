@@ -1,6 +1,5 @@
 import socket
 
-from twisted.internet import defer
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase

@@ -24,7 +24,6 @@ types answers with no records.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile

@@ -50,7 +50,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from twisted.trial.unittest import SkipTest

@@ -20,7 +20,6 @@ several gateways can run at once.
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys

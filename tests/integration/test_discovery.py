@@ -9,7 +9,6 @@ import os
 import socket
 import ssl
 import threading
-import time
 
 from twisted.trial import unittest
 

@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
 from tests.integration.reliability_helpers import (
-    HOST,
     ThreadedServer,
     digestHandler,
     echoHandler,
