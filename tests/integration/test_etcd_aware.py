@@ -10,7 +10,7 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.integration.etcd import HOST, ClusterTestMixin
+from tests.integration.etcd import HOST, ClusterTestMixin, etcdctl, generateTLS
 from tests.integration.gateway import GatewayProcess
 
 #: The checkout: trial runs tests from _trial_temp, where a gateway process
@@ -142,3 +142,58 @@ class LeastConnectionsTests(_Base):
         self.assertEqual(after, [2, 2, 2])
         # Loads are even now (3, 3, 3): the next ones rotate again.
         self.assertEqual(sorted(openHeld() for _ in range(3)), [0, 1, 2])
+
+
+class TLSHealthTests(_Base):
+    """
+    etcd-aware checks of TLS members (https:// endpoints), over TLS.
+    """
+
+    clusterSize = 3
+    clusterTLS = staticmethod(generateTLS)
+
+    def tlsGateway(self, *args):
+        endpoints = ",".join("https://" + self.cluster.clientAddress(i) for i in range(3))
+        gw = GatewayProcess(
+            [f"--endpoints={endpoints}", "--health-check=etcd", "--health-interval=200ms",
+             "--health-timeout=500ms", *args],
+            cwd=ROOT,
+        )
+        self.addCleanup(gw.cleanup)
+        return gw.start()
+
+    def test_checkedOverTLS(self):
+        """
+        With the members' CA (and a client certificate), every TLS member is
+        found healthy over TLS, a frozen one turns unhealthy, and clients'
+        TLS passes through the gateway untouched.
+        """
+        tls = self.cluster.tls
+        gw = self.tlsGateway(
+            f"--trusted-ca-file={tls.ca}",
+            f"--health-cert-file={tls.clientCert}",
+            f"--health-key-file={tls.clientKey}",
+        )
+        for i in range(3):
+            gw.waitForLog(
+                f"endpoint {self.cluster.clientAddress(i)} etcd health unknown -> healthy",
+                timeout=10,
+            )
+        rc, out, err = etcdctl(gw.address, "put", "tls/k", "v", tls=tls)
+        self.assertEqual(rc, 0, err)
+        self.cluster.freeze(2)
+        gw.waitForLog(
+            f"endpoint {self.cluster.clientAddress(2)} etcd health healthy -> unhealthy",
+            timeout=10,
+        )
+
+    def test_untrustedCA(self):
+        """
+        Without the members' CA (the system store cannot verify them), no
+        member is found healthy: the check fails on the certificate.
+        """
+        gw = self.tlsGateway()
+        gw.waitForLog("etcd health unknown -> unhealthy", timeout=10)
+        log = gw.log()
+        self.assertNotIn("etcd health unknown -> healthy", log)
+        self.assertIn("certificate", log.lower())
