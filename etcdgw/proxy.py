@@ -142,13 +142,7 @@ class ClientProtocol(_Side):
         factory = self.factory
         state = factory.pool.pick(exclude=self._tried)
         if state is None:
-            factory.refused += 1
-            self.log.error(
-                "no endpoint is up: closing client {client} (tried {tried})",
-                client=_describePeer(self.transport),
-                tried=[str(e) for e in self._tried] or "none",
-            )
-            self.transport.loseConnection()
+            factory.refuse(self, self._tried)
             return
         self._tried.append(state.endpoint)
         state.dialAttempts += 1
@@ -273,6 +267,7 @@ class GatewayFactory(Factory):
 
     protocol = ClientProtocol
     noisy = False
+    log = Logger()
 
     def __init__(self, pool, reactor, dialTimeout):
         self.pool = pool
@@ -283,6 +278,34 @@ class GatewayFactory(Factory):
         self.refused = 0
         self.starved = collections.OrderedDict()
         self._idleWaiters = []
+
+    #: Clients refused (no endpoint up) within this many seconds of the last
+    #: logged refusal are counted into the next line rather than logged one
+    #: by one: a whole fleet of clients retrying against a cluster that is
+    #: down must not flood the log.
+    refusalLogInterval = 1.0
+    _lastRefusalLog = float("-inf")
+    _unloggedRefusals = 0
+
+    def refuse(self, client, tried):
+        """
+        Close C{client}: no endpoint is up. Logged at error level.
+        """
+        self.refused += 1
+        now = self.reactor.seconds()
+        if now - self._lastRefusalLog < self.refusalLogInterval:
+            self._unloggedRefusals += 1
+        else:
+            self.log.error(
+                "no endpoint is up: closing client {client} (tried {tried}); "
+                "{more} more clients closed since the last such line",
+                client=_describePeer(client.transport),
+                tried=[str(e) for e in tried] or "none",
+                more=self._unloggedRefusals,
+            )
+            self._lastRefusalLog = now
+            self._unloggedRefusals = 0
+        client.transport.loseConnection()
 
     def starve(self, client):
         self.starved[client] = None

@@ -36,7 +36,7 @@ class ProxyCase(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"), self.reactor)
         self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
-        self.events = EventLoggingObserver.createWithCleanup(self, ClientProtocol.log.observer)
+        self.events = EventLoggingObserver.createWithCleanup(self, GatewayFactory.log.observer)
 
     def accept(self):
         client = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
@@ -116,11 +116,20 @@ class ProxyTests(ProxyCase):
         self.assertEqual(len(errors), 1)
         self.assertEqual(errors[0]["client"], "192.168.1.1:54321")
         self.assertEqual(len(errors[0]["tried"]), 3)
-        # the next client is refused without dialling anything
+        # the next client is refused without dialling anything, and counted
+        # into the next line rather than logged on its own
         dials = len(self.reactor.tcpClients)
         client2, transport2 = self.accept()
         self.assertTrue(transport2.disconnecting)
         self.assertEqual(len(self.reactor.tcpClients), dials)
+        self.reactor.advance(1)
+        self.accept()
+        errors = [
+            e for e in self.events
+            if e["log_level"] == LogLevel.error and e["log_namespace"].startswith("etcdgw.proxy")
+        ]
+        self.assertEqual([e["more"] for e in errors], [0, 1])
+        self.assertEqual(self.factory.refused, 3)
 
     def test_clientGoneWhileDialling(self):
         """A client that leaves during the dial cancels it; nothing is marked down."""
