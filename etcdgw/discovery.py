@@ -527,6 +527,8 @@ class DiscoveryService(Service):
         self._refused = {}
         self.interval = nextInterval(config, first)
         self.rounds = 0
+        self.failures = 0
+        self.lastResult = "no look-up since start"
 
     def startService(self):
         super().startService()
@@ -582,7 +584,17 @@ class DiscoveryService(Service):
         d.addBoth(self._done)
         return d
 
+    def refreshNow(self):
+        """
+        Run one round now (SIGHUP).
+
+        @return: a Deferred firing with a one-line summary of the round.
+        """
+        return self.refresh().addCallback(lambda _: f"SRV discovery: {self.lastResult}")
+
     def _failed(self, reason):
+        self.failures += 1
+        self.lastResult = f"round failed ({reason.getErrorMessage()}); endpoints kept"
         self.log.failure("SRV discovery round failed; keeping the endpoints", reason)
         self.interval = nextInterval(self.config, DiscoveryResult(errors=(("", ""),)))
         return None
@@ -601,6 +613,11 @@ class DiscoveryService(Service):
         self._logRefusals(result)
         keeping = len(self.pool.endpoints)
         if result.dnsFailed:
+            self.failures += 1
+            self.lastResult = (
+                f"look-up failed ({'; '.join(e for _, e in result.errors)}); "
+                f"kept {keeping} endpoints"
+            )
             self.log.warn(
                 "SRV look-up failed ({errors}); keeping the last good set of {count} "
                 "endpoints; next look-up in {interval}",
@@ -610,6 +627,8 @@ class DiscoveryService(Service):
             )
             return
         if not result.endpoints:
+            self.failures += 1
+            self.lastResult = f"nothing usable found; kept {keeping} endpoints"
             self.log.warn(
                 "SRV discovery found no usable endpoint ({found}); keeping the last "
                 "good set of {count} endpoints",
@@ -619,6 +638,9 @@ class DiscoveryService(Service):
             return
         before = {e.key: e for e in self.pool.endpoints}
         added, removed = self.pool.replaceEndpoints(result.endpoints, reason="SRV discovery")
+        self.lastResult = (
+            f"{len(self.pool.endpoints)} endpoints, {len(added)} added, {len(removed)} removed"
+        )
         changed = [
             f"{e} priority {before[e.key].priority}->{e.priority} "
             f"weight {before[e.key].weight}->{e.weight}"

@@ -486,6 +486,26 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(len(self.rounds), 2)
         self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
 
+    def test_refreshNowSummary(self):
+        """
+        refreshNow (SIGHUP) fires with a one-line summary; failures are counted.
+        """
+        service = self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        d = service.refreshNow()
+        self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60))
+        self.assertEqual(
+            self.successResultOf(d), "SRV discovery: 2 endpoints, 1 added, 0 removed"
+        )
+        d = service.refreshNow()
+        self.answer(DiscoveryResult(errors=((SSL, "SRV look-up failed: timed out"),)))
+        self.assertEqual(
+            self.successResultOf(d),
+            "SRV discovery: look-up failed (SRV look-up failed: timed out); kept 2 endpoints",
+        )
+        self.assertEqual((service.rounds, service.failures), (2, 1))
+        self.clock.advance(MIN_REFRESH)
+        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+
     def test_refreshOff(self):
         """
         --discovery-refresh=0: no round is ever scheduled.
