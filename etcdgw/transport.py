@@ -1,7 +1,7 @@
 """
 The gateway's own TCP transports: Twisted's, with a faster data path.
 
-Two costs dominate a Python proxy's forwarding, and both are Twisted's
+Three costs dominate a Python proxy's forwarding, and all are Twisted's
 defaults rather than necessities:
 
  - C{transport.write} always queues the data and registers the socket for
@@ -11,6 +11,9 @@ defaults rather than necessities:
  - C{doRead} allocates a new 64 KiB bytes object for every C{recv}.
    L{FastTransport.doRead} receives into one reused buffer and hands the
    protocol a C{memoryview} of it.
+ - Bulk data is copied into Python and back. A direction that moves bulk
+   data (a read fills the whole buffer) switches to C{splice(2)}, socket to
+   pipe to socket inside the kernel (see L{FastTransport._startSplicing}).
 
 Everything else (the write buffer for what the kernel does not take at once,
 producer pausing for backpressure, half-close and close handling) is
