@@ -12,6 +12,9 @@ server certificates with subject alternative names (the SRV target names and
 import datetime
 import ipaddress
 import os
+import socket
+import ssl
+import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -123,3 +126,57 @@ class CertificateAuthority:
         _writeCert(certPath, cert)
         _writeKey(keyPath, key)
         return certPath, keyPath
+
+
+class TLSServer:
+    """
+    Accepts connections on 127.0.0.1 in a thread and makes a TLS handshake on
+    each with C{context} (none when C{context} is None: a silent TCP server
+    that closes each connection after 2 s). Records how many connections it
+    accepted and the SNI name of every handshake (the gateway's validation
+    handshakes carry the SRV target name; a client forwarded by the gateway,
+    such as etcdctl dialling 127.0.0.1, would carry none).
+    """
+
+    def __init__(self, context):
+        self.names = []
+        self.accepted = 0
+        self.context = context
+        if context is not None:
+            context.sni_callback = lambda sock, name, ctx: self.names.append(name)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @classmethod
+    def withCertificate(cls, certAndKey):
+        """
+        A server presenting C{(certPath, keyPath)}.
+        """
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*certAndKey)
+        return cls(context)
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.context is None:
+                threading.Timer(2, conn.close).start()
+                continue
+            try:
+                conn.settimeout(2)
+                with self.context.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1)
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                conn.close()
+
+    def close(self):
+        self.sock.close()

@@ -1,58 +1,17 @@
 """
 Tests for L{etcdgw.verify}: real TLS handshakes against a small TLS server
-on 127.0.0.1 (a thread with the standard library's ssl), with certificates
-from L{tests.certs}.
+on 127.0.0.1 (L{tests.certs.TLSServer}, a thread with the standard
+library's ssl), with certificates from L{tests.certs}.
 """
 
 import shutil
 import socket
-import ssl
 import tempfile
-import threading
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.verify import TLSTrust, ValidationError, validateTLS
-from tests.certs import CertificateAuthority
-
-
-class _TLSServer:
-    """
-    Accepts connections on 127.0.0.1 and makes a TLS handshake on each (or
-    none, when C{context} is None: a silent TCP server).
-    """
-
-    def __init__(self, context):
-        self.context = context
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            if self.context is None:
-                threading.Timer(2, conn.close).start()
-                continue
-            try:
-                conn.settimeout(2)
-                with self.context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(1)
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-    def close(self):
-        self.sock.close()
+from tests.certs import CertificateAuthority, TLSServer
 
 
 class ValidateTests(SynchronousTestCase):
@@ -66,12 +25,7 @@ class ValidateTests(SynchronousTestCase):
         self.rogueCert = self.rogue.issue(self.dir, "rogue", ["m1.etcd.test"])
 
     def serve(self, certAndKey):
-        if certAndKey is None:
-            context = None
-        else:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*certAndKey)
-        server = _TLSServer(context)
+        server = TLSServer(None) if certAndKey is None else TLSServer.withCertificate(certAndKey)
         self.addCleanup(server.close)
         return server
 

@@ -233,96 +233,22 @@ def generateTLS(directory, size=3, hostnames=("localhost",), ips=(HOST,), client
 
     Each server certificate has the subject alternative names C{hostnames}
     (DNS) and C{ips} (IP), so clients can verify C{https://127.0.0.1:port}
-    and C{https://localhost:port}.  With C{clientCert}, a client certificate
-    (extended key usage clientAuth) is written too.
+    and C{https://localhost:port}; it allows client use too (etcd's gRPC
+    gateway dials the member with it).  With C{clientCert}, a client
+    certificate (extended key usage clientAuth) is written too.
     """
-    import datetime
-    import ipaddress
+    from tests.certs import CertificateAuthority
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(days=1), now + datetime.timedelta(days=30)
-
-    def name(cn):
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(basename, cert, key):
-        certPath = os.path.join(directory, basename + ".crt")
-        keyPath = os.path.join(directory, basename + ".key")
-        with open(certPath, "wb") as f:
-            f.write(cert.public_bytes(serialization.Encoding.PEM))
-        with open(keyPath, "wb") as f:
-            f.write(
-                key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-            )
-        return certPath, keyPath
-
-    caKey = ec.generate_private_key(ec.SECP256R1())
-    caCert = (
-        x509.CertificateBuilder()
-        .subject_name(name("etcdgw test CA"))
-        .issuer_name(name("etcdgw test CA"))
-        .public_key(caKey.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(caKey, hashes.SHA256())
+    ca = CertificateAuthority("etcdgw test CA")
+    certs = tuple(
+        ca.issue(directory, "member{}".format(i), hostnames, ips=ips) for i in range(size)
     )
-    caPath, _ = write("ca", caCert, caKey)
-
-    sans = [x509.DNSName(h) for h in hostnames] + [
-        x509.IPAddress(ipaddress.ip_address(i)) for i in ips
-    ]
-
-    def leaf(cn, usages, withSANs):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(caCert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        )
-        if withSANs:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(caKey, hashes.SHA256()), key
-
-    certs = []
-    for i in range(size):
-        # etcd also uses the server cert as a client cert (gRPC gateway), so
-        # give it both usages.
-        cert, key = leaf(
-            "etcd{}".format(i),
-            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-            True,
-        )
-        certs.append(write("member{}".format(i), cert, key))
     client = (None, None)
     if clientCert:
-        cert, key = leaf("etcdgw test client", [ExtendedKeyUsageOID.CLIENT_AUTH], False)
-        client = write("client", cert, key)
-    return TLSConfig(ca=caPath, certs=tuple(certs), clientCert=client[0], clientKey=client[1])
+        client = ca.issue(directory, "client", (), ips=(), client=True)
+    return TLSConfig(
+        ca=ca.write(directory), certs=certs, clientCert=client[0], clientKey=client[1]
+    )
 
 
 class EtcdStartError(Exception):

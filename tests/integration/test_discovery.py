@@ -6,14 +6,11 @@ gateway process, and etcdctl through it.
 
 import json
 import os
-import socket
-import ssl
-import threading
 
 from twisted.trial import unittest
 
 from etcdgw.discovery import PLAIN_REFUSED
-from tests.certs import CertificateAuthority
+from tests.certs import CertificateAuthority, TLSServer
 from tests.integration.dns import DNSServer, a, srv
 from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl
 from tests.integration.gateway import GatewayProcess, GatewayStartError
@@ -42,46 +39,6 @@ def _tls(directory):
 
 #: The CAs made by L{_tls}, by certificate path, to issue more certificates.
 _CAs = {}
-
-
-class _TLSTrap:
-    """
-    A TLS server in a thread that records the SNI of every connection: the
-    gateway's validation handshakes carry the SRV target name; a client
-    forwarded by the gateway (etcdctl to 127.0.0.1) would carry none.
-    """
-
-    def __init__(self, certAndKey):
-        self.names = []
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(*certAndKey)
-        context.sni_callback = lambda sock, name, ctx: self.names.append(name)
-        self.context = context
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            try:
-                conn.settimeout(2)
-                with self.context.wrap_socket(conn, server_side=True) as tls:
-                    tls.recv(1)
-            except (OSError, ssl.SSLError):
-                pass
-            finally:
-                conn.close()
-
-    def close(self):
-        self.sock.close()
 
 
 class _GatewayMixin:
@@ -152,11 +109,13 @@ class TLSDiscoveryTests(ClusterTestMixin, _GatewayMixin, unittest.TestCase):
         """
         tmp = os.path.abspath(self.mktemp())
         os.makedirs(tmp)
-        rogue = _TLSTrap(CertificateAuthority("rogue CA").issue(tmp, "rogue", ["rogue.etcd.test"]))
+        rogue = TLSServer.withCertificate(
+            CertificateAuthority("rogue CA").issue(tmp, "rogue", ["rogue.etcd.test"])
+        )
         self.addCleanup(rogue.close)
         # Issued by the trusted CA, but for another name than its SRV target.
         trustedCA = _CAs[self.cluster.tls.ca]
-        wrong = _TLSTrap(trustedCA.issue(tmp, "wrong", ["other.etcd.test"]))
+        wrong = TLSServer.withCertificate(trustedCA.issue(tmp, "wrong", ["other.etcd.test"]))
         self.addCleanup(wrong.close)
         traps = [
             srv(SSL, "rogue.etcd.test.", rogue.port, 0, 0, 1),
