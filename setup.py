@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "benchmarks*"]) + ["twisted.plugins"],
     install_requires=[
-        "Twisted>=23.10",
+        "Twisted>=25.5",  # the oldest the whole suite was run against
         "service-identity>=21.1",
         "pyOpenSSL>=23.0",
         "dnspython>=2.3",

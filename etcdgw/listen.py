@@ -153,6 +153,8 @@ class GatewayPort(tcp.Port):
 
     log = Logger()
     transport = GatewayServer
+    #: SO_REUSEPORT, for --workers: several processes listen on one port.
+    reusePort = False
     numberAccepts = 100
     _backoff = 0.0
     _lastEpisodeEnd = float("-inf")
@@ -211,6 +213,12 @@ class GatewayPort(tcp.Port):
         else:
             self.numberAccepts = max(1, accepted)
 
+    def createInternetSocket(self):
+        s = super().createInternetSocket()
+        if self.reusePort:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
     def _pauseAccepting(self, e):
         """
         Stop accepting for a while: for lack of resources (C{e}, the error),
@@ -263,8 +271,8 @@ class GatewayTCPEndpoint:
 
     def listen(self, factory):
         host = self.host or "::"  # dual-stack: IPv4 clients too
-        binding = tcp.makeBinding(host, self.port, reuseAddress=True, reusePort=self.reusePort)
-        port = GatewayPort(binding, factory, self.backlog, host, self.reactor)
+        port = GatewayPort(self.port, factory, self.backlog, host, self.reactor)
+        port.reusePort = self.reusePort
         return defer.execute(port.startListening).addCallback(lambda _: port)
 
 
