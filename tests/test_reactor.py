@@ -75,3 +75,25 @@ class LeanDispatchTests(SynchronousTestCase):
         self.assertEqual(len(lost), 1)
         self.assertTrue(lost[0].check(ZeroDivisionError))
         self.assertNotIn(broken, reactor.getReaders())
+
+    def test_boundedBatch(self):
+        """At most MAX_EVENTS events are asked of epoll per turn, however many descriptors."""
+        from etcdgw.reactor import MAX_EVENTS
+
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        leanDispatch(reactor)
+        asked = []
+
+        class Poller:
+            def poll(self, timeout, maxevents):
+                asked.append(maxevents)
+                return []
+
+        real, reactor._poller = reactor._poller, Poller()
+        self.addCleanup(setattr, reactor, "_poller", real)
+        reactor._selectables = dict.fromkeys(range(20000))
+        reactor.doIteration(0)
+        reactor._selectables = {}
+        reactor.doIteration(0)
+        self.assertEqual(asked, [MAX_EVENTS, 1])
