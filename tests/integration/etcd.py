@@ -226,6 +226,22 @@ class TLSConfig:
         return cls(**value)
 
 
+def waitUntil(condition, timeout, interval=0.05, message="condition"):
+    """
+    Poll C{condition()} until it returns a true value, which is returned.
+
+    @raise AssertionError: after C{timeout} seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached after {timeout}s")
+        time.sleep(interval)
+
+
 def generateTLS(directory, size=3, hostnames=("localhost",), ips=(HOST,), clientCert=True):
     """
     Write a throw-away CA and one server certificate per member into

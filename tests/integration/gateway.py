@@ -31,6 +31,19 @@ from .etcd import HOST, _live, _tail, freePort
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+
+def checkoutEnvironment(env=None):
+    """
+    C{env} (default: this process's) with this checkout first on
+    C{PYTHONPATH}, so a child process runs this tree's code and plugin, not
+    an installed copy (trial runs tests from _trial_temp, not the repository).
+    """
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPOSITORY] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
+    return env
+
 # twisted.scripts.twistd has no __main__ guard, so "-m" would not run it.
 _TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
@@ -94,9 +107,7 @@ class GatewayProcess:
         self.env["PYTHONUNBUFFERED"] = "1"
         # Run this checkout's code (and plugin), not an installed copy: under
         # trial the working directory is _trial_temp, not the repository.
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            [REPOSITORY] + [p for p in self.env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        )
+        self.env = checkoutEnvironment(self.env)
         if env:
             self.env.update(env)
         self.cwd = cwd

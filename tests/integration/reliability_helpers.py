@@ -28,6 +28,9 @@ import sys
 import threading
 import time
 
+from tests.integration.etcd import waitUntil
+from tests.integration.gateway import REPOSITORY
+
 HOST = "127.0.0.1"
 
 #: C{ETCDGW_LONG=1} runs the same tests longer and bigger.
@@ -36,10 +39,6 @@ LONG = os.environ.get("ETCDGW_LONG", "") not in ("", "0")
 #: Where the figures of every run are appended, one line per test (relative to
 #: trial's working directory, C{_trial_temp}).
 REPORT_FILE = "reliability-figures.txt"
-
-#: The checkout: trial runs tests from _trial_temp, where a gateway process
-#: would import an installed (possibly stale) etcdgw instead of this one.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def scaled(default, long):
@@ -98,22 +97,6 @@ def fdCount(pid="self"):
     How many descriptors process C{pid} has open.
     """
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def waitUntil(condition, timeout, interval=0.05, message="condition"):
-    """
-    Poll C{condition()} until it returns a true value, which is returned.
-
-    @raise AssertionError: after C{timeout} seconds.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached after {timeout}s")
-        time.sleep(interval)
 
 
 def raiseNofile(wanted=None):
@@ -238,18 +221,30 @@ def echoHandler(sock, server):
     sock.shutdown(socket.SHUT_WR)
 
 
+def readHeader(sock):
+    """
+    Read a one-line header, byte by byte (what follows it stays unread).
+
+    @return: the line with its newline, or L{None} if the peer closed first.
+    """
+    header = b""
+    while not header.endswith(b"\n"):
+        more = sock.recv(1)
+        if not more:
+            return None
+        header += more
+    return header
+
+
 def digestHandler(sock, server):
     """
     Upstream half-closes first: read a header C{"N SEED\\n"}, send C{N} pattern
     bytes and half-close, while reading whatever the client sends until its
     EOF; record C{(received length, sha256)} for the test to check out of band.
     """
-    header = b""
-    while not header.endswith(b"\n"):
-        more = sock.recv(1)
-        if not more:
-            return
-        header += more
+    header = readHeader(sock)
+    if header is None:
+        return
     size, seed = (int(x) for x in header.split())
     received = []
 
@@ -278,12 +273,9 @@ def sourceHandler(sock, server):
     Read a header C{"N\\n"} and send C{N} pattern bytes as fast as the
     connection takes them, then close.
     """
-    header = b""
-    while not header.endswith(b"\n"):
-        more = sock.recv(1)
-        if not more:
-            return
-        header += more
+    header = readHeader(sock)
+    if header is None:
+        return
     size = int(header)
     sent = 0
     chunk = 1 << 18
@@ -546,7 +538,7 @@ class EchoProcess:
         portFile = os.path.join(self.directory, "port")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.integration.reliability_helpers", "echo", portFile],
-            cwd=ROOT,
+            cwd=REPOSITORY,
             stdin=subprocess.DEVNULL,
         )
         waitUntil(lambda: os.path.exists(portFile), 10, message="echo server port file")
@@ -571,6 +563,6 @@ def startGateway(case, endpoints, *args, gatewayClass=None, **kwargs):
     from tests.integration.gateway import GatewayProcess
 
     gatewayClass = gatewayClass or GatewayProcess
-    gw = gatewayClass(["--endpoints=" + endpoints, *args], cwd=ROOT, **kwargs)
+    gw = gatewayClass(["--endpoints=" + endpoints, *args], cwd=REPOSITORY, **kwargs)
     case.addCleanup(gw.cleanup)
     return gw.start()

@@ -13,11 +13,8 @@ from etcdgw.discovery import PLAIN_REFUSED
 from tests.certs import CertificateAuthority, TLSServer
 from tests.integration.dns import DNSServer, a, srv
 from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl
-from tests.integration.gateway import GatewayProcess, GatewayStartError
+from tests.integration.gateway import REPOSITORY, GatewayProcess, GatewayStartError
 
-#: The checkout: the gateway runs from here so it uses this tree's etcdgw
-#: (trial runs in _trial_temp, where an installed copy would win).
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SSL = "_etcd-client-ssl._tcp.etcd.test"
 PLAIN = "_etcd-client._tcp.etcd.test"

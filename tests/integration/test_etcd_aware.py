@@ -5,17 +5,12 @@ members and a real gateway process.
 
 import http.client
 import json
-import os
 import time
 
 from twisted.trial.unittest import TestCase
 
 from tests.integration.etcd import HOST, ClusterTestMixin, etcdctl, generateTLS
-from tests.integration.gateway import GatewayProcess
-
-#: The checkout: trial runs tests from _trial_temp, where a gateway process
-#: would import an installed (possibly stale) etcdgw instead of this one.
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.integration.gateway import REPOSITORY, GatewayProcess
 
 
 def memberID(host, port, timeout=3.0):
@@ -39,7 +34,7 @@ class _Base(ClusterTestMixin, TestCase):
     clusterSize = 3
 
     def gateway(self, *args):
-        gw = GatewayProcess(["--endpoints=" + self.cluster.endpoints, *args], cwd=ROOT)
+        gw = GatewayProcess(["--endpoints=" + self.cluster.endpoints, *args], cwd=REPOSITORY)
         self.addCleanup(gw.cleanup)
         return gw.start()
 
@@ -93,7 +88,7 @@ class MembershipSyncTests(_Base):
         """
         interval = 0.5
         seed = self.cluster.clientAddress(0)
-        gw = GatewayProcess(["--endpoints=" + seed, "--sync-interval=500ms"], cwd=ROOT)
+        gw = GatewayProcess(["--endpoints=" + seed, "--sync-interval=500ms"], cwd=REPOSITORY)
         self.addCleanup(gw.cleanup)
         gw.start()
         gw.waitForLog(self.cluster.clientAddress(2), timeout=5)
@@ -157,7 +152,7 @@ class TLSHealthTests(_Base):
         gw = GatewayProcess(
             [f"--endpoints={endpoints}", "--health-check=etcd", "--health-interval=200ms",
              "--health-timeout=500ms", *args],
-            cwd=ROOT,
+            cwd=REPOSITORY,
         )
         self.addCleanup(gw.cleanup)
         return gw.start()

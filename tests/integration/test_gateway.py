@@ -13,7 +13,7 @@ import time
 from twisted.trial.unittest import TestCase
 
 from tests.integration.etcd import ClusterTestMixin, etcdctl, freePort, requireEtcd
-from tests.integration.gateway import _TWISTD, REPOSITORY, GatewayProcess
+from tests.integration.gateway import _TWISTD, GatewayProcess, checkoutEnvironment
 
 
 def blackhole():
@@ -151,7 +151,7 @@ class DaemonTests(TestCase):
              "etcd-gateway", f"--listen-addr=127.0.0.1:{port}",
              f"--endpoints=127.0.0.1:{freePort()}"],
             timeout=30,
-            env=_checkoutEnvironment(),
+            env=checkoutEnvironment(),
         )
         self.assertEqual(rc, 0)
         deadline = time.monotonic() + 10
@@ -172,21 +172,12 @@ class DaemonTests(TestCase):
         """A bad flag exits non-zero with a one-line error naming it, and no traceback."""
         proc = subprocess.run(
             [sys.executable, "-c", _TWISTD, "-n", "etcd-gateway", "--endpoints=h:abc"],
-            capture_output=True, text=True, timeout=30, env=_checkoutEnvironment(),
+            capture_output=True, text=True, timeout=30, env=checkoutEnvironment(),
         )
         self.assertNotEqual(proc.returncode, 0)
         output = proc.stdout + proc.stderr
         self.assertIn('--endpoints: endpoint "h:abc": port "abc" is not a number', output)
         self.assertNotIn("Traceback", output)
-
-
-def _checkoutEnvironment():
-    """
-    This checkout's code first on the path (trial runs in _trial_temp).
-    """
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [REPOSITORY] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    ))
 
 
 def _alive(pid):

@@ -18,23 +18,8 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial import unittest
 
-from .etcd import HOST, ClusterTestMixin, etcdctl, freePort
-from .gateway import _TWISTD, GatewayProcess
-
-#: The checkout: gateways run from it so they use this tree's code, not an
-#: installed copy (trial runs tests inside _trial_temp).
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _until(predicate, timeout=10, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {predicate}")
-        time.sleep(interval)
+from .etcd import HOST, ClusterTestMixin, etcdctl, freePort, waitUntil
+from .gateway import _TWISTD, REPOSITORY, GatewayProcess
 
 
 def _refused(address):
@@ -70,11 +55,11 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
     clusterSize = 1
 
     def gateway(self, *args, env=None, twistdArgs=()):
-        env = dict(env or {}, PYTHONPATH=REPO)
+        env = dict(env or {}, PYTHONPATH=REPOSITORY)
         gw = GatewayProcess(
             ["--endpoints=" + self.cluster.endpoints, "--retry-delay=1s", *args],
             env=env,
-            cwd=REPO,
+            cwd=REPOSITORY,
         )
         gw.twistdArgs.extend(twistdArgs)
         self.addCleanup(gw.cleanup)
@@ -105,7 +90,7 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
         # Probe only once the signal is handled: a probe that connects before
         # would be a second open connection to drain.
         gw.waitForLog("no longer accepting", timeout=2)
-        _until(lambda: _refused(gw.address), timeout=2)
+        waitUntil(lambda: _refused(gw.address), timeout=2, interval=0.02, message="refused")
         refusedAfter = time.monotonic() - signalled
         self.assertLess(refusedAfter, 2)
         # The open connection still reaches etcd during the grace period.
@@ -242,7 +227,7 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
         # It stops answering: the next SIGHUP takes it out.
         answering.close()
         gw.signal(signal.SIGHUP)
-        _until(lambda: gw.log().count("SIGHUP done") == 2)
+        waitUntil(lambda: gw.log().count("SIGHUP done") == 2, timeout=10, interval=0.02, message="second SIGHUP done")
         self.assertIn("SIGHUP done: 1/2 endpoints answered; 1/2 up", gw.log())
         status = json.loads(_get(base + "/status.json")[1])
         states = {e["endpoint"]: e["state"] for e in status["endpoints"]}
@@ -296,7 +281,7 @@ class SocketActivationTests(ClusterTestMixin, unittest.TestCase):
                 activate,
                 f"--listen={HOST}:{port}",
                 "--fdname=etcd-gateway",  # systemd >= 227 always sets LISTEN_FDNAMES
-                f"--setenv=PYTHONPATH={REPO}",
+                f"--setenv=PYTHONPATH={REPOSITORY}",
                 f"--setenv=NOTIFY_SOCKET=@{name}",
                 sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "etcd-gateway",
                 "--listen-addr=systemd:domain=INET:index=0",
@@ -304,7 +289,7 @@ class SocketActivationTests(ClusterTestMixin, unittest.TestCase):
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=REPOSITORY,
             start_new_session=True,
         )
 
@@ -314,7 +299,7 @@ class SocketActivationTests(ClusterTestMixin, unittest.TestCase):
                 process.wait()
 
         self.addCleanup(stop)
-        _until(lambda: not _refused(f"{HOST}:{port}"), timeout=5)
+        waitUntil(lambda: not _refused(f"{HOST}:{port}"), timeout=5, interval=0.02, message="accepting")
         rc, out, err = etcdctl(f"{HOST}:{port}", "put", "activated", "yes")
         self.assertEqual(rc, 0, err)
         data = sink.recv(4096).decode()
