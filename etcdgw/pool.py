@@ -20,6 +20,18 @@ HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 
 
+class ByteCount:
+    """
+    A byte counter that the forwarding path adds to directly (see
+    L{etcdgw.transport.join}): one per endpoint and direction.
+    """
+
+    __slots__ = ("n",)
+
+    def __init__(self):
+        self.n = 0
+
+
 class EndpointState:
     """
     What the pool knows about one endpoint. Mutable, owned by the pool; other
@@ -33,8 +45,10 @@ class EndpointState:
     @ivar connections: connections ever opened to it.
     @ivar dialAttempts: dials started to it (by the proxy).
     @ivar dialFailures: dials to it that failed.
-    @ivar bytesToUpstream: bytes forwarded from clients to it.
-    @ivar bytesFromUpstream: bytes forwarded from it to clients.
+    @ivar toUpstream: L{ByteCount} of bytes forwarded from clients to it
+        (also read and set as C{bytesToUpstream}).
+    @ivar fromUpstream: L{ByteCount} of bytes forwarded from it to clients
+        (also read and set as C{bytesFromUpstream}).
     @ivar health: L{UNKNOWN}, L{HEALTHY} or L{UNHEALTHY}: what etcd-aware
         checks say (L{UNKNOWN} when they are off or have not answered yet).
     @ivar healthReason: why it has that health.
@@ -52,8 +66,8 @@ class EndpointState:
         "connections",
         "dialAttempts",
         "dialFailures",
-        "bytesToUpstream",
-        "bytesFromUpstream",
+        "toUpstream",
+        "fromUpstream",
         "health",
         "healthReason",
         "clusterID",
@@ -69,12 +83,28 @@ class EndpointState:
         self.connections = 0
         self.dialAttempts = 0
         self.dialFailures = 0
-        self.bytesToUpstream = 0
-        self.bytesFromUpstream = 0
+        self.toUpstream = ByteCount()
+        self.fromUpstream = ByteCount()
         self.health = UNKNOWN
         self.healthReason = "not checked"
         self.clusterID = None
         self.foreign = False
+
+    @property
+    def bytesToUpstream(self):
+        return self.toUpstream.n
+
+    @bytesToUpstream.setter
+    def bytesToUpstream(self, n):
+        self.toUpstream.n = n
+
+    @property
+    def bytesFromUpstream(self):
+        return self.fromUpstream.n
+
+    @bytesFromUpstream.setter
+    def bytesFromUpstream(self, n):
+        self.fromUpstream.n = n
 
     @property
     def up(self):

@@ -13,7 +13,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
-from etcdgw.transport import writerFor
+from etcdgw.transport import join, writerFor
 
 
 def _noDelay(transport):
@@ -94,14 +94,10 @@ class UpstreamProtocol(_Side):
         connected(self)
 
     def dataReceived(self, data):
-        self.state.bytesFromUpstream += len(data)
-        self._write(data)
-
-    def spliced(self, count):
-        """
-        C{count} bytes went to the client inside the kernel (splice).
-        """
-        self.state.bytesFromUpstream += count
+        # Only when the transports are not joined (see ClientProtocol._connected).
+        if self._write is not None:
+            self.state.fromUpstream.n += len(data)
+            self._write(data)
 
     def connectionLost(self, reason):
         if self.state is not None:
@@ -213,19 +209,19 @@ class ClientProtocol(_Side):
         self.peer = upstream
         self._write = writerFor(upstream.transport)
         upstream._write = writerFor(self.transport)
+        # With the gateway's own transports, data then flows from socket to
+        # socket without calling either protocol; they still hear of
+        # half-closes and closes.
+        join(self.transport, upstream.transport, state.toUpstream, state.fromUpstream)
         self.transport.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
 
     def dataReceived(self, data):
-        self.state.bytesToUpstream += len(data)
-        self._write(data)
-
-    def spliced(self, count):
-        """
-        C{count} bytes went to the member inside the kernel (splice).
-        """
-        self.state.bytesToUpstream += count
+        # Only when the transports are not joined (see _connected).
+        if self._write is not None:
+            self.state.toUpstream.n += len(data)
+            self._write(data)
 
     def connectionLost(self, reason):
         if self._retry is not None:

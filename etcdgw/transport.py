@@ -1,7 +1,7 @@
 """
 The gateway's own TCP transports: Twisted's, with a faster data path.
 
-Three costs dominate a Python proxy's forwarding, and all are Twisted's
+Four costs dominate a Python proxy's forwarding, and all are Twisted's
 defaults rather than necessities:
 
  - C{transport.write} always queues the data and registers the socket for
@@ -14,6 +14,11 @@ defaults rather than necessities:
  - Bulk data is copied into Python and back. A direction that moves bulk
    data (a read fills the whole buffer) switches to C{splice(2)}, socket to
    pipe to socket inside the kernel (see L{FastTransport._startSplicing}).
+ - Each chunk passes through four Python calls (C{doRead}, the protocol's
+   C{dataReceived}, the peer transport's C{write}, and the read helper) on
+   its way from one socket to the other. L{join} ties two transports
+   together so that C{doRead} sends what it reads to the peer's socket
+   itself; the protocols still hear of half-closes and closes.
 
 Everything else (the write buffer for what the kernel does not take at once,
 producer pausing for backpressure, half-close and close handling) is
@@ -39,6 +44,8 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 PIPE_SIZE = 1024 * 1024
 _buffer = bytearray(READ_SIZE)
 _view = memoryview(_buffer)
+#: From _spliceRead: copy this read rather than splice it.
+_COPY = object()
 
 
 def _madeWhenRead(getter):
@@ -80,6 +87,7 @@ class FastTransport:
         self._pipe = self._spliceTarget = self._pipeSource = None
         self._pipeBytes = 0
         self._eof = False
+        self._target = self._count = None
 
     # Twisted sets these on every connection; made only when read instead
     # (a few hundred bytes less per connection): the log-context and repr
@@ -94,11 +102,54 @@ class FastTransport:
     )
 
     def doRead(self):
+        target = self._target
+        if target is None:
+            return self._copyRead()
         if self._pipe is not None:
-            return self._spliceRead()
-        return self._copyRead(mayStartSplicing=True)
+            why = self._spliceRead(target)
+            if why is not _COPY:
+                return why
+        # Joined (see join): what arrives goes straight to the target's
+        # socket, without the protocols. This is the gateway's hot path, so
+        # it is one function with write's checks inlined.
+        try:
+            n = self.socket.recv_into(_buffer)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not n:
+            self._eof = True
+            return main.CONNECTION_DONE
+        self._count.n += n
+        if (
+            target._tempDataLen
+            or target.dataBuffer
+            or target.disconnecting
+            or target._writeDisconnecting
+            or not target.connected
+            or (target._pipeSource is not None and target._pipeSource._pipeBytes)
+        ):
+            target.write(_view[:n])  # queued behind what waits: write's slow path
+        else:
+            try:
+                sent = target.socket.send(_view[:n])
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # The target meets the error in its own write path.
+                tcp.Connection.write(target, bytes(_view[:n]))
+                return None
+            if sent < n:
+                tcp.Connection.write(target, bytes(_view[sent:n]))
+        if n == READ_SIZE and SPLICE and self.connected:
+            self._startSplicing()
+        return None
 
-    def _copyRead(self, mayStartSplicing=False):
+    def _copyRead(self):
+        """
+        Read for a transport that is not joined: the protocol gets the data.
+        """
         try:
             n = self.socket.recv_into(_buffer)
         except (BlockingIOError, InterruptedError):
@@ -109,8 +160,6 @@ class FastTransport:
             self._eof = True
             return main.CONNECTION_DONE
         self.protocol.dataReceived(_view[:n])
-        if mayStartSplicing and n == READ_SIZE and SPLICE and self.connected:
-            self._startSplicing()
         return None
 
     # Bulk transfers: splice(2).
@@ -126,8 +175,8 @@ class FastTransport:
     # none.
 
     def _startSplicing(self):
-        target = _peerTransport(self)
-        if target is None or not getattr(target, "fast", False) or target._pipeSource:
+        target = self._target
+        if target._pipeSource:
             return
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -142,8 +191,12 @@ class FastTransport:
         self._spliceTarget = target
         target._pipeSource = self
 
-    def _spliceRead(self):
-        target = self._spliceTarget
+    def _spliceRead(self, target):
+        """
+        Splice what arrived into the pipe and on to C{target}.
+
+        @return: what C{doRead} returns, or L{_COPY}: copy this read.
+        """
         if not target.connected:
             return main.CONNECTION_LOST
         if self._pipeBytes and not self._flushPipe():
@@ -157,8 +210,8 @@ class FastTransport:
             or target._writeDisconnecting
         ):
             # Twisted holds data for the target (or it is closing): copy this
-            # read through the usual path so that order is kept.
-            return self._copyRead()
+            # read, behind what is queued, so that order is kept.
+            return _COPY
         try:
             n = os.splice(self.socket.fileno(), self._pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
@@ -169,7 +222,7 @@ class FastTransport:
             self._eof = True
             return main.CONNECTION_DONE
         self._pipeBytes = n
-        self.protocol.spliced(n)
+        self._count.n += n
         if not self._flushPipe():
             self.stopReading()
             target.startWriting()
@@ -212,12 +265,19 @@ class FastTransport:
         return tcp.Connection.doWrite(self)
 
     def connectionLost(self, reason):
+        target = self._target
+        if target is not None:
+            # Unjoin both ways: from now on each side's protocol hears what
+            # its transport reads, as before the join.
+            self._target = self._count = None
+            if target._target is self:
+                target._target = target._count = None
         if self._pipe is not None:
             for fd in self._pipe:
                 os.close(fd)
             self._pipe = None
             self._pipeBytes = 0
-            if self._spliceTarget._pipeSource is self:
+            if self._spliceTarget is not None and self._spliceTarget._pipeSource is self:
                 self._spliceTarget._pipeSource = None
             self._spliceTarget = None
         source = self._pipeSource
@@ -249,11 +309,23 @@ class FastTransport:
             tcp.Connection.write(self, bytes(data[sent:]))
 
 
-def _peerTransport(transport):
-    peer = getattr(transport.protocol, "peer", None)
-    if peer is None or not hasattr(transport.protocol, "spliced"):
-        return None
-    return peer.transport
+def join(a, b, countA, countB):
+    """
+    Forward what C{a} reads straight to C{b}, adding its size to C{countA}
+    (an L{etcdgw.pool.ByteCount}), and what C{b} reads to C{a}, counted in
+    C{countB}: their protocols' C{dataReceived} is no longer called, which is
+    most of a Python proxy's cost per forwarded chunk. Both must be
+    L{FastTransport}s. The join ends when either connection is lost; close
+    and half-close still reach the protocols as usual.
+
+    @return: whether they were joined (C{False}: not both L{FastTransport}s;
+        their protocols forward).
+    """
+    if not (getattr(a, "fast", False) and getattr(b, "fast", False)):
+        return False
+    a._target, a._count = b, countA
+    b._target, b._count = a, countB
+    return True
 
 
 #: What Twisted sets on every connection: kept in slots rather than in a
@@ -279,6 +351,8 @@ _CONNECTION_SLOTS = (
     "_spliceTarget",
     "_pipeSource",
     "_eof",
+    "_target",
+    "_count",
 )
 
 

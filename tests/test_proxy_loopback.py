@@ -122,6 +122,30 @@ class LoopbackTests(TestCase):
         self.assertTrue(client.eof)
 
     @defer.inlineCallbacks
+    def test_joinedTransportsForwardAndCount(self):
+        """
+        Once the member is dialled, the two transports are joined (data goes
+        socket to socket without the protocols), bytes are counted both ways,
+        and the join ends with the connection.
+        """
+        client = yield self.connect()
+        client.transport.write(b"x" * 100)
+        upstream = yield self.upstream()
+        yield waitFor(lambda: sum(map(len, upstream.received)) == 100)
+        (gatewayClient,) = self.gateway.clients
+        clientSide, memberSide = gatewayClient.transport, gatewayClient.peer.transport
+        self.assertIs(clientSide._target, memberSide)
+        self.assertIs(memberSide._target, clientSide)
+        (state,) = self.pool.states()
+        self.assertEqual(state.bytesToUpstream, 100)
+        client.transport.loseWriteConnection()
+        yield client.lost
+        self.assertEqual(b"".join(client.received)[:4], b"100:")
+        self.assertEqual(state.bytesFromUpstream, len(b"".join(client.received)))
+        yield self.settled()
+        self.assertEqual((clientSide._target, memberSide._target), (None, None))
+
+    @defer.inlineCallbacks
     def test_bulkIsSpliced(self):
         """A bulk transfer moves through a pipe (splice), exactly, and is counted."""
         from etcdgw.transport import SPLICE
