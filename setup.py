@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="etcd-gateway",
@@ -9,6 +9,11 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.9",
     packages=find_packages(exclude=["tests*", "benchmarks*"]) + ["twisted.plugins"],
+    # The forwarding step in C (etcdgw/transport.py). Optional: where it cannot
+    # be built (no C compiler or Python headers), the install goes on and the
+    # gateway forwards in pure Python, slower, and says so when it starts.
+    # A top-level module, so that it is found from a checkout too.
+    ext_modules=[Extension("_etcdgw_relay", ["etcdgw/_relay.c"], optional=True)],
     install_requires=[
         "Twisted>=25.5",  # the oldest the whole suite was run against
         "service-identity>=21.1",

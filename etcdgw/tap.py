@@ -14,6 +14,7 @@ from etcdgw.endpoint import EndpointError, parseEndpoints
 from etcdgw.health import HealthService
 from etcdgw.listen import ListenError, ListeningService, listenEndpoint, parseListenAddress
 from etcdgw.reactor import leanDispatch
+from etcdgw.transport import RELAY_IN_C
 from etcdgw.pool import POLICIES, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
@@ -335,8 +336,10 @@ class Options(usage.Options):
 
     def opt_version(self):
         from etcdgw import __version__
+        from etcdgw.transport import RELAY_IN_C
 
-        print(f"etcd-gateway {__version__}")
+        relay = "forwarding step in C" if RELAY_IN_C else "forwarding in pure Python"
+        print(f"etcd-gateway {__version__} ({relay})")
         raise SystemExit(0)
 
     def postOptions(self):
@@ -460,6 +463,13 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
 
         leanDispatch(reactor)
+        if not RELAY_IN_C:
+            log.warn(
+                "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "
+                "was not built at install (no C compiler or Python headers?); the "
+                "gateway works, with about 7% more CPU per request; reinstall with "
+                "gcc and the Python headers to get it"
+            )
     endpoints = options["endpoints"]
     for endpoint in endpoints:
         if endpoint.tls:

@@ -44,8 +44,39 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 PIPE_SIZE = 1024 * 1024
 _buffer = bytearray(READ_SIZE)
 _view = memoryview(_buffer)
-#: From _spliceRead: copy this read rather than splice it.
-_COPY = object()
+_buffers = (_buffer,)
+
+
+def _relayPython(src, dst, buffer):
+    """
+    What C{_etcdgw_relay.relay} does (see etcdgw/_relay.c), for where that
+    module was not built: receive once from descriptor C{src} into
+    C{buffer} (which is always L{_buffer}) and send it to descriptor C{dst}.
+
+    @return: C{n > 0} when C{n} bytes arrived and all were sent; C{0} at the
+        end of the stream; L{None} when there is nothing to read;
+        C{(n, sent)} when only the first C{sent} of C{n} were sent.
+    @raise OSError: receiving failed.
+    """
+    try:
+        n = os.readv(src, _buffers)
+    except (BlockingIOError, InterruptedError):
+        return None
+    if not n:
+        return 0
+    try:
+        sent = os.write(dst, _view[:n])
+    except OSError:
+        sent = 0
+    return n if sent == n else (n, sent)
+
+
+try:
+    from _etcdgw_relay import relay as _relay
+except ImportError:
+    _relay = _relayPython
+#: Whether the forwarding step runs in C (see etcdgw/_relay.c).
+RELAY_IN_C = _relay is not _relayPython
 
 
 def _madeWhenRead(getter):
@@ -106,12 +137,45 @@ class FastTransport:
         if target is None:
             return self._copyRead()
         if self._pipe is not None:
-            why = self._spliceRead(target)
-            if why is not _COPY:
-                return why
+            return self._spliceRead(target)
         # Joined (see join): what arrives goes straight to the target's
-        # socket, without the protocols. This is the gateway's hot path, so
-        # it is one function with write's checks inlined.
+        # socket, without the protocols. This is the gateway's hot path.
+        if (
+            target._tempDataLen
+            or target.dataBuffer
+            or target.disconnecting
+            or target._writeDisconnecting
+            or not target.connected
+            or (target._pipeSource is not None and target._pipeSource._pipeBytes)
+        ):
+            return self._queueRead(target)
+        try:
+            r = _relay(self.socket.fileno(), target.socket.fileno(), _buffer)
+        except OSError:
+            return main.CONNECTION_LOST
+        if r.__class__ is int:
+            if not r:
+                self._eof = True
+                return main.CONNECTION_DONE
+            self._count.n += r
+            if r == READ_SIZE and SPLICE and self.connected:
+                self._startSplicing()
+            return None
+        if r is None:
+            return None
+        # The target took only part (or sending failed): Twisted queues the
+        # rest and meets any error in its own write path.
+        n, sent = r
+        self._count.n += n
+        tcp.Connection.write(target, bytes(_view[sent:n]))
+        return None
+
+    def _queueRead(self, target):
+        """
+        Read for a joined transport whose target cannot be sent to at once
+        (it holds queued data, or is closing): the data goes through the
+        target's write, behind what is queued.
+        """
         try:
             n = self.socket.recv_into(_buffer)
         except (BlockingIOError, InterruptedError):
@@ -122,28 +186,7 @@ class FastTransport:
             self._eof = True
             return main.CONNECTION_DONE
         self._count.n += n
-        if (
-            target._tempDataLen
-            or target.dataBuffer
-            or target.disconnecting
-            or target._writeDisconnecting
-            or not target.connected
-            or (target._pipeSource is not None and target._pipeSource._pipeBytes)
-        ):
-            target.write(_view[:n])  # queued behind what waits: write's slow path
-        else:
-            try:
-                sent = target.socket.send(_view[:n])
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                # The target meets the error in its own write path.
-                tcp.Connection.write(target, bytes(_view[:n]))
-                return None
-            if sent < n:
-                tcp.Connection.write(target, bytes(_view[sent:n]))
-        if n == READ_SIZE and SPLICE and self.connected:
-            self._startSplicing()
+        target.write(_view[:n])
         return None
 
     def _copyRead(self):
@@ -195,7 +238,7 @@ class FastTransport:
         """
         Splice what arrived into the pipe and on to C{target}.
 
-        @return: what C{doRead} returns, or L{_COPY}: copy this read.
+        @return: what C{doRead} returns.
         """
         if not target.connected:
             return main.CONNECTION_LOST
@@ -211,7 +254,7 @@ class FastTransport:
         ):
             # Twisted holds data for the target (or it is closing): copy this
             # read, behind what is queued, so that order is kept.
-            return _COPY
+            return self._queueRead(target)
         try:
             n = os.splice(self.socket.fileno(), self._pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):

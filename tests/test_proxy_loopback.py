@@ -272,3 +272,16 @@ def _fds():
         except OSError:
             pass
     return out
+
+
+class PythonRelayLoopbackTests(LoopbackTests):
+    """
+    The same, with the pure-Python forwarding step that the gateway uses
+    where the C one (_etcdgw_relay) was not built.
+    """
+
+    def setUp(self):
+        from etcdgw import transport
+
+        self.patch(transport, "_relay", transport._relayPython)
+        return super().setUp()

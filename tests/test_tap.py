@@ -95,6 +95,26 @@ class OptionsTests(SynchronousTestCase):
         self.assertIn("holds no PEM certificate", str(e))
 
 
+class VersionTests(SynchronousTestCase):
+    def test_versionSaysHowItForwards(self):
+        """
+        --version names the release and whether forwarding runs in C or in
+        pure Python (the C step was not built).
+        """
+        import io
+        import sys
+
+        from etcdgw import __version__
+        from etcdgw.transport import RELAY_IN_C
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit):
+            Options().parseOptions(["--version"])
+        how = "forwarding step in C" if RELAY_IN_C else "forwarding in pure Python"
+        self.assertEqual(out.getvalue(), f"etcd-gateway {__version__} ({how})\n")
+
+
 class MakeServiceTests(SynchronousTestCase):
     def test_tree(self):
         """makeService builds the listener and health services around one pool."""

@@ -1,0 +1,152 @@
+"""
+The forwarding step, in C (_etcdgw_relay) and in Python (the fallback), on
+real loopback TCP sockets: both must give the same answers.
+"""
+
+import os
+import socket
+import struct
+
+from twisted.trial.unittest import SkipTest, TestCase
+
+from etcdgw import transport
+
+
+def _tcpPair():
+    """
+    Two connected, non-blocking loopback TCP sockets.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    a = socket.create_connection(server.getsockname())
+    b, _ = server.accept()
+    server.close()
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+def _readAll(sock, expected):
+    sock.setblocking(True)
+    sock.settimeout(5)
+    chunks, got = [], 0
+    while got < expected:
+        chunk = sock.recv(expected - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class RelayTestsMixin:
+    """
+    The relay's contract (see etcdgw/_relay.c); C{relay} is set by subclasses.
+    """
+
+    relay = None
+
+    def setUp(self):
+        # client -> (src) gateway (dst) -> member
+        self.client, self.src = _tcpPair()
+        self.dst, self.member = _tcpPair()
+        for s in (self.client, self.src, self.dst, self.member):
+            self.addCleanup(s.close)
+
+    def step(self):
+        return self.relay(self.src.fileno(), self.dst.fileno(), transport._buffer)
+
+    def test_forwardsWhatArrived(self):
+        """All that arrived is sent on: the count is returned."""
+        self.client.sendall(b"GET /version")
+        for _ in range(100):
+            result = self.step()
+            if result is not None:
+                break
+        self.assertEqual(result, 12)
+        self.assertEqual(_readAll(self.member, 12), b"GET /version")
+
+    def test_nothingToRead(self):
+        """Nothing waiting: None, and nothing sent."""
+        self.assertIsNone(self.step())
+
+    def test_endOfStream(self):
+        """The source's end of stream: 0."""
+        self.client.shutdown(socket.SHUT_WR)
+        for _ in range(100):
+            result = self.step()
+            if result is not None:
+                break
+        self.assertEqual(result, 0)
+
+    def test_resetRaises(self):
+        """A reset on the source raises OSError, as recv does."""
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.client.close()
+        with self.assertRaises(OSError) as caught:
+            for _ in range(100):
+                self.step()
+        self.assertEqual(caught.exception.errno, 104)  # ECONNRESET
+
+    def test_partialSend(self):
+        """
+        When the target's buffers are full, what was received and how much
+        of it was sent are both returned, so the caller queues the rest.
+        """
+        self.dst.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        self.member.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Fill the path to the member, which does not read.
+        try:
+            while True:
+                self.dst.send(b"f" * 65536)
+        except BlockingIOError:
+            pass
+        self.client.sendall(b"x" * 1000)
+        for _ in range(100):
+            result = self.step()
+            if result is not None:
+                break
+        self.assertEqual(result, (1000, 0))
+
+    def test_sendFailureIsPartial(self):
+        """
+        A target that cannot be sent to at all: (n, 0); the caller queues it
+        all and meets the error in its write path.
+        """
+        self.dst.shutdown(socket.SHUT_WR)
+        self.client.sendall(b"y" * 10)
+        for _ in range(100):
+            result = self.step()
+            if result is not None:
+                break
+        self.assertEqual(result, (10, 0))
+
+    def test_notADescriptor(self):
+        """A closed descriptor raises OSError (EBADF), not a crash."""
+        fd = os.dup(self.src.fileno())
+        os.close(fd)
+        with self.assertRaises(OSError):
+            self.relay(fd, self.dst.fileno(), transport._buffer)
+
+
+class PythonRelayTests(RelayTestsMixin, TestCase):
+    relay = staticmethod(transport._relayPython)
+
+
+class CRelayTests(RelayTestsMixin, TestCase):
+    def setUp(self):
+        try:
+            from _etcdgw_relay import relay
+        except ImportError:
+            message = "_etcdgw_relay was not built (no C compiler or Python headers?)"
+            if os.environ.get("CI"):
+                raise RuntimeError("CI is set and " + message)
+            raise SkipTest(message)
+        self.relay = relay
+        super().setUp()
+
+    def test_usedWhenBuilt(self):
+        """Where it was built, the gateway forwards with it."""
+        self.assertTrue(transport.RELAY_IN_C)
+        self.assertIs(transport._relay, self.relay)
