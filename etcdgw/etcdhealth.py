@@ -429,6 +429,7 @@ class EtcdHealthService(PeriodicService):
         state = self.pool.stateOf(endpoint)
         if not self.running or state is None or self._tracks.get(endpoint.key) is not track:
             return  # removed from the pool meanwhile
+        self.pool.setAnswering(endpoint, result.answered)
         if result.refused:
             self.pool.markDown(endpoint, "etcd health check: connection refused")
         elif result.answered and not state.up:

@@ -55,6 +55,9 @@ class EndpointState:
     @ivar clusterID: the etcd cluster ID the member reported, or L{None}.
     @ivar foreign: the member belongs to another cluster than the majority's:
         it is never picked.
+    @ivar answering: the last etcd health check got an HTTP answer (L{True}
+        until a check says otherwise): among unhealthy members, those that
+        answer are picked before those that do not.
     """
 
     __slots__ = (
@@ -72,6 +75,7 @@ class EndpointState:
         "healthReason",
         "clusterID",
         "foreign",
+        "answering",
     )
 
     def __init__(self, endpoint, since):
@@ -89,6 +93,7 @@ class EndpointState:
         self.healthReason = "not checked"
         self.clusterID = None
         self.foreign = False
+        self.answering = True
 
     @property
     def bytesToUpstream(self):
@@ -290,8 +295,8 @@ class UpstreamPool:
         """
         Choose the endpoint for a new connection: among up endpoints not in
         C{exclude} and not foreign, the healthy ones (or, when none is, the
-        unhealthy ones that still accept TCP), the lowest priority tier, then
-        the policy.
+        unhealthy ones that still accept TCP, those whose health checks get
+        an answer first), the lowest priority tier, then the policy.
 
         @param exclude: endpoints (or their keys) already tried for this client.
         @return: an L{EndpointState}, or L{None} when no endpoint is up.
@@ -306,7 +311,11 @@ class UpstreamPool:
             (fallback if state.health == UNHEALTHY else candidates).append(state)
         best = None
         tier = []
-        for state in candidates or fallback:
+        if not candidates:
+            # Without a leader the members answer 503; a frozen one does
+            # not answer at all, and a client sent there would hang.
+            candidates = [s for s in fallback if s.answering] or fallback
+        for state in candidates:
             priority = state.endpoint.priority
             if best is None or priority < best:
                 best = priority
@@ -387,6 +396,15 @@ class UpstreamPool:
         )
         self._checkDegraded()
         self._notify()
+
+    def setAnswering(self, endpoint, answering):
+        """
+        Whether C{endpoint}'s last etcd health check got an HTTP answer (see
+        L{pick}). Not logged: a change of health is.
+        """
+        state = self._states.get(endpoint.key)
+        if state is not None:
+            state.answering = answering
 
     def setIdentity(self, endpoint, clusterID, foreign, majority=None):
         """

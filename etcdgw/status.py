@@ -52,6 +52,7 @@ def gatewayStatus(pool, factory, clock, root=None):
                 "health": getattr(state, "health", None),
                 "healthReason": getattr(state, "healthReason", None),
                 "foreign": getattr(state, "foreign", False),
+                "answering": getattr(state, "answering", True),
                 "usable": getattr(state, "usable", state.up),
                 "priority": state.endpoint.priority,
                 "weight": state.endpoint.weight,

@@ -94,6 +94,22 @@ class CheckerTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertEqual(self.health(B), HEALTHY)
 
+    def test_frozenLeader(self):
+        """
+        The leader is frozen: it stops answering and the others answer 503
+        (no leader). All turn unhealthy; new connections go to those that
+        answer, never to the silent one.
+        """
+        self.probe.answers.update(a=SILENT, b=BAD, c=BAD)
+        for _ in range(3):
+            self.clock.advance(1)
+        self.assertEqual({self.health(e) for e in (A, B, C)}, {UNHEALTHY})
+        self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"b", "c"})
+        # It answers again (still unhealthy, rise 2): it is back in the fallback.
+        self.probe.answers["a"] = BAD
+        self.clock.advance(1)
+        self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"a", "b", "c"})
+
     def test_rise(self):
         """Healthy again only after `rise` good answers in a row."""
         self.probe.answers["b"] = BAD

@@ -128,6 +128,23 @@ class HealthDimensionTests(SynchronousTestCase):
             "healthy again", [e for e in self.events if "log_format" in e][-1]["log_format"]
         )
 
+    def test_fallbackPrefersAnswering(self):
+        """
+        With none healthy, members whose checks get an answer are used before
+        ones that do not answer at all (a frozen leader), which are used only
+        when no member answers.
+        """
+        for name in "abc":
+            self.pool.setHealth(Endpoint(name, 1), UNHEALTHY, "503")
+        self.pool.setAnswering(Endpoint("b", 1), False)
+        self.assertEqual(set(picks(self.pool, 6)), {"a:1", "c:1"})
+        self.pool.setAnswering(Endpoint("a", 1), False)
+        self.pool.setAnswering(Endpoint("c", 1), False)
+        self.assertEqual(set(picks(self.pool, 6)), {"a:1", "b:1", "c:1"})
+        # A healthy member is preferred whatever the others do.
+        self.pool.setHealth(Endpoint("b", 1), HEALTHY, "ok")
+        self.assertEqual(set(picks(self.pool, 3)), {"b:1"})
+
     def test_unknownIsUsable(self):
         """Before any etcd check answered, endpoints are used (health unknown)."""
         self.assertEqual(self.pool.stateOf(Endpoint("a", 1)).health, UNKNOWN)
