@@ -118,7 +118,7 @@ class FastTransport:
         self._pipe = self._spliceTarget = self._pipeSource = None
         self._pipeBytes = 0
         self._eof = False
-        self._target = self._count = None
+        self._target = self._count = self._fd = None
 
     # Twisted sets these on every connection; made only when read instead
     # (a few hundred bytes less per connection): the log-context and repr
@@ -150,7 +150,7 @@ class FastTransport:
         ):
             return self._queueRead(target)
         try:
-            r = _relay(self.socket.fileno(), target.socket.fileno(), _buffer)
+            r = _relay(self._fd, target._fd, _buffer)
         except OSError:
             return main.CONNECTION_LOST
         if r.__class__ is int:
@@ -312,9 +312,9 @@ class FastTransport:
         if target is not None:
             # Unjoin both ways: from now on each side's protocol hears what
             # its transport reads, as before the join.
-            self._target = self._count = None
+            self._target = self._count = self._fd = None
             if target._target is self:
-                target._target = target._count = None
+                target._target = target._count = target._fd = None
         if self._pipe is not None:
             for fd in self._pipe:
                 os.close(fd)
@@ -366,8 +366,8 @@ def join(a, b, countA, countB):
     """
     if not (getattr(a, "fast", False) and getattr(b, "fast", False)):
         return False
-    a._target, a._count = b, countA
-    b._target, b._count = a, countB
+    a._target, a._count, a._fd = b, countA, a.socket.fileno()
+    b._target, b._count, b._fd = a, countB, b.socket.fileno()
     return True
 
 
@@ -396,6 +396,7 @@ _CONNECTION_SLOTS = (
     "_eof",
     "_target",
     "_count",
+    "_fd",
 )
 
 
