@@ -467,7 +467,7 @@ def makeService(options, reactor=None):
             log.warn(
                 "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "
                 "was not built at install (no C compiler or Python headers?); the "
-                "gateway works, with about 7% more CPU per request; reinstall with "
+                "gateway works, with about 10% more CPU per request; reinstall with "
                 "gcc and the Python headers to get it"
             )
     endpoints = options["endpoints"]
