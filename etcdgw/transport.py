@@ -18,7 +18,9 @@ defaults rather than necessities:
    C{dataReceived}, the peer transport's C{write}, and the read helper) on
    its way from one socket to the other. L{join} ties two transports
    together so that C{doRead} sends what it reads to the peer's socket
-   itself; the protocols still hear of half-closes and closes.
+   itself; the protocols still hear of half-closes and closes. That step,
+   C{recv} then C{send}, is one call into C (C{etcdgw/_relay.c}, built as
+   C{_etcdgw_relay}), or L{_relayPython} where the C module was not built.
 
 Everything else (the write buffer for what the kernel does not take at once,
 producer pausing for backpressure, half-close and close handling) is
