@@ -150,7 +150,7 @@ class FastTransport:
             or not target.connected
             or (target._pipeSource is not None and target._pipeSource._pipeBytes)
         ):
-            return self._queueRead(target)
+            return self._copyRead()
         try:
             r = _relay(self._fd, target._fd, _buffer)
         except OSError:
@@ -172,28 +172,12 @@ class FastTransport:
         tcp.Connection.write(target, bytes(_view[sent:n]))
         return None
 
-    def _queueRead(self, target):
-        """
-        Read for a joined transport whose target cannot be sent to at once
-        (it holds queued data, or is closing): the data goes through the
-        target's write, behind what is queued.
-        """
-        try:
-            n = self.socket.recv_into(_buffer)
-        except (BlockingIOError, InterruptedError):
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not n:
-            self._eof = True
-            return main.CONNECTION_DONE
-        self._count.n += n
-        target.write(_view[:n])
-        return None
-
     def _copyRead(self):
         """
-        Read for a transport that is not joined: the protocol gets the data.
+        Read through Python: for a transport that is not joined (its
+        protocol gets the data), and for a joined one whose target cannot be
+        sent to at once (it holds queued data, or is closing: the data goes
+        through the target's write, behind what is queued).
         """
         try:
             n = self.socket.recv_into(_buffer)
@@ -204,7 +188,12 @@ class FastTransport:
         if not n:
             self._eof = True
             return main.CONNECTION_DONE
-        self.protocol.dataReceived(_view[:n])
+        target = self._target
+        if target is None:
+            self.protocol.dataReceived(_view[:n])
+        else:
+            self._count.n += n
+            target.write(_view[:n])
         return None
 
     # Bulk transfers: splice(2).
@@ -256,7 +245,7 @@ class FastTransport:
         ):
             # Twisted holds data for the target (or it is closing): copy this
             # read, behind what is queued, so that order is kept.
-            return self._queueRead(target)
+            return self._copyRead()
         try:
             n = os.splice(self.socket.fileno(), self._pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
