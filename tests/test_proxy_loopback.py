@@ -285,3 +285,32 @@ class PythonRelayLoopbackTests(LoopbackTests):
 
         self.patch(transport, "_relay", transport._relayPython)
         return super().setUp()
+
+
+class CopyOnlyLoopbackTests(LoopbackTests):
+    """
+    The same without splice(2): bulk data is copied, so a client that reads
+    slower than its member writes exercises partial sends and the queue
+    behind them (with splice, those transfers take the pipe).
+    """
+
+    def setUp(self):
+        from etcdgw import transport
+
+        self.patch(transport, "SPLICE", False)
+        return super().setUp()
+
+    def test_bulkIsSpliced(self):
+        raise SkipTest("splice is off in this class")
+
+
+class PythonRelayCopyOnlyLoopbackTests(CopyOnlyLoopbackTests):
+    """
+    Without splice, with the pure-Python forwarding step.
+    """
+
+    def setUp(self):
+        from etcdgw import transport
+
+        self.patch(transport, "_relay", transport._relayPython)
+        return super().setUp()
