@@ -503,11 +503,19 @@ class DiscoveryService(Service):
     C{--discovery-refresh}, and feeds the pool what was proven.
 
     A failed DNS round, or one with nothing usable, keeps the pool as it is
-    (logged). Endpoints already proven are kept without a new handshake;
-    refused ones are tried again at each round.
+    (logged). Endpoints already proven are kept without a new handshake
+    until they were proven L{reverifyAfter} ago; refused ones are tried
+    again at each round.
     """
 
     log = Logger()
+
+    #: A proven endpoint is proven again (a new TLS handshake, in the next
+    #: round) once it was last proven this many seconds ago: a member whose
+    #: certificate is replaced by one that does not chain to the trust or
+    #: does not name its SRV target stops getting new connections within
+    #: this time plus one round's interval. Its open connections are left.
+    reverifyAfter = MAX_REFRESH
 
     def __init__(self, pool, reactor, config, first, discover=discover, runInThread=None):
         """
@@ -529,6 +537,11 @@ class DiscoveryService(Service):
         self.rounds = 0
         self.failures = 0
         self.lastResult = "no look-up since start"
+        now = reactor.seconds()
+        self._provenAt = {
+            e.identity: now for e in first.endpoints if getattr(e, "verified", False)
+        }
+        self._roundKnown = frozenset()
 
     def startService(self):
         super().startService()
@@ -575,8 +588,12 @@ class DiscoveryService(Service):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-        known = frozenset(
-            e.identity for e in self.pool.endpoints if isinstance(e, DiscoveredEndpoint)
+        now = self.reactor.seconds()
+        known = self._roundKnown = frozenset(
+            e.identity
+            for e in self.pool.endpoints
+            if isinstance(e, DiscoveredEndpoint)
+            and now - self._provenAt.get(e.identity, float("-inf")) < self.reverifyAfter
         )
         d = self._round = self._run(self._discover, self.config, known=known)
         d.addCallback(self._merge)
@@ -637,7 +654,13 @@ class DiscoveryService(Service):
             )
             return
         before = {e.key: e for e in self.pool.endpoints}
+        now = self.reactor.seconds()
+        for endpoint in result.endpoints:
+            if getattr(endpoint, "verified", False) and endpoint.identity not in self._roundKnown:
+                self._provenAt[endpoint.identity] = now  # a handshake proved it this round
         added, removed = self.pool.replaceEndpoints(result.endpoints, reason="SRV discovery")
+        kept = {e.identity for e in self.pool.endpoints if isinstance(e, DiscoveredEndpoint)}
+        self._provenAt = {i: t for i, t in self._provenAt.items() if i in kept}
         self.lastResult = (
             f"{len(self.pool.endpoints)} endpoints, {len(added)} added, {len(removed)} removed"
         )

@@ -436,6 +436,50 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.pool.pick().endpoint.name, "m2.etcd.test")
         self.assertEqual(len(self.messages("SRV records changed")), 1)
 
+    def test_reverifiedPeriodically(self):
+        """
+        A proven endpoint is accepted without a handshake until it was proven
+        reverifyAfter ago; then the next round proves it again, and a
+        successful proof counts from then.
+        """
+        service = self.makeService(
+            DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60)
+        )
+        both = frozenset({ep(1).identity, ep(2).identity})
+        for _ in range(4):  # rounds at 60, 120, 180 and 240 s
+            self.clock.advance(60)
+            self.assertEqual(self.rounds[-1][0], both)
+            self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60))
+        self.clock.advance(60)  # 300 s: both are due
+        self.assertEqual(self.rounds[-1][0], frozenset())
+        self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60))
+        self.clock.advance(60)
+        self.assertEqual(self.rounds[-1][0], both)
+        self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60))
+        self.assertEqual(service.reverifyAfter, 300)
+
+    def test_failedReverificationRemoves(self):
+        """
+        An endpoint whose new proof fails (its certificate changed) is taken
+        out of the pool, with the refusal and the change logged.
+        """
+        service = self.makeService(
+            DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60)
+        )
+        self.clock.advance(service.reverifyAfter)  # the first round runs at 300 s
+        self.assertEqual(self.rounds[-1][0], frozenset())
+        refused = ((f"{SSL} m2.etcd.test:2379", "certificate verify failed: rogue"),)
+        self.answer(
+            DiscoveryResult(endpoints=(ep(1),), records=("r",), refused=refused, ttl=60)
+        )
+        self.assertEqual(self.pool.endpoints, [ep(1)])
+        self.assertEqual(len(self.messages("certificate verify failed: rogue")), 1)
+        self.assertEqual(len(self.messages("removed ['m2.etcd.test:2379 (127.0.0.2)']")), 1)
+        # The survivor was proven again in that round.
+        self.clock.advance(60)
+        self.assertEqual(self.rounds[-1][0], frozenset({ep(1).identity}))
+        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+
     def test_dnsFailureKeeps(self):
         """
         A failed round keeps the last good set, logged, and retries at 5s.
