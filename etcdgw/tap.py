@@ -336,7 +336,6 @@ class Options(usage.Options):
 
     def opt_version(self):
         from etcdgw import __version__
-        from etcdgw.transport import RELAY_IN_C
 
         relay = "forwarding step in C" if RELAY_IN_C else "forwarding in pure Python"
         print(f"etcd-gateway {__version__} ({relay})")

@@ -117,7 +117,7 @@ class FastTransport:
         self.offset = 0
         self._writeDisconnecting = False
         self._writeDisconnected = False
-        self._pipe = self._spliceTarget = self._pipeSource = None
+        self._pipe = self._pipeSource = None
         self._pipeBytes = 0
         self._eof = False
         self._target = self._count = self._fd = None
@@ -141,7 +141,8 @@ class FastTransport:
         if self._pipe is not None:
             return self._spliceRead(target)
         # Joined (see join): what arrives goes straight to the target's
-        # socket, without the protocols. This is the gateway's hot path.
+        # socket, without the protocols. This is the gateway's hot path, so
+        # write's checks (may it send at once?) are inlined, not called.
         if (
             target._tempDataLen
             or target.dataBuffer
@@ -222,7 +223,6 @@ class FastTransport:
             pass  # the default pipe size works, with more system calls
         self._pipe = (r, w)
         self._pipeBytes = 0
-        self._spliceTarget = target
         target._pipeSource = self
 
     def _spliceRead(self, target):
@@ -272,15 +272,16 @@ class FastTransport:
             while self._pipeBytes:
                 self._pipeBytes -= os.splice(
                     self._pipe[0],
-                    self._spliceTarget.socket.fileno(),
+                    self._target._fd,
                     self._pipeBytes,
                     flags=_SPLICE_FLAGS,
                 )
         except (BlockingIOError, InterruptedError):
             return False
         except (OSError, AttributeError):
-            # The target is broken or gone: what the pipe holds cannot be
-            # delivered; the target's own reads and writes report the error.
+            # The target is broken or gone (unjoined: no _target): what the
+            # pipe holds cannot be delivered; the target's own reads and
+            # writes report the error.
             self._pipeBytes = 0
         return True
 
@@ -311,12 +312,9 @@ class FastTransport:
                 os.close(fd)
             self._pipe = None
             self._pipeBytes = 0
-            if self._spliceTarget is not None and self._spliceTarget._pipeSource is self:
-                self._spliceTarget._pipeSource = None
-            self._spliceTarget = None
-        source = self._pipeSource
-        if source is not None:
-            self._pipeSource = None
+            if target is not None and target._pipeSource is self:
+                target._pipeSource = None
+        self._pipeSource = None
         return super().connectionLost(reason)
 
     def write(self, data):
@@ -382,7 +380,6 @@ _CONNECTION_SLOTS = (
     "_writeDisconnected",
     "_pipe",
     "_pipeBytes",
-    "_spliceTarget",
     "_pipeSource",
     "_eof",
     "_target",
