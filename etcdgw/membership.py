@@ -72,7 +72,8 @@ def mergeMembers(members, current):
         parsed = []
         for url in urls:
             try:
-                parsed.append(parseEndpoint(str(url)))
+                # A member advertises full URLs: no default port here.
+                parsed.append(parseEndpoint(str(url), defaultPort=None))
             except EndpointError as e:
                 skipped.append((name, f"bad client URL: {e}"))
         if not parsed:

@@ -149,7 +149,8 @@ class Options(usage.Options):
             DEFAULT_ENDPOINTS,
             "Comma-separated etcd client endpoints: host:port, [v6addr]:port, or "
             "http:// / https:// URLs (the scheme is stripped; https is passed through, "
-            "TLS end to end). Host names are resolved at each dial.",
+            "TLS end to end). A member without a port is at etcd's client port, 2379 "
+            "(host, [v6addr], https://host). Host names are resolved at each dial.",
         ],
         [
             "listen-addr",
@@ -470,6 +471,12 @@ def makeService(options, reactor=None):
                 "gcc and the Python headers to get it"
             )
     endpoints = options["endpoints"]
+    defaulted = [str(e) for e in endpoints if getattr(e, "portDefaulted", False)]
+    if defaulted:
+        log.info(
+            "endpoints given without a port use etcd's client port 2379: {endpoints}",
+            endpoints=defaulted,
+        )
     for endpoint in endpoints:
         if endpoint.tls:
             log.info(

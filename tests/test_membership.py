@@ -83,7 +83,7 @@ class MergeTests(SynchronousTestCase):
         """A list with no usable client URL is refused."""
         merge = mergeMembers([member("new"), member("bad", "http://nope")], self.current)
         self.assertIsNone(merge.endpoints)
-        self.assertIn('"nope"', merge.skipped[1][1])
+        self.assertIn('"http://nope"', merge.skipped[1][1])
 
 
 class FakeClient:

@@ -125,3 +125,25 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([str(e) for e in service.pool.endpoints], ["a:1", "b:2"])
         self.assertIs(service.factory.pool, service.pool)
         self.assertIs(service.getServiceNamed("health").pool, service.pool)
+
+    def test_defaultPortSaidOnce(self):
+        """
+        Members given without a port are named, once, in one start-up line
+        saying they use etcd's client port 2379; --help says it too.
+        """
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        makeService(
+            parse("--endpoints=infra0.example.com,10.0.1.11:2379,https://infra2.example.com",
+                  "--listen-addr=127.0.0.1:0"),
+            reactor=MemoryReactorClock(),
+        )
+        said = [e for e in events if "2379" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+        self.assertEqual(
+            said[0]["endpoints"], ["infra0.example.com:2379", "infra2.example.com:2379"]
+        )
+        self.assertIn("2379", str(Options()))
