@@ -220,7 +220,7 @@ def nextInterval(config, result):
     """
     if config.refresh is not None:
         return config.refresh or None
-    if result.dnsFailed or not result.records:
+    if result.allFailed or not result.records:
         return MIN_REFRESH
     return clampTTL(result.ttl)
 
@@ -604,10 +604,24 @@ class DiscoveryService(Service):
     Re-resolves the SRV records at their TTL (clamped) or every
     C{--discovery-refresh}, and feeds the pool what was proven.
 
-    A failed DNS round, or one with nothing usable, keeps the pool as it is
-    (logged). Endpoints already proven are kept without a new handshake
-    until they were proven L{reverifyAfter} ago; refused ones are tried
-    again at each round.
+    What a round means for the pool:
+      - it saw no SRV record (every look-up failed, or every name is
+        empty): nothing changes (logged);
+      - one name's look-up failed and the other answered: the failed name's
+        endpoints are kept as last found, the other's answer is used (as
+        etcd); likewise an endpoint whose target's address look-up failed
+        is kept;
+      - records answered: the pool becomes what was proven. An endpoint
+        whose new proof failed is removed (new connections only), even when
+        that leaves nothing: fail closed, so a member whose certificate was
+        replaced by a rogue one gets no new client. With nothing left the
+        pool falls back to the explicit C{--endpoints} if given, or is
+        empty and new clients are closed (logged at error level, once),
+        and the next look-up comes at the lower bound.
+
+    Endpoints already proven are kept without a new handshake until they
+    were proven L{reverifyAfter} ago; refused ones are tried again at each
+    round.
     """
 
     log = Logger()
@@ -621,7 +635,8 @@ class DiscoveryService(Service):
 
     def __init__(self, pool, reactor, config, first, discover=discover, runInThread=None):
         """
-        @param first: the L{DiscoveryResult} of the round at start.
+        @param first: the L{DiscoveryResult} of the round at start (its
+            C{fallback} is used while nothing is proven).
         @param discover: C{discover(config, known=...)}, blocking.
         @param runInThread: C{runInThread(f, *args, **kwargs)} -> Deferred;
             default: the reactor's thread pool.
@@ -634,7 +649,10 @@ class DiscoveryService(Service):
         self._call = None
         self._round = None
         self._first = first
+        self._fallback = list(first.fallback)
         self._refused = {}
+        self._lookupErrors = {}
+        self._nothingProven = False
         self.interval = nextInterval(config, first)
         self.rounds = 0
         self.failures = 0
@@ -655,6 +673,14 @@ class DiscoveryService(Service):
         )
         self._logRefusals(self._first)
         self._logFailures(self._first)
+        self._lookupErrors = dict(self._first.errors)
+        for service, error in self._first.errors:
+            self.log.warn(
+                "SRV look-up of {service} failed at start ({error}); using the other "
+                "name's answer",
+                service=service,
+                error=error,
+            )
         for endpoint in self.pool.endpoints:
             if not getattr(endpoint, "verified", True):
                 self.log.warn(
@@ -733,41 +759,57 @@ class DiscoveryService(Service):
         self._logRefusals(result)
         self._logFailures(result)
         keeping = len(self.pool.endpoints)
-        if result.dnsFailed:
+        if not result.records:
+            self._lookupErrors = dict(result.errors)
             self.failures += 1
-            self.lastResult = (
-                f"look-up failed ({'; '.join(e for _, e in result.errors)}); "
-                f"kept {keeping} endpoints"
-            )
-            self.log.warn(
-                "SRV look-up failed ({errors}); keeping the last good set of {count} "
-                "endpoints; next look-up in {interval}",
-                errors="; ".join(e for _, e in result.errors),
-                count=keeping,
-                interval=formatDuration(self.interval or 0),
-            )
+            if result.dnsFailed:
+                self.lastResult = (
+                    f"look-up failed ({'; '.join(e for _, e in result.errors)}); "
+                    f"kept {keeping} endpoints"
+                )
+                self.log.warn(
+                    "SRV look-up failed ({errors}); keeping the last good set of {count} "
+                    "endpoints; next look-up in {interval}",
+                    errors="; ".join(e for _, e in result.errors),
+                    count=keeping,
+                    interval=formatDuration(self.interval or 0),
+                )
+            else:
+                self.lastResult = f"no SRV record found; kept {keeping} endpoints"
+                self.log.warn(
+                    "SRV discovery found no usable endpoint (no SRV record: {found}); "
+                    "keeping the last good set of {count} endpoints",
+                    found=result.describe(),
+                    count=keeping,
+                )
             return
-        if not result.endpoints:
-            self.failures += 1
-            self.lastResult = f"nothing usable found; kept {keeping} endpoints"
-            self.log.warn(
-                "SRV discovery found no usable endpoint ({found}); keeping the last "
-                "good set of {count} endpoints",
-                found=result.describe(),
-                count=keeping,
-            )
+        endpoints = list(result.endpoints) + self._stillGood(result)
+        self._logLookupErrors(result, endpoints)
+        if not endpoints:
+            self._nothing(result)
             return
         before = {e.key: e for e in self.pool.endpoints}
         now = self.reactor.seconds()
         for endpoint in result.endpoints:
             if getattr(endpoint, "verified", False) and endpoint.identity not in self._roundKnown:
                 self._provenAt[endpoint.identity] = now  # a handshake proved it this round
-        added, removed = self.pool.replaceEndpoints(result.endpoints, reason="SRV discovery")
+        added, removed = self.pool.replaceEndpoints(endpoints, reason="SRV discovery")
         kept = {e.identity for e in self.pool.endpoints if isinstance(e, DiscoveredEndpoint)}
         self._provenAt = {i: t for i, t in self._provenAt.items() if i in kept}
         self.lastResult = (
             f"{len(self.pool.endpoints)} endpoints, {len(added)} added, {len(removed)} removed"
         )
+        if result.errors:
+            self.lastResult += (
+                f"; look-up failed for {', '.join(s for s, _ in result.errors)}, "
+                f"its last good endpoints kept"
+            )
+        if self._nothingProven:
+            self._nothingProven = False
+            self.log.info(
+                "SRV discovery proved endpoints again: {endpoints}",
+                endpoints=[str(e) for e in self.pool.endpoints],
+            )
         changed = [
             f"{e} priority {before[e.key].priority}->{e.priority} "
             f"weight {before[e.key].weight}->{e.weight}"
@@ -783,6 +825,91 @@ class DiscoveryService(Service):
                     "endpoint {endpoint} accepted unverified (--insecure-discovery)",
                     endpoint=str(endpoint),
                 )
+
+    def _stillGood(self, result):
+        """
+        The pool's endpoints that this round could not judge, kept as last
+        found: those of a name whose look-up failed, and those of a record
+        whose target's address look-up failed (with the record's new
+        priority and weight). Not those proven again.
+        """
+        failedTLS = {
+            tls for service, tls in serviceNames(self.config.domain, self.config.serviceName)
+            if service in dict(result.errors)
+        }
+        unresolved = {(r.target, r.port, r.tls): r for r in result.unresolved}
+        seen = {e.key for e in result.endpoints}
+        kept = []
+        for endpoint in self.pool.endpoints:
+            if not isinstance(endpoint, DiscoveredEndpoint) or endpoint.key in seen:
+                continue
+            record = unresolved.get((endpoint.name, endpoint.port, endpoint.tls))
+            if record is not None:
+                endpoint = attr.evolve(endpoint, priority=record.priority, weight=record.weight)
+            elif endpoint.tls not in failedTLS:
+                continue
+            seen.add(endpoint.key)
+            kept.append(endpoint)
+        return kept
+
+    def _nothing(self, result):
+        """
+        Records answered and none was proven: fail closed. The pool becomes
+        the explicit --endpoints, or empty (new clients are closed).
+        """
+        self.failures += 1
+        # Look again soon: a member may be proven again in a moment.
+        self.interval = nextInterval(self.config, DiscoveryResult())
+        removed = [str(e) for e in self.pool.endpoints if isinstance(e, DiscoveredEndpoint)]
+        self.pool.replaceEndpoints(self._fallback, reason="SRV discovery proved nothing")
+        self._provenAt = {}
+        if self._fallback:
+            self.lastResult = "nothing proven; using the --endpoints fallback"
+        else:
+            self.lastResult = "nothing proven; no endpoint left, new clients are closed"
+        if self._nothingProven:
+            return
+        self._nothingProven = True
+        if self._fallback:
+            self.log.error(
+                "SRV discovery proved no endpoint ({found}); removed {removed}; new "
+                "clients go to --endpoints {endpoints} until a look-up proves one; next "
+                "look-up in {interval}",
+                found=result.describe(),
+                removed=removed,
+                endpoints=[str(e) for e in self._fallback],
+                interval=formatDuration(self.interval or 0),
+            )
+        else:
+            self.log.error(
+                "SRV discovery proved no endpoint ({found}); removed {removed}; no "
+                "endpoint is left: new clients are closed until a look-up proves one "
+                "(open connections are left); next look-up in {interval}",
+                found=result.describe(),
+                removed=removed,
+                interval=formatDuration(self.interval or 0),
+            )
+
+    def _logLookupErrors(self, result, endpoints):
+        """
+        When one name's look-up fails while the other answers: a warning
+        when it starts failing (or fails differently), not at every round,
+        and a line when it answers again.
+        """
+        errors = dict(result.errors)
+        for service, error in errors.items():
+            if self._lookupErrors.get(service) != error:
+                self.log.warn(
+                    "SRV look-up of {service} failed ({error}); keeping its last good "
+                    "endpoints and using the other name's answer; now {endpoints}",
+                    service=service,
+                    error=error,
+                    endpoints=[str(e) for e in endpoints],
+                )
+        for service in self._lookupErrors:
+            if service not in errors:
+                self.log.info("SRV look-up of {service} answers again", service=service)
+        self._lookupErrors = errors
 
     def _logFailures(self, result):
         for what, reason in result.failures:

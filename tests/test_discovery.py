@@ -25,6 +25,7 @@ from etcdgw.discovery import (
     DiscoveryResult,
     DiscoveryService,
     LookupFailed,
+    SRVRecord,
     _parallel,
     clampTTL,
     discover,
@@ -577,10 +578,18 @@ class StartTests(SynchronousTestCase):
         self.assertEqual(result.fallback, tuple(fallback))
 
 
-
 def ep(n, priority=0, weight=0):
     return DiscoveredEndpoint(f"127.0.0.{n}", 2379, priority, weight, True,
                               name=f"m{n}.etcd.test", verified=True)
+
+
+def plain(n, priority=0, weight=0):
+    return DiscoveredEndpoint(f"127.0.0.{n}", 2379, priority, weight, False,
+                              name=f"p{n}.etcd.test", verified=False)
+
+
+def record(n, priority=0, weight=0, tls=True):
+    return SRVRecord(SSL if tls else PLAIN, tls, f"m{n}.etcd.test", 2379, priority, weight, 60)
 
 
 class ServiceTests(SynchronousTestCase):
@@ -818,6 +827,95 @@ class ServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+
+    def test_allReverificationsFailRemoves(self):
+        """
+        Issue 11 item 16: when every endpoint fails its new proof, they are
+        removed (fail closed), logged once at error level saying new clients
+        are closed; the next look-up comes at the lower bound, and a proof
+        brings the endpoint back.
+        """
+        service = self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        self.clock.advance(service.reverifyAfter)
+        self.assertEqual(self.rounds[-1][0], frozenset())
+        refused = ((f"{SSL} m1.etcd.test:2379", "certificate verify failed: rogue"),)
+        self.answer(DiscoveryResult(records=("r",), refused=refused, lookups=((SSL, "1 record"),), ttl=60))
+        self.assertEqual(self.pool.endpoints, [])
+        self.assertIsNone(self.pool.pick())
+        errors = [e for e in self.events if e["log_level"].name == "error"
+                  and "proved no endpoint" in e["log_format"]]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["removed"], ["m1.etcd.test:2379 (127.0.0.1)"])
+        self.assertIn("new clients are closed", errors[0]["log_format"])
+        self.assertEqual(service.failures, 1)
+        # Again refused at the next look-up, 5 s later: no second error line.
+        self.clock.advance(MIN_REFRESH)
+        self.assertEqual(len(self.rounds), 2)
+        self.answer(DiscoveryResult(records=("r",), refused=refused, lookups=((SSL, "1 record"),), ttl=60))
+        self.assertEqual(len(self.messages("proved no endpoint")), 1)
+        # Fixed: proven again and back in the pool.
+        self.clock.advance(MIN_REFRESH)
+        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        self.assertEqual(self.pool.endpoints, [ep(1)])
+        self.assertEqual(len(self.messages("proved endpoints again")), 1)
+
+    def test_nothingProvenUsesFallback(self):
+        """
+        Nothing proven with an explicit --endpoints: the pool becomes those,
+        logged at error level.
+        """
+        fallback = (Endpoint("10.0.0.1", 2379),)
+        first = DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60, fallback=fallback)
+        service = self.makeService(first)
+        service.refresh()
+        self.answer(DiscoveryResult(records=("r",), refused=((f"{SSL} m1.etcd.test:2379", "rogue"),), ttl=60))
+        self.assertEqual(self.pool.endpoints, list(fallback))
+        self.assertIn("new clients go to --endpoints ['10.0.0.1:2379']",
+                      self.messages("proved no endpoint")[0])
+        self.clock.advance(MIN_REFRESH)
+        self.answer(DiscoveryResult(endpoints=(ep(2),), records=("r",), ttl=60))
+        self.assertEqual(self.pool.endpoints, [ep(2)])
+
+    def test_unresolvedTargetKept(self):
+        """
+        An endpoint whose target's address look-up failed is kept as last
+        found (with the record's new priority); one whose proof failed is not.
+        """
+        self.makeService(DiscoveryResult(endpoints=(ep(1), ep(2), ep(3)), records=("r",), ttl=60))
+        self.clock.advance(60)
+        self.answer(DiscoveryResult(
+            endpoints=(ep(1),), records=(record(1), record(2, priority=5), record(3)),
+            unresolved=(record(2, priority=5),),
+            refused=((f"{SSL} m2.etcd.test:2379", "A look-up failed: timed out"),
+                     (f"{SSL} m3.etcd.test:2379", "certificate verify failed: rogue")),
+            ttl=60,
+        ))
+        self.assertEqual(self.pool.endpoints, [ep(1), ep(2, priority=5)])
+
+    def test_oneNameFailsOtherUsed(self):
+        """
+        Issue 11 item 17: one name's look-up fails (REFUSED) and the other
+        answers: the failed name's endpoints are kept, the other's answer is
+        used, the round follows the TTL, and the failure is logged once (and
+        its end once).
+        """
+        self.makeService(DiscoveryResult(endpoints=(ep(1), plain(2)), records=("r",), ttl=60))
+        refusedSSL = ((SSL, f"SRV look-up of {SSL} failed: no server answered: REFUSED"),)
+        for n in (3, 4):
+            self.clock.advance(60)
+            self.answer(DiscoveryResult(
+                endpoints=(plain(n),), records=(record(n, tls=False),),
+                lookups=((PLAIN, "1 record"),), errors=refusedSSL, ttl=60,
+            ))
+            self.assertEqual(self.pool.endpoints, [plain(n), ep(1)])
+        self.assertEqual(len(self.messages("keeping its last good endpoints")), 1)
+        self.clock.advance(60)  # the TTL, not the 5 s of a failed round
+        self.assertEqual(len(self.rounds), 3)
+        self.answer(DiscoveryResult(
+            endpoints=(ep(1), plain(4)), records=(record(1), record(4, tls=False)),
+            lookups=((SSL, "1 record"), (PLAIN, "1 record")), ttl=60,
+        ))
+        self.assertEqual(len(self.messages("answers again")), 1)
 
     def test_unexpectedErrorsLogged(self):
         """
