@@ -639,7 +639,7 @@ class DiscoveryService(Service):
             C{fallback} is used while nothing is proven).
         @param discover: C{discover(config, known=...)}, blocking.
         @param runInThread: C{runInThread(f, *args, **kwargs)} -> Deferred;
-            default: the reactor's thread pool.
+            default: a daemon thread (L{_runInThread}).
         """
         self.pool = pool
         self.reactor = reactor
@@ -648,6 +648,7 @@ class DiscoveryService(Service):
         self._run = runInThread if runInThread is not None else _runInThread(reactor)
         self._call = None
         self._round = None
+        self._waiters = []
         self._first = first
         self._fallback = list(first.fallback)
         self._refused = {}
@@ -708,12 +709,21 @@ class DiscoveryService(Service):
 
     def refresh(self):
         """
-        Run one round now (also what each timer does).
+        Run one round now (also what each timer does); while a round runs,
+        wait for that one.
 
-        @return: a Deferred firing when the round has been merged.
+        @return: a new Deferred for this caller, firing with L{None} when
+            the round has been merged (never the round's own Deferred: a
+            caller's callbacks cannot change what the round or another
+            caller sees).
         """
-        if self._round is not None:
-            return self._round
+        waiter = defer.Deferred()
+        self._waiters.append(waiter)
+        if self._round is None:
+            self._startRound()
+        return waiter
+
+    def _startRound(self):
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
@@ -724,11 +734,14 @@ class DiscoveryService(Service):
             if isinstance(e, DiscoveredEndpoint)
             and now - self._provenAt.get(e.identity, float("-inf")) < self.reverifyAfter
         )
-        d = self._round = self._run(self._discover, self.config, known=known)
+        # maybeDeferred: a runner that raises (no thread to be had) fails
+        # this round, which is logged and rescheduled like any other.
+        d = self._round = defer.maybeDeferred(
+            self._run, self._discover, self.config, known=known
+        )
         d.addCallback(self._merge)
         d.addErrback(self._failed)
         d.addBoth(self._done)
-        return d
 
     def refreshNow(self):
         """
@@ -750,6 +763,9 @@ class DiscoveryService(Service):
         self.rounds += 1
         if self.running and self._call is None:
             self._schedule(self.interval)
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         return None
 
     def _merge(self, result):

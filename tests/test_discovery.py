@@ -917,6 +917,47 @@ class ServiceTests(SynchronousTestCase):
         ))
         self.assertEqual(len(self.messages("answers again")), 1)
 
+    def test_refreshGivesEachCallerItsOwnDeferred(self):
+        """
+        Issue 11 item 19: two callers during one round get two Deferreds; what
+        one caller's callbacks do is not seen by the other or the round.
+        """
+        service = self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        first = service.refresh()
+        first.addCallback(lambda _: 1 / 0)
+        second = service.refresh()
+        self.assertIsNot(first, second)
+        self.assertEqual(len(self.rounds), 1)
+        self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60))
+        self.assertIsNone(self.successResultOf(second))
+        self.failureResultOf(first, ZeroDivisionError)
+        self.assertEqual(self.pool.endpoints, [ep(1), ep(2)])
+        self.assertEqual(service.rounds, 1)
+        self.clock.advance(60)
+        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+
+    def test_runnerRaises(self):
+        """
+        A round that cannot even start (no thread) is a failed round: logged,
+        retried at the lower bound, and the caller's Deferred fires.
+        """
+
+        def noThread(f, *args, **kwargs):
+            raise RuntimeError("can't start new thread")
+
+        self.pool = UpstreamPool([ep(1)], self.clock)
+        service = DiscoveryService(self.pool, self.clock, DiscoveryConfig("etcd.test"),
+                                   DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60),
+                                   discover=None, runInThread=noThread)
+        service.startService()
+        self.addCleanup(service.stopService)
+        d = service.refresh()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual([c.getTime() for c in self.clock.getDelayedCalls()], [MIN_REFRESH])
+        service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_unexpectedErrorsLogged(self):
         """
         The unexpected exceptions of a round are logged with their traceback,
