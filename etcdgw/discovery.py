@@ -653,7 +653,9 @@ class DiscoveryService(Service):
         self._fallback = list(first.fallback)
         self._refused = {}
         self._lookupErrors = {}
-        self._nothingProven = False
+        self._failuresLogged = frozenset()
+        # Started on the --endpoints fallback: nothing was proven.
+        self._nothingProven = not first.endpoints
         self.interval = nextInterval(config, first)
         self.rounds = 0
         self.failures = 0
@@ -928,10 +930,17 @@ class DiscoveryService(Service):
         self._lookupErrors = errors
 
     def _logFailures(self, result):
+        """
+        Log each unexpected exception with its traceback, once: not again
+        while the same record keeps failing the same way.
+        """
+        logged = frozenset((what, _describeFailure(f)) for what, f in result.failures)
         for what, reason in result.failures:
-            self.log.failure(
-                "SRV discovery: unexpected error for {what}; refused", reason, what=what
-            )
+            if (what, _describeFailure(reason)) not in self._failuresLogged:
+                self.log.failure(
+                    "SRV discovery: unexpected error for {what}; refused", reason, what=what
+                )
+        self._failuresLogged = logged
 
     def _logRefusals(self, result):
         refused = dict(result.refused)

@@ -824,6 +824,7 @@ class ServiceTests(SynchronousTestCase):
         self.clock.advance(MIN_REFRESH)
         self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
         self.assertEqual(pool.endpoints, [ep(1)])
+        self.assertEqual(len(self.messages("proved endpoints again")), 1)
         service.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -961,16 +962,17 @@ class ServiceTests(SynchronousTestCase):
     def test_unexpectedErrorsLogged(self):
         """
         The unexpected exceptions of a round are logged with their traceback,
-        in the reactor thread.
+        in the reactor thread, once while they repeat.
         """
         self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
         try:
             raise ValueError("Invalid DNS-ID.")
         except ValueError:
             reason = failure.Failure()
-        self.clock.advance(60)
-        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60,
-                                    failures=((f"{SSL} bad:2379", reason),)))
+        for _ in range(2):
+            self.clock.advance(60)
+            self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60,
+                                        failures=((f"{SSL} bad:2379", reason),)))
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
 
