@@ -860,6 +860,33 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.pool.endpoints, [ep(1)])
         self.assertEqual(len(self.messages("proved endpoints again")), 1)
 
+    def test_rogueCertificateEndToEnd(self):
+        """
+        Through the real discover(): the only member's certificate is replaced
+        by a rogue one; its re-proof fails and it gets no new client.
+        """
+        validator = FakeValidator()
+        resolver = FakeResolver(zone(ssl=[(0, 0, 2379, "m1.etcd.test.")], ttl=60))
+        config = DiscoveryConfig("etcd.test")
+        first = discover(config, resolver, validator)
+        self.pool = UpstreamPool(list(first.endpoints), self.clock)
+        service = DiscoveryService(
+            self.pool, self.clock, config, first,
+            discover=lambda config, known: discover(config, resolver, validator, known),
+            runInThread=lambda f, *a, **k: defer.maybeDeferred(f, *a, **k),
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        validator.refuse["m1.etcd.test"] = "certificate verify failed: rogue"
+        self.clock.advance(service.reverifyAfter - 60)
+        self.assertEqual(self.pool.endpoints, [ep(1)])  # accepted as known, no handshake
+        self.clock.advance(60)
+        self.assertEqual(self.pool.endpoints, [])
+        self.assertIsNone(self.pool.pick())
+        self.assertEqual(len(validator.calls), 2)
+        service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_nothingProvenUsesFallback(self):
         """
         Nothing proven with an explicit --endpoints: the pool becomes those,
