@@ -5,16 +5,24 @@ chains to the trusted CAs and names the SRV target.
 This is blocking code (a plain socket, bounded by a timeout): discovery runs
 it off the reactor thread (see L{etcdgw.discovery}). etcd's own gateway only
 makes a TCP connection here and never reads the CA file.
+
+Every way a proof can fail is a L{ValidationError} with a one-line reason:
+a certificate that service_identity cannot even check (no subject
+alternative name, a C{*} name) is as refused as one naming another host.
+The handshake waits with C{poll}, not C{select}, which cannot take a
+descriptor >= 1024 (a gateway with about 500 clients has those).
 """
 
+import ipaddress
 import select
 import socket
 import time
 
 import attr
 from OpenSSL import SSL
-from service_identity import VerificationError
-from service_identity.pyopenssl import verify_hostname
+from service_identity import CertificateError, VerificationError
+from service_identity.hazmat import DNS_ID
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
 from etcdgw.endpoint import formatHostPort
 
@@ -87,21 +95,37 @@ def _verifyErrorString(code):
 
 def validateTLS(address, port, name, trust, timeout, context=None):
     """
-    Connect to C{address}:C{port} (an IP), make a TLS handshake with SNI
-    C{name}, and check that the certificate chains to C{trust} and that its
-    DNS names match C{name} (RFC 6125, by service_identity).
+    Connect to C{address}:C{port} (an IP), make a TLS handshake, and check
+    that the certificate chains to C{trust} and names C{name} (RFC 6125, by
+    service_identity).
+
+    C{name} is a host name (sent as SNI, matched against the certificate's
+    DNS names) or an IP literal (an SRV target may be one, as in etcd,
+    which dials it as an address): then no SNI is sent (RFC 6066 forbids an
+    address there) and it must be one of the certificate's IP addresses.
 
     @param context: a context from L{TLSTrust.context}, to reuse; built
         from C{trust} when L{None}.
     @return: L{None} once proven.
     @raise ValidationError: with a one-line reason otherwise.
     """
+    isAddress = _isAddress(name)
+    if not isAddress:
+        try:
+            DNS_ID(name)
+        except (ValueError, TypeError, ImportError):
+            raise ValidationError(
+                f'"{name}" is not a host name a certificate can name'
+            ) from None
     if context is None:
         context = trust.context()
     where = formatHostPort(address, port)
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValidationError(f"cannot open a socket to {where}: {e.strerror or e}") from None
     failures = []
 
     def verify(conn, cert, errnum, depth, ok):
@@ -124,7 +148,13 @@ def validateTLS(address, port, name, trust, timeout, context=None):
         sock.setblocking(False)
         conn = SSL.Connection(context, sock)
         conn.set_verify(SSL.VERIFY_PEER, verify)
-        conn.set_tlsext_host_name(name.encode("idna"))
+        if not isAddress:
+            try:
+                conn.set_tlsext_host_name(name.encode("idna"))
+            except UnicodeError:
+                raise ValidationError(
+                    f'"{name}" is not a host name a certificate can name'
+                ) from None
         conn.set_connect_state()
         while True:
             try:
@@ -148,11 +178,20 @@ def validateTLS(address, port, name, trust, timeout, context=None):
         if failures:  # pragma: no cover - OpenSSL fails the handshake first
             raise ValidationError(failures[0])
         try:
-            verify_hostname(conn, name)
+            if isAddress:
+                verify_ip_address(conn, name)
+            else:
+                verify_hostname(conn, name)
         except VerificationError as e:
             names = _certificateNames(conn)
             raise ValidationError(
                 f"certificate does not name {name} (it names {names}): {e}"
+            ) from None
+        except (CertificateError, ValueError) as e:
+            # No subject alternative name, or one service_identity refuses
+            # to match (a "*" alone): the certificate cannot name anything.
+            raise ValidationError(
+                f"certificate of {where} cannot be checked against {name}: {_oneLine(e)}"
             ) from None
         try:
             conn.shutdown()
@@ -162,14 +201,33 @@ def validateTLS(address, port, name, trust, timeout, context=None):
         sock.close()
 
 
+def _isAddress(name):
+    """
+    Whether C{name} is an IP literal (an IPv6 one may carry a scope ID).
+    """
+    try:
+        ipaddress.ip_address(name.partition("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _oneLine(error):
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _wait(sock, deadline, where, read):
+    """
+    Wait until C{sock} is readable (or writable) or the deadline passes.
+    C{poll} takes any descriptor; C{select} raises for one >= 1024.
+    """
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise ValidationError(f"TLS handshake with {where} timed out")
-    readable, writable, _ = select.select(
-        [sock] if read else [], [] if read else [sock], [], remaining
-    )
-    if not readable and not writable:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN if read else select.POLLOUT)
+    # Milliseconds, rounded up: 0 would not wait at all.
+    if not poller.poll(max(1, int(remaining * 1000 + 0.999))):
         raise ValidationError(f"TLS handshake with {where} timed out")
 
 

@@ -4,11 +4,12 @@ on 127.0.0.1 (L{tests.certs.TLSServer}, a thread with the standard
 library's ssl), with certificates from L{tests.certs}.
 """
 
+import os
 import shutil
 import socket
 import tempfile
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from etcdgw.verify import TLSTrust, ValidationError, validateTLS
 from tests.certs import CertificateAuthority, TLSServer
@@ -102,3 +103,88 @@ class ValidateTests(SynchronousTestCase):
         """
         e = self.assertRaises(ValidationError, TLSTrust(self.good[1] + ".missing").context)
         self.assertIn("cannot load TLS files", str(e))
+
+    def test_noSubjectAltName(self):
+        """
+        A trusted certificate without subject alternative names is refused
+        with a one-line reason, not an exception of service_identity's.
+        """
+        server = self.serve(self.ca.issue(self.dir, "nosan", [], ips=()))
+        e = self.assertRaises(
+            ValidationError, validateTLS, "127.0.0.1", server.port, "m1.etcd.test",
+            TLSTrust(self.caFile), 5,
+        )
+        self.assertIn("m1.etcd.test", str(e))
+        self.assertIn("subjectAltName", str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_starSubjectAltName(self):
+        """
+        A trusted certificate whose only DNS name is C{*} is refused with a
+        one-line reason.
+        """
+        server = self.serve(self.ca.issue(self.dir, "star", ["*"], ips=()))
+        e = self.assertRaises(
+            ValidationError, validateTLS, "127.0.0.1", server.port, "m1.etcd.test",
+            TLSTrust(self.caFile), 5,
+        )
+        self.assertIn("m1.etcd.test", str(e))
+        self.assertNotIn("\n", str(e))
+
+    def test_ipLiteralName(self):
+        """
+        An IP literal as the name is checked against the certificate's IP
+        addresses: proven when it names that IP, refused when not.
+        """
+        server = self.serve(self.good)  # names m1.etcd.test and IP 127.0.0.1
+        self.assertIsNone(
+            validateTLS("127.0.0.1", server.port, "127.0.0.1", TLSTrust(self.caFile), 5)
+        )
+        e = self.assertRaises(
+            ValidationError, validateTLS, "127.0.0.1", server.port, "127.0.0.2",
+            TLSTrust(self.caFile), 5,
+        )
+        self.assertIn("certificate does not name 127.0.0.2", str(e))
+        self.assertIn("127.0.0.1", str(e))
+
+    def test_invalidName(self):
+        """
+        A name no certificate can name is refused before any connection.
+        """
+        server = self.serve(self.good)
+        e = self.assertRaises(
+            ValidationError, validateTLS, "127.0.0.1", server.port, "bad name!.etcd.test",
+            TLSTrust(self.caFile), 5,
+        )
+        self.assertIn("bad name!.etcd.test", str(e))
+        self.assertEqual(server.accepted, 0)
+
+    def test_highDescriptor(self):
+        """
+        A handshake on a descriptor >= 1024 (a gateway with ~500 clients)
+        works: the wait does not use select().
+        """
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 1200
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            raise SkipTest(f"hard RLIMIT_NOFILE {hard} is below {wanted}")
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        server = self.serve(self.good)
+        dummies = []
+        self.addCleanup(lambda: [os.close(fd) for fd in dummies])
+        while True:  # fill every free descriptor below 1024
+            fd = os.open(os.devnull, os.O_RDONLY)
+            if fd >= 1024:
+                os.close(fd)
+                break
+            dummies.append(fd)
+        probe = socket.socket()
+        self.assertGreaterEqual(probe.fileno(), 1024)
+        probe.close()
+        self.assertIsNone(
+            validateTLS("127.0.0.1", server.port, "m1.etcd.test", TLSTrust(self.caFile), 5)
+        )

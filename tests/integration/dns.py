@@ -18,7 +18,11 @@ at every query, so a change is seen by the next query::
     server.cleanup()
 
 A name with no record of any type is NXDOMAIN; a name with records of other
-types answers with no records.
+types answers with no records. A name given L{refused} (or L{servfail})
+answers every query with that error code, as dnsmasq without a local zone
+answers REFUSED for C{_etcd-client-ssl}::
+
+    server.setRecords([refused("_etcd-client-ssl._tcp.etcd.test"), ...])
 """
 
 import json
@@ -41,6 +45,20 @@ def srv(name, target, port, priority=0, weight=0, ttl=60):
 
 def a(name, address="127.0.0.1", ttl=60):
     return {"name": name, "type": "A", "address": address, "ttl": ttl}
+
+
+def refused(name):
+    """
+    Every query for C{name} is answered REFUSED.
+    """
+    return {"name": name, "type": "RCODE", "rcode": "REFUSED"}
+
+
+def servfail(name):
+    """
+    Every query for C{name} is answered SERVFAIL.
+    """
+    return {"name": name, "type": "RCODE", "rcode": "SERVFAIL"}
 
 
 class DNSServer:
@@ -134,6 +152,15 @@ def _serve(zonePath, portPath, port=None):
     from twisted.names import common, dns, server
     from twisted.python import failure
 
+    class RCodeError(Exception):
+        """
+        Answer with this DNS response code (by name: REFUSED, SERVFAIL).
+        """
+
+        def __init__(self, rcode):
+            super().__init__(rcode)
+            self.rcode = {"REFUSED": dns.EREFUSED, "SERVFAIL": dns.ESERVER}[rcode]
+
     class JSONZone(common.ResolverBase):
         """
         Answers from the JSON zone file, re-read at each query.
@@ -148,6 +175,9 @@ def _serve(zonePath, portPath, port=None):
             records = [r for r in self._records() if r["name"].lower().rstrip(".") == wanted]
             if not records:
                 return defer.fail(failure.Failure(dns.AuthoritativeDomainError(name)))
+            for r in records:
+                if r["type"] == "RCODE":
+                    return defer.fail(failure.Failure(RCodeError(r["rcode"])))
             answers = []
             for r in records:
                 if r["type"] == "SRV" and type in (dns.SRV, dns.ALL_RECORDS):
@@ -165,7 +195,14 @@ def _serve(zonePath, portPath, port=None):
                 )
             return defer.succeed((answers, [], []))
 
-    factory = server.DNSServerFactory(authorities=[JSONZone()])
+    class Factory(server.DNSServerFactory):
+        def gotResolverError(self, reason, protocol, message, address):
+            if not reason.check(RCodeError):
+                return super().gotResolverError(reason, protocol, message, address)
+            response = self._responseFromMessage(message=message, rCode=reason.value.rcode)
+            self.sendReply(protocol, response, address)
+
+    factory = Factory(authorities=[JSONZone()])
     if port is None:
         for _ in range(50):  # one port for UDP and TCP
             udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(factory), interface=HOST)

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from etcdgw.discovery import PLAIN_REFUSED
 from tests.certs import CertificateAuthority, TLSServer
-from tests.integration.dns import DNSServer, a, srv
+from tests.integration.dns import DNSServer, a, refused, srv
 from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl
 from tests.integration.gateway import REPOSITORY, GatewayProcess, GatewayStartError
 
@@ -247,3 +247,106 @@ class PlainDiscoveryTests(ClusterTestMixin, _GatewayMixin, unittest.TestCase):
         log = self.failedStart(gw)
         self.assertIn("DNS look-up failed", log)
         self.assertIn("timed out", log)
+
+
+class HostileRecordTests(_GatewayMixin, unittest.TestCase):
+    """
+    Records that once crashed discovery or froze it (issue 11 items 5, 17),
+    against the real gateway process; members are small TLS servers (or
+    plain listening sockets), no etcd needed.
+    """
+
+    def setUp(self):
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.ca = CertificateAuthority("etcdgw hostile records CA")
+        self.caFile = self.ca.write(self.tmp)
+
+    def server(self, basename, dnsNames, ips=("127.0.0.1",)):
+        server = TLSServer.withCertificate(self.ca.issue(self.tmp, basename, dnsNames, ips=ips))
+        self.addCleanup(server.close)
+        return server
+
+    def test_badRecordsRefusedOnly(self):
+        """
+        Records whose certificate has no SAN or only a "*" SAN, an IP-literal
+        target whose certificate has no IP SAN, and a target at 0.0.0.0 are
+        each refused with a reason; the gateway starts on the good member, an
+        IP-literal target whose certificate names that IP is accepted, and a
+        member added later joins (the rounds do not fail).
+        """
+        good = self.server("m1", ["m1.etcd.test"], ips=())
+        byIP = self.server("ip", [], ips=("127.0.0.1",))
+        nosan = self.server("nosan", [], ips=())
+        star = self.server("star", ["*"], ips=())
+        records = [
+            srv(SSL, "m1.etcd.test.", good.port, 10, 0, 1),
+            srv(SSL, "127.0.0.1.", byIP.port, 10, 0, 1),
+            srv(SSL, "nosan.etcd.test.", nosan.port, 0, 0, 1),
+            srv(SSL, "star.etcd.test.", star.port, 0, 0, 1),
+            srv(SSL, "127.0.0.1.", nosan.port, 0, 0, 1),
+            srv(SSL, "zero.etcd.test.", good.port, 0, 0, 1),
+            a("m1.etcd.test"), a("nosan.etcd.test"), a("star.etcd.test"),
+            a("zero.etcd.test", "0.0.0.0"),
+        ]
+        dns = self.dnsServer(records)
+        gw = self.gateway(dns, "--trusted-ca-file=" + self.caFile, "--discovery-refresh=1s")
+        gw.start()
+        log = gw.waitForLog("discovered cluster from SRV")
+        started = [line for line in log.splitlines() if "discovered cluster from SRV" in line][0]
+        self.assertIn(f"m1.etcd.test:{good.port} (127.0.0.1)", started)
+        self.assertIn(f"'127.0.0.1:{byIP.port}'", started)
+        for trap in ("nosan", "star", "zero"):
+            self.assertNotIn(trap, started)
+        self.assertIn(f"{SSL} nosan.etcd.test:{nosan.port} refused: certificate of", log)
+        self.assertIn("does not contain any `subjectAltName`s", log)
+        self.assertIn(f"{SSL} star.etcd.test:{star.port} refused: certificate of", log)
+        self.assertIn("too few host components", log)
+        self.assertIn(f"{SSL} 127.0.0.1:{nosan.port} refused: certificate of", log)
+        self.assertIn(f"{SSL} zero.etcd.test:{good.port} refused: 0.0.0.0 is an unspecified", log)
+        self.assertNotIn("Traceback", log)
+
+        m2 = self.server("m2", ["m2.etcd.test"], ips=())
+        dns.setRecords(records + [srv(SSL, "m2.etcd.test.", m2.port, 10, 0, 1), a("m2.etcd.test")])
+        log = gw.waitForLog("added ['m2.etcd.test:")
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("round failed", log)
+        # The IP-literal member got no SNI; the named ones got theirs.
+        self.assertEqual(set(byIP.names), {None})
+        self.assertEqual(set(good.names), {"m1.etcd.test"})
+
+    def plainMember(self):
+        server = TLSServer(None)  # a listening socket is all --insecure-discovery needs
+        self.addCleanup(server.close)
+        return server.port
+
+    def test_oneNameRefused(self):
+        """
+        DNS answers REFUSED for _etcd-client-ssl (dnsmasq without a local
+        zone): the plain records are used, and a member added to them joins
+        at the next look-up; the REFUSED is logged once, not every round.
+        """
+        p1, p2 = self.plainMember(), self.plainMember()
+        records = [refused(SSL), srv(PLAIN, "m1.etcd.test.", p1, 0, 0, 1), a("m1.etcd.test")]
+        dns = self.dnsServer(records)
+        gw = self.gateway(dns, "--insecure-discovery", "--discovery-refresh=1s")
+        gw.start()
+        gw.waitForLog("discovered cluster from SRV")
+        dns.setRecords(records + [srv(PLAIN, "m2.etcd.test.", p2, 0, 0, 1), a("m2.etcd.test")])
+        log = gw.waitForLog("added ['m2.etcd.test:")
+        self.assertNotIn("keeping the last good set", log)
+        self.assertEqual(
+            len([line for line in gw.log().splitlines() if "answered REFUSED" in line]), 1
+        )
+
+    def test_oneNameRefusedAtStart(self):
+        """
+        REFUSED for _etcd-client-ssl and plain records without
+        --insecure-discovery: the gateway exits non-zero naming the real
+        reason (the plain records were refused), not only DNS.
+        """
+        records = [refused(SSL), srv(PLAIN, "m1.etcd.test.", 2379, 0, 0, 1), a("m1.etcd.test")]
+        log = self.failedStart(self.gateway(self.dnsServer(records)))
+        self.assertIn(f"{PLAIN} m1.etcd.test:2379 refused: {PLAIN_REFUSED}", log)
+        self.assertIn("answered REFUSED", log)
+        self.assertNotIn("Traceback", log)
