@@ -18,12 +18,15 @@ import attr
 from zope.interface import implementer
 
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 
 from etcdgw.dial import describeFailure
 from etcdgw.endpoint import formatHostPort
@@ -31,7 +34,8 @@ from etcdgw.periodic import PeriodicService
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
 
 #: Largest answer body read from a member (a member list of hundreds of
-#: members fits easily).
+#: members fits easily): past it the answer is refused, whether or not its
+#: length was announced.
 MAX_BODY = 1 << 20
 
 
@@ -46,7 +50,9 @@ class TLSPolicy:
     """
     How HTTPS endpoints are verified: against C{trustRoot} (the
     C{--trusted-ca-file} CA; the platform's when L{None}) and for the
-    endpoint's host name or IP, presenting C{clientCertificate} if given.
+    endpoint's L{server name<etcdgw.endpoint.Endpoint.serverName>} (its host
+    name or IP; for an SRV-discovered endpoint, the SRV target), presenting
+    C{clientCertificate} if given.
     """
 
     def __init__(self, trustRoot=None, clientCertificate=None):
@@ -93,51 +99,80 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _MemberEndpoints:
+    """
+    Where a request to one member goes: a TCP connection to its address
+    (C{endpoint.host}, the address an SRV endpoint was proven at), with TLS
+    for https endpoints whose server name (SNI) and certificate check are
+    for C{endpoint.serverName} (the SRV target of a discovered endpoint).
+    The request's URL names the server name, so it is also the Host header.
+    """
+
+    def __init__(self, reactor, endpoint, tlsPolicy, timeout):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.tlsPolicy = tlsPolicy
+        self.timeout = timeout
+
+    def endpointForURI(self, uri):
+        endpoint = self.endpoint
+        connect = HostnameEndpoint(
+            self.reactor, endpoint.host, endpoint.port, timeout=self.timeout
+        )
+        if not endpoint.tls:
+            return connect
+        creator = self.tlsPolicy.creatorForNetloc(
+            endpoint.serverName.encode("ascii"), endpoint.port
+        )
+        return wrapClientTLS(creator, connect)
+
+
 class EtcdClient:
     """
     A tiny HTTP/1.1 client for etcd members' HTTP API, on the injected
     reactor: one short-lived connection per request, each request (connect,
-    TLS, answer, body) bounded by C{timeout} seconds.
+    TLS, answer, body) bounded by C{timeout} seconds, each answer body by
+    L{MAX_BODY} bytes.
     """
 
     def __init__(self, reactor, timeout, tlsPolicy=None):
         self.reactor = reactor
         self.timeout = timeout
-        self._agent = Agent(
-            reactor,
-            contextFactory=tlsPolicy if tlsPolicy is not None else TLSPolicy(),
-            pool=_QuietPool(reactor, persistent=False),
-        )
+        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else TLSPolicy()
+        self._pool = _QuietPool(reactor, persistent=False)
 
     @staticmethod
     def url(endpoint, path):
         scheme = "https" if endpoint.tls else "http"
-        return f"{scheme}://{formatHostPort(endpoint.host, endpoint.port)}{path}"
+        return f"{scheme}://{formatHostPort(endpoint.serverName, endpoint.port)}{path}"
 
     def request(self, endpoint, method, path, body=None):
         """
-        Send one request to C{endpoint}.
+        Send one request to C{endpoint}: connect to its address, speak TLS
+        for its server name when it is https.
 
         @param body: a JSON-able value to POST, or L{None}.
         @return: a Deferred firing with C{(code, bytes)}; failing on a
-            connection error, or with L{defer.TimeoutError} after C{timeout}.
+            connection error, with L{EtcdHTTPError} for an answer longer than
+            L{MAX_BODY}, or with L{defer.TimeoutError} after C{timeout}.
         """
         headers = Headers({b"user-agent": [b"etcd-gateway"]})
         producer = None
         if body is not None:
             headers.addRawHeader(b"content-type", b"application/json")
             producer = _BytesProducer(json.dumps(body).encode("utf-8"))
-        d = self._agent.request(
-            method, self.url(endpoint, path).encode("ascii"), headers, producer
+        agent = Agent.usingEndpointFactory(
+            self.reactor,
+            _MemberEndpoints(self.reactor, endpoint, self.tlsPolicy, self.timeout),
+            pool=self._pool,
         )
-
-        def gotResponse(response):
-            if response.length is not None and response.length > MAX_BODY:
-                response.deliverBody(_Discard())
-                raise EtcdHTTPError(f"answer of {response.length} bytes is too long")
-            return readBody(response).addCallback(lambda data: (response.code, data))
-
-        d.addCallback(gotResponse)
+        d = agent.request(method, self.url(endpoint, path).encode("ascii"), headers, producer)
+        d.addCallback(
+            lambda response: readCapped(response, MAX_BODY).addCallback(
+                lambda data: (response.code, data)
+            )
+        )
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timedOut)
         return d
 
@@ -162,6 +197,72 @@ class EtcdClient:
             return value
 
         return self.request(endpoint, method, path, body).addCallback(decode)
+
+
+def readCapped(response, limit):
+    """
+    Read the body of C{response} (an L{IResponse}), at most C{limit} bytes:
+    the one reader of every answer from a member. An announced length over
+    the limit is refused without reading; a body without one (chunked, or
+    ended by the connection's close) is read until it passes the limit.
+    Either way the connection is closed then.
+
+    @return: a Deferred firing with the body; failing with L{EtcdHTTPError}
+        past C{limit}, or with the reason the body was cut short. Cancelling
+        it closes the connection.
+    """
+    reader = _CappedBody(limit, response.length)
+    reader.deferred = defer.Deferred(lambda d: reader.close())
+    response.deliverBody(reader)
+    return reader.deferred
+
+
+class _CappedBody(Protocol):
+    """
+    Collects a body until it ends, or until it is known to pass C{limit}
+    bytes.
+    """
+
+    def __init__(self, limit, announced):
+        self.limit = limit
+        self.announced = announced
+        self.size = 0
+        self.parts = []
+        self.deferred = None
+
+    def close(self):
+        transport = self.transport
+        if transport is not None:
+            close = getattr(transport, "abortConnection", None) or transport.loseConnection
+            close()
+
+    def _tooLong(self, message):
+        self.parts = []
+        self.deferred.errback(EtcdHTTPError(message))
+        self.close()
+
+    def connectionMade(self):
+        # The length is a number only when the answer announced one.
+        if isinstance(self.announced, int) and self.announced > self.limit:
+            self._tooLong(f"answer of {self.announced} bytes is longer than {self.limit} bytes")
+
+    def dataReceived(self, data):
+        if self.deferred.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._tooLong(f"answer is longer than {self.limit} bytes")
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason):
+        if self.deferred.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: an HTTP/1.0 body ended by the close, whole.
+            self.deferred.callback(b"".join(self.parts))
+        else:
+            self.deferred.errback(reason)
 
 
 def _timedOut(result, timeout):
@@ -197,17 +298,6 @@ class _BytesProducer:
         pass
 
     def stopProducing(self):
-        pass
-
-
-class _Discard:
-    def makeConnection(self, transport):
-        transport.stopProducing()
-
-    def dataReceived(self, data):
-        pass
-
-    def connectionLost(self, reason):
         pass
 
 
