@@ -2,7 +2,8 @@
 etcd-aware health checks (C{--health-check=etcd}): every C{--health-interval},
 each endpoint, up or down, is asked for its own health over HTTP(S), and for
 its cluster ID; rise/fall counts turn answers into the pool's health state,
-and a member whose cluster ID differs from the majority's is never used.
+and L{ClusterIdentity} (the one place that decides which cluster the gateway
+serves) tells the pool which members are of another cluster.
 
 The member's answer is C{/readyz} where it serves it (etcd 3.5.11+), else
 C{/health} (etcd 3.4: C{{"health":"true"}}, HTTP 503 without a leader or
@@ -439,6 +440,106 @@ def majorityClusterID(clusterIDs):
     return value if count * 2 > len(clusterIDs) else None
 
 
+class ClusterIdentity:
+    """
+    The one place that decides which etcd cluster the gateway serves, and
+    which endpoints are of it. Whoever reads a member's cluster ID (the etcd
+    health checks, membership sync) reports it here; the verdicts go to the
+    pool (L{UpstreamPool.setIdentity}), which holds them and honours them in
+    every pick.
+
+    The rule: learned data never outranks configured data. The cluster ID is
+    pinned by the configured endpoints (C{--endpoints}, or SRV records): the
+    ID that more than half of those that reported one share. It stays
+    pinned when they no longer agree or no longer report (removed from the
+    cluster), and moves only when more than half of them report another
+    (a cluster restored from a snapshot has a new ID). Endpoints learned
+    from a member list never vote: one gets no client until it has itself
+    reported the pinned ID, and one that reports another is never used (the
+    pool logs it at error level, once).
+
+    Without a majority among the configured endpoints (two disagreeing), no
+    configured endpoint is excluded (logged once, at error level); learned
+    ones are still held to the pinned ID, if there is one.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.pinned = None
+        self._warnedNoMajority = False
+
+    def report(self, endpoint, clusterID):
+        """
+        C{endpoint} said it belongs to cluster C{clusterID} (a decimal
+        string; L{None} says nothing). Judges every endpoint again.
+        """
+        state = self.pool.stateOf(endpoint)
+        if clusterID is None or state is None:
+            return
+        self.pool.setIdentity(
+            endpoint, str(clusterID), state.foreign, self.pinned, state.proven
+        )
+        self._judge()
+
+    def accepts(self, endpoint):
+        """
+        Whether C{endpoint} reported the pinned cluster ID (so what it says
+        about the cluster, such as its member list, may be used).
+        """
+        state = self.pool.stateOf(endpoint)
+        return (
+            state is not None
+            and self.pinned is not None
+            and state.clusterID == self.pinned
+            and state.trusted
+        )
+
+    def _judge(self):
+        states = [s for s in self.pool.states() if s.clusterID is not None]
+        configured = [s for s in states if not s.learned]
+        majority = majorityClusterID([s.clusterID for s in configured])
+        if majority is not None:
+            self._warnedNoMajority = False
+            if majority != self.pinned:
+                count = sum(1 for s in configured if s.clusterID == majority)
+                if self.pinned is None:
+                    self.log.info(
+                        "the gateway serves etcd cluster {clusterID} (reported by "
+                        "{count} of the {total} configured endpoints that answered)",
+                        clusterID=majority,
+                        count=count,
+                        total=len(configured),
+                    )
+                else:
+                    self.log.error(
+                        "the configured endpoints now report etcd cluster {clusterID} "
+                        "({count} of {total}), not {previous}: the gateway serves "
+                        "{clusterID} (a cluster restored from a snapshot?)",
+                        clusterID=majority,
+                        previous=self.pinned,
+                        count=count,
+                        total=len(configured),
+                    )
+                self.pinned = majority
+        elif len({s.clusterID for s in configured}) > 1 and not self._warnedNoMajority:
+            self._warnedNoMajority = True
+            self.log.error(
+                "endpoints report different etcd cluster IDs with no majority: "
+                "{ids}; none is excluded until a majority agrees",
+                ids={str(s.endpoint): s.clusterID for s in configured},
+            )
+        pinned = self.pinned
+        for state in states:
+            matches = pinned is not None and state.clusterID == pinned
+            if state.learned or majority is not None:
+                foreign = pinned is not None and not matches
+            else:
+                foreign = False  # no majority: no configured endpoint is excluded
+            self.pool.setIdentity(state.endpoint, state.clusterID, foreign, pinned, matches)
+
+
 class EtcdHealthService(PeriodicService):
     """
     Checks every endpoint of the pool every C{interval} seconds with
@@ -449,21 +550,24 @@ class EtcdHealthService(PeriodicService):
 
     Each endpoint's check runs on its own: a member that answers slowly
     delays only its own next check, never the others'.
+
+    @param identity: the L{ClusterIdentity} the reported cluster IDs go to
+        (a new one of C{pool} by default).
     """
 
     log = Logger()
     runAtStart = True
     roundName = "etcd health round"
 
-    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3):
+    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3, identity=None):
         super().__init__(reactor, interval)
         self.pool = pool
         self.reactor = reactor
         self.rise = rise
         self.fall = fall
+        self.identity = identity if identity is not None else ClusterIdentity(pool)
         self._probe = probe
         self._tracks = {}
-        self._warnedNoMajority = False
 
     def runRound(self):
         self.checkNow()  # not waited for: see the class docstring
@@ -477,12 +581,10 @@ class EtcdHealthService(PeriodicService):
 
     def clusterID(self):
         """
-        The majority's cluster ID among the members that reported one, or
-        L{None}.
+        The cluster ID the gateway serves (L{ClusterIdentity.pinned}), or
+        L{None} before the configured endpoints reported one.
         """
-        return majorityClusterID(
-            [s.clusterID for s in self.pool.states() if s.clusterID is not None]
-        )
+        return self.identity.pinned
 
     def checkNow(self):
         """
@@ -541,23 +643,4 @@ class EtcdHealthService(PeriodicService):
                     endpoint, UNHEALTHY, f"{result.detail} ({track.bad} in a row)"
                 )
         if result.clusterID is not None:
-            state.clusterID = result.clusterID
-            self._judgeIdentities()
-
-    def _judgeIdentities(self):
-        states = [s for s in self.pool.states() if s.clusterID is not None]
-        majority = majorityClusterID([s.clusterID for s in states])
-        if majority is None:
-            if len({s.clusterID for s in states}) > 1 and not self._warnedNoMajority:
-                self._warnedNoMajority = True
-                self.log.error(
-                    "endpoints report different etcd cluster IDs with no majority: "
-                    "{ids}; none is excluded until a majority agrees",
-                    ids={str(s.endpoint): s.clusterID for s in states},
-                )
-            return
-        self._warnedNoMajority = False
-        for state in states:
-            self.pool.setIdentity(
-                state.endpoint, state.clusterID, state.clusterID != majority, majority
-            )
+            self.identity.report(endpoint, result.clusterID)

@@ -21,6 +21,7 @@ from etcdgw.discovery import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import (
     CheckResult,
+    ClusterIdentity,
     EtcdClient,
     EtcdHealthService,
     EtcdHTTPError,
@@ -479,6 +480,76 @@ class ServerNameTests(SynchronousTestCase):
         self.assertEqual(self.request(Endpoint("127.0.0.1", 2379)), (("127.0.0.1", 2379), []))
 
 
+class IdentityTests(SynchronousTestCase):
+    """
+    One rule for cluster IDs: the configured endpoints pin it; learned ones
+    never vote and get no client before they report it.
+    """
+
+    def setUp(self):
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), MemoryReactorClock())
+        self.identity = ClusterIdentity(self.pool)
+        self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
+
+    def learn(self, *names):
+        endpoints = [Endpoint(name, 1) for name in names]
+        self.pool.replaceEndpoints(self.pool.endpoints + endpoints, learned=True)
+        return endpoints
+
+    def usable(self):
+        return {s.endpoint.host for s in self.pool.usable()}
+
+    def test_learnedNeverVote(self):
+        """Four learned endpoints of another cluster do not out-vote two configured ones."""
+        self.identity.report(A, "7")
+        self.identity.report(B, "7")
+        for x in self.learn("w", "x", "y", "z"):
+            self.identity.report(x, "99")
+        self.assertEqual(self.identity.pinned, "7")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.assertEqual({s.endpoint.host for s in self.pool.states() if s.foreign},
+                         {"w", "x", "y", "z"})
+        loud = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertEqual(sorted(e["endpoint"] for e in loud), ["w:1", "x:1", "y:1", "z:1"])
+        for x in self.pool.endpoints[2:]:
+            self.identity.report(x, "99")  # again: logged once
+        self.assertEqual(len([e for e in self.events if e["log_level"] == LogLevel.error]), 4)
+
+    def test_learnedWaitForProof(self):
+        """A learned endpoint gets clients once it reported the pinned ID, not before."""
+        (x,) = self.learn("x")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.identity.report(x, "7")  # nothing pinned yet: still no proof
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.identity.report(A, "7")
+        self.assertEqual(self.usable(), {"a", "b", "x"})
+        self.assertTrue(self.identity.accepts(x))
+
+    def test_pinKeptWithoutConfigured(self):
+        """With every configured endpoint gone from the pool, the pin stays."""
+        self.identity.report(A, "7")
+        x, y = self.learn("x", "y")
+        self.identity.report(x, "7")
+        self.pool.replaceEndpoints([x, y])
+        self.identity.report(y, "99")
+        self.assertEqual(self.identity.pinned, "7")
+        self.assertEqual(self.usable(), {"x"})
+
+    def test_configuredMoveThePin(self):
+        """A majority of the configured endpoints moves the pin (a restored cluster)."""
+        self.identity.report(A, "7")
+        self.identity.report(B, "7")
+        (x,) = self.learn("x")
+        self.identity.report(x, "7")
+        self.identity.report(A, "8")
+        self.assertEqual(self.identity.pinned, "7")  # 1 of 2: no majority
+        self.assertEqual(self.usable(), {"a", "b", "x"})
+        self.identity.report(B, "8")
+        self.assertEqual(self.identity.pinned, "8")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.assertTrue(self.pool.stateOf(x).foreign)
+
+
 class FlagTests(SynchronousTestCase):
     def parse(self, *argv):
         from etcdgw.tap import Options
@@ -528,6 +599,34 @@ class FlagTests(SynchronousTestCase):
         checker = root.getServiceNamed("etcd-health")
         self.assertEqual((checker.interval, checker.fall), (1.0, 4))
         self.assertEqual(root.getServiceNamed("membership").interval, 30.0)
+
+    def test_syncWithDiscoveryRefused(self):
+        """--sync-interval with --discovery-srv: one line, before any DNS look-up."""
+        from twisted.python.usage import UsageError
+
+        from etcdgw import discovery
+
+        self.patch(discovery, "discoverAtStart", lambda *a: self.fail("DNS asked"))
+        e = self.assertRaises(
+            UsageError, self.parse, "--discovery-srv=example.com", "--sync-interval=30s"
+        )
+        self.assertEqual(
+            str(e),
+            "--sync-interval and --discovery-srv both set the endpoints: use one or the other",
+        )
+
+    def test_sharedIdentity(self):
+        """The etcd checks and sync report cluster IDs to one ClusterIdentity."""
+        from etcdgw.tap import makeService
+
+        root = makeService(
+            self.parse("--health-check=etcd", "--sync-interval=30s"),
+            reactor=MemoryReactorClock(),
+        )
+        checker = root.getServiceNamed("etcd-health")
+        sync = root.getServiceNamed("membership")
+        self.assertIs(checker.identity, sync.identity)
+        self.assertIs(checker.identity.pool, root.pool)
 
     def test_offByDefault(self):
         """Without the flags, neither child exists."""
