@@ -409,7 +409,7 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), (200, b"ok"))
 
     def test_slowBodyTimesOut(self):
-        """A body that stops coming fails the request after the timeout and closes the connection."""
+        """A body that stops coming fails after the timeout; the connection is closed."""
         d = self.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", b"5\r\nhello\r\n")
         self.assertNoResult(d)
         self.reactor.advance(2.0)
