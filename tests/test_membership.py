@@ -290,6 +290,19 @@ class SyncServiceTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual(names(s.endpoint for s in self.pool.usable()), ["a:1", "c:1"])
 
+    def test_stopCancelsIdentityChecks(self):
+        """Stopping cancels the identity checks of learned endpoints in flight, quietly."""
+        cancelled = []
+        self.client.answers["a"] = memberList(member("a", "http://a:1"), member("c", "http://c:1"))
+        self.client.answers["c"] = defer.Deferred(lambda d: cancelled.append(True))
+        self.service.startService()
+        self.service.stopService()
+        self.assertEqual(cancelled, [True])
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertFalse(
+            [e for e in self.events if e["log_level"] in (LogLevel.error, LogLevel.critical)]
+        )
+
     def test_listWithoutClusterIDIgnored(self):
         """A list that names no cluster ID is not used; the next member is asked."""
         self.identity.report(Endpoint("a", 1), "7")
