@@ -74,6 +74,13 @@ class DiscoveredEndpoint(Endpoint):
         return f"{formatHostPort(self.name, self.port)} ({self.host})"
 
     @property
+    def serverName(self):
+        """
+        The SRV target: what the certificate names (C{host} is the address).
+        """
+        return self.name or self.host
+
+    @property
     def identity(self):
         """
         What must not change for an endpoint to stay proven: the target, the

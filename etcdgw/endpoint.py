@@ -48,6 +48,14 @@ class Endpoint:
         """
         return (self.host, self.port)
 
+    @property
+    def serverName(self):
+        """
+        The name a TLS member's certificate must carry, also sent as SNI:
+        the host (a name or an IP literal) for a configured endpoint.
+        """
+        return self.host
+
     def __str__(self):
         return formatHostPort(self.host, self.port)
 

@@ -2,7 +2,8 @@
 etcd-aware health checks (C{--health-check=etcd}): every C{--health-interval},
 each endpoint, up or down, is asked for its own health over HTTP(S), and for
 its cluster ID; rise/fall counts turn answers into the pool's health state,
-and a member whose cluster ID differs from the majority's is never used.
+and L{ClusterIdentity} (the one place that decides which cluster the gateway
+serves) tells the pool which members are of another cluster.
 
 The member's answer is C{/readyz} where it serves it (etcd 3.5.11+), else
 C{/health} (etcd 3.4: C{{"health":"true"}}, HTTP 503 without a leader or
@@ -18,12 +19,15 @@ import attr
 from zope.interface import implementer
 
 from twisted.internet import defer, error
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory, readBody
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IPolicyForHTTPS
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
 
 from etcdgw.dial import describeFailure
 from etcdgw.endpoint import formatHostPort
@@ -31,7 +35,8 @@ from etcdgw.periodic import PeriodicService
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
 
 #: Largest answer body read from a member (a member list of hundreds of
-#: members fits easily).
+#: members fits easily): past it the answer is refused, whether or not its
+#: length was announced.
 MAX_BODY = 1 << 20
 
 
@@ -46,7 +51,9 @@ class TLSPolicy:
     """
     How HTTPS endpoints are verified: against C{trustRoot} (the
     C{--trusted-ca-file} CA; the platform's when L{None}) and for the
-    endpoint's host name or IP, presenting C{clientCertificate} if given.
+    endpoint's L{server name<etcdgw.endpoint.Endpoint.serverName>} (its host
+    name or IP; for an SRV-discovered endpoint, the SRV target), presenting
+    C{clientCertificate} if given.
     """
 
     def __init__(self, trustRoot=None, clientCertificate=None):
@@ -93,51 +100,80 @@ class _QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
 
 
+@implementer(IAgentEndpointFactory)
+class _MemberEndpoints:
+    """
+    Where a request to one member goes: a TCP connection to its address
+    (C{endpoint.host}, the address an SRV endpoint was proven at), with TLS
+    for https endpoints whose server name (SNI) and certificate check are
+    for C{endpoint.serverName} (the SRV target of a discovered endpoint).
+    The request's URL names the server name, so it is also the Host header.
+    """
+
+    def __init__(self, reactor, endpoint, tlsPolicy, timeout):
+        self.reactor = reactor
+        self.endpoint = endpoint
+        self.tlsPolicy = tlsPolicy
+        self.timeout = timeout
+
+    def endpointForURI(self, uri):
+        endpoint = self.endpoint
+        connect = HostnameEndpoint(
+            self.reactor, endpoint.host, endpoint.port, timeout=self.timeout
+        )
+        if not endpoint.tls:
+            return connect
+        creator = self.tlsPolicy.creatorForNetloc(
+            endpoint.serverName.encode("ascii"), endpoint.port
+        )
+        return wrapClientTLS(creator, connect)
+
+
 class EtcdClient:
     """
     A tiny HTTP/1.1 client for etcd members' HTTP API, on the injected
     reactor: one short-lived connection per request, each request (connect,
-    TLS, answer, body) bounded by C{timeout} seconds.
+    TLS, answer, body) bounded by C{timeout} seconds, each answer body by
+    L{MAX_BODY} bytes.
     """
 
     def __init__(self, reactor, timeout, tlsPolicy=None):
         self.reactor = reactor
         self.timeout = timeout
-        self._agent = Agent(
-            reactor,
-            contextFactory=tlsPolicy if tlsPolicy is not None else TLSPolicy(),
-            pool=_QuietPool(reactor, persistent=False),
-        )
+        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else TLSPolicy()
+        self._pool = _QuietPool(reactor, persistent=False)
 
     @staticmethod
     def url(endpoint, path):
         scheme = "https" if endpoint.tls else "http"
-        return f"{scheme}://{formatHostPort(endpoint.host, endpoint.port)}{path}"
+        return f"{scheme}://{formatHostPort(endpoint.serverName, endpoint.port)}{path}"
 
     def request(self, endpoint, method, path, body=None):
         """
-        Send one request to C{endpoint}.
+        Send one request to C{endpoint}: connect to its address, speak TLS
+        for its server name when it is https.
 
         @param body: a JSON-able value to POST, or L{None}.
         @return: a Deferred firing with C{(code, bytes)}; failing on a
-            connection error, or with L{defer.TimeoutError} after C{timeout}.
+            connection error, with L{EtcdHTTPError} for an answer longer than
+            L{MAX_BODY}, or with L{defer.TimeoutError} after C{timeout}.
         """
         headers = Headers({b"user-agent": [b"etcd-gateway"]})
         producer = None
         if body is not None:
             headers.addRawHeader(b"content-type", b"application/json")
             producer = _BytesProducer(json.dumps(body).encode("utf-8"))
-        d = self._agent.request(
-            method, self.url(endpoint, path).encode("ascii"), headers, producer
+        agent = Agent.usingEndpointFactory(
+            self.reactor,
+            _MemberEndpoints(self.reactor, endpoint, self.tlsPolicy, self.timeout),
+            pool=self._pool,
         )
-
-        def gotResponse(response):
-            if response.length is not None and response.length > MAX_BODY:
-                response.deliverBody(_Discard())
-                raise EtcdHTTPError(f"answer of {response.length} bytes is too long")
-            return readBody(response).addCallback(lambda data: (response.code, data))
-
-        d.addCallback(gotResponse)
+        d = agent.request(method, self.url(endpoint, path).encode("ascii"), headers, producer)
+        d.addCallback(
+            lambda response: readCapped(response, MAX_BODY).addCallback(
+                lambda data: (response.code, data)
+            )
+        )
         d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timedOut)
         return d
 
@@ -162,6 +198,72 @@ class EtcdClient:
             return value
 
         return self.request(endpoint, method, path, body).addCallback(decode)
+
+
+def readCapped(response, limit):
+    """
+    Read the body of C{response} (an L{IResponse}), at most C{limit} bytes:
+    the one reader of every answer from a member. An announced length over
+    the limit is refused without reading; a body without one (chunked, or
+    ended by the connection's close) is read until it passes the limit.
+    Either way the connection is closed then.
+
+    @return: a Deferred firing with the body; failing with L{EtcdHTTPError}
+        past C{limit}, or with the reason the body was cut short. Cancelling
+        it closes the connection.
+    """
+    reader = _CappedBody(limit, response.length)
+    reader.deferred = defer.Deferred(lambda d: reader.close())
+    response.deliverBody(reader)
+    return reader.deferred
+
+
+class _CappedBody(Protocol):
+    """
+    Collects a body until it ends, or until it is known to pass C{limit}
+    bytes.
+    """
+
+    def __init__(self, limit, announced):
+        self.limit = limit
+        self.announced = announced
+        self.size = 0
+        self.parts = []
+        self.deferred = None
+
+    def close(self):
+        transport = self.transport
+        if transport is not None:
+            close = getattr(transport, "abortConnection", None) or transport.loseConnection
+            close()
+
+    def _tooLong(self, message):
+        self.parts = []
+        self.deferred.errback(EtcdHTTPError(message))
+        self.close()
+
+    def connectionMade(self):
+        # The length is a number only when the answer announced one.
+        if isinstance(self.announced, int) and self.announced > self.limit:
+            self._tooLong(f"answer of {self.announced} bytes is longer than {self.limit} bytes")
+
+    def dataReceived(self, data):
+        if self.deferred.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self._tooLong(f"answer is longer than {self.limit} bytes")
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason):
+        if self.deferred.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            # PotentialDataLoss: an HTTP/1.0 body ended by the close, whole.
+            self.deferred.callback(b"".join(self.parts))
+        else:
+            self.deferred.errback(reason)
 
 
 def _timedOut(result, timeout):
@@ -197,17 +299,6 @@ class _BytesProducer:
         pass
 
     def stopProducing(self):
-        pass
-
-
-class _Discard:
-    def makeConnection(self, transport):
-        transport.stopProducing()
-
-    def dataReceived(self, data):
-        pass
-
-    def connectionLost(self, reason):
         pass
 
 
@@ -349,6 +440,106 @@ def majorityClusterID(clusterIDs):
     return value if count * 2 > len(clusterIDs) else None
 
 
+class ClusterIdentity:
+    """
+    The one place that decides which etcd cluster the gateway serves, and
+    which endpoints are of it. Whoever reads a member's cluster ID (the etcd
+    health checks, membership sync) reports it here; the verdicts go to the
+    pool (L{UpstreamPool.setIdentity}), which holds them and honours them in
+    every pick.
+
+    The rule: learned data never outranks configured data. The cluster ID is
+    pinned by the configured endpoints (C{--endpoints}, or SRV records): the
+    ID that more than half of those that reported one share. It stays
+    pinned when they no longer agree or no longer report (removed from the
+    cluster), and moves only when more than half of them report another
+    (a cluster restored from a snapshot has a new ID). Endpoints learned
+    from a member list never vote: one gets no client until it has itself
+    reported the pinned ID, and one that reports another is never used (the
+    pool logs it at error level, once).
+
+    Without a majority among the configured endpoints (two disagreeing), no
+    configured endpoint is excluded (logged once, at error level); learned
+    ones are still held to the pinned ID, if there is one.
+    """
+
+    log = Logger()
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.pinned = None
+        self._warnedNoMajority = False
+
+    def report(self, endpoint, clusterID):
+        """
+        C{endpoint} said it belongs to cluster C{clusterID} (a decimal
+        string; L{None} says nothing). Judges every endpoint again.
+        """
+        state = self.pool.stateOf(endpoint)
+        if clusterID is None or state is None:
+            return
+        self.pool.setIdentity(
+            endpoint, str(clusterID), state.foreign, self.pinned, state.proven
+        )
+        self._judge()
+
+    def accepts(self, endpoint):
+        """
+        Whether C{endpoint} reported the pinned cluster ID (so what it says
+        about the cluster, such as its member list, may be used).
+        """
+        state = self.pool.stateOf(endpoint)
+        return (
+            state is not None
+            and self.pinned is not None
+            and state.clusterID == self.pinned
+            and state.trusted
+        )
+
+    def _judge(self):
+        states = [s for s in self.pool.states() if s.clusterID is not None]
+        configured = [s for s in states if not s.learned]
+        majority = majorityClusterID([s.clusterID for s in configured])
+        if majority is not None:
+            self._warnedNoMajority = False
+            if majority != self.pinned:
+                count = sum(1 for s in configured if s.clusterID == majority)
+                if self.pinned is None:
+                    self.log.info(
+                        "the gateway serves etcd cluster {clusterID} (reported by "
+                        "{count} of the {total} configured endpoints that answered)",
+                        clusterID=majority,
+                        count=count,
+                        total=len(configured),
+                    )
+                else:
+                    self.log.error(
+                        "the configured endpoints now report etcd cluster {clusterID} "
+                        "({count} of {total}), not {previous}: the gateway serves "
+                        "{clusterID} (a cluster restored from a snapshot?)",
+                        clusterID=majority,
+                        previous=self.pinned,
+                        count=count,
+                        total=len(configured),
+                    )
+                self.pinned = majority
+        elif len({s.clusterID for s in configured}) > 1 and not self._warnedNoMajority:
+            self._warnedNoMajority = True
+            self.log.error(
+                "endpoints report different etcd cluster IDs with no majority: "
+                "{ids}; none is excluded until a majority agrees",
+                ids={str(s.endpoint): s.clusterID for s in configured},
+            )
+        pinned = self.pinned
+        for state in states:
+            matches = pinned is not None and state.clusterID == pinned
+            if state.learned or majority is not None:
+                foreign = pinned is not None and not matches
+            else:
+                foreign = False  # no majority: no configured endpoint is excluded
+            self.pool.setIdentity(state.endpoint, state.clusterID, foreign, pinned, matches)
+
+
 class EtcdHealthService(PeriodicService):
     """
     Checks every endpoint of the pool every C{interval} seconds with
@@ -359,21 +550,24 @@ class EtcdHealthService(PeriodicService):
 
     Each endpoint's check runs on its own: a member that answers slowly
     delays only its own next check, never the others'.
+
+    @param identity: the L{ClusterIdentity} the reported cluster IDs go to
+        (a new one of C{pool} by default).
     """
 
     log = Logger()
     runAtStart = True
     roundName = "etcd health round"
 
-    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3):
+    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3, identity=None):
         super().__init__(reactor, interval)
         self.pool = pool
         self.reactor = reactor
         self.rise = rise
         self.fall = fall
+        self.identity = identity if identity is not None else ClusterIdentity(pool)
         self._probe = probe
         self._tracks = {}
-        self._warnedNoMajority = False
 
     def runRound(self):
         self.checkNow()  # not waited for: see the class docstring
@@ -387,12 +581,10 @@ class EtcdHealthService(PeriodicService):
 
     def clusterID(self):
         """
-        The majority's cluster ID among the members that reported one, or
-        L{None}.
+        The cluster ID the gateway serves (L{ClusterIdentity.pinned}), or
+        L{None} before the configured endpoints reported one.
         """
-        return majorityClusterID(
-            [s.clusterID for s in self.pool.states() if s.clusterID is not None]
-        )
+        return self.identity.pinned
 
     def checkNow(self):
         """
@@ -451,23 +643,4 @@ class EtcdHealthService(PeriodicService):
                     endpoint, UNHEALTHY, f"{result.detail} ({track.bad} in a row)"
                 )
         if result.clusterID is not None:
-            state.clusterID = result.clusterID
-            self._judgeIdentities()
-
-    def _judgeIdentities(self):
-        states = [s for s in self.pool.states() if s.clusterID is not None]
-        majority = majorityClusterID([s.clusterID for s in states])
-        if majority is None:
-            if len({s.clusterID for s in states}) > 1 and not self._warnedNoMajority:
-                self._warnedNoMajority = True
-                self.log.error(
-                    "endpoints report different etcd cluster IDs with no majority: "
-                    "{ids}; none is excluded until a majority agrees",
-                    ids={str(s.endpoint): s.clusterID for s in states},
-                )
-            return
-        self._warnedNoMajority = False
-        for state in states:
-            self.pool.setIdentity(
-                state.endpoint, state.clusterID, state.clusterID != majority, majority
-            )
+            self.identity.report(endpoint, result.clusterID)

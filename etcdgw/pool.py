@@ -53,8 +53,13 @@ class EndpointState:
         checks say (L{UNKNOWN} when they are off or have not answered yet).
     @ivar healthReason: why it has that health.
     @ivar clusterID: the etcd cluster ID the member reported, or L{None}.
-    @ivar foreign: the member belongs to another cluster than the majority's:
-        it is never picked.
+    @ivar foreign: the member reported another cluster ID than the one the
+        gateway serves (L{etcdgw.etcdhealth.ClusterIdentity}): it is never
+        picked.
+    @ivar learned: the endpoint came from a member list, not from the
+        configuration (C{--endpoints}, SRV): it never votes on the cluster ID
+        and gets no client until it is L{proven}.
+    @ivar proven: it reported the cluster ID the gateway serves.
     @ivar answering: the last etcd health check got an HTTP answer (L{True}
         until a check says otherwise): among unhealthy members, those that
         answer are picked before those that do not.
@@ -75,24 +80,37 @@ class EndpointState:
         "healthReason",
         "clusterID",
         "foreign",
+        "learned",
+        "proven",
         "answering",
     )
 
     def __init__(self, endpoint, since):
         self.endpoint = endpoint
-        self.state = UP
-        self.since = since
-        self.reason = "configured"
         self.active = 0
         self.connections = 0
         self.dialAttempts = 0
         self.dialFailures = 0
         self.toUpstream = ByteCount()
         self.fromUpstream = ByteCount()
+        self._rejoin(since, "configured")
+
+    def _rejoin(self, since, reason, learned=False):
+        """
+        Start over as a new endpoint of the pool (up, health and identity
+        unknown), keeping the counters: an endpoint removed while it still
+        had connections and added again counts them on, and its totals never
+        go back.
+        """
+        self.state = UP
+        self.since = since
+        self.reason = reason
         self.health = UNKNOWN
         self.healthReason = "not checked"
         self.clusterID = None
         self.foreign = False
+        self.learned = learned
+        self.proven = False
         self.answering = True
 
     @property
@@ -116,11 +134,19 @@ class EndpointState:
         return self.state == UP
 
     @property
+    def trusted(self):
+        """
+        Not of another cluster, and, when learned from a member list, proven
+        of the gateway's: only trusted endpoints are ever picked.
+        """
+        return not self.foreign and (self.proven or not self.learned)
+
+    @property
     def usable(self):
         """
-        Up, not known unhealthy, and of the right cluster: preferred by pick.
+        Up, not known unhealthy, and trusted: preferred by pick.
         """
-        return self.state == UP and self.health != UNHEALTHY and not self.foreign
+        return self.state == UP and self.health != UNHEALTHY and self.trusted
 
 
 def _roundRobin(pool, tier):
@@ -212,7 +238,7 @@ def _leastConnections(pool, tier):
 #:    a weighted random choice when SRV records carry weights, a strict
 #:    rotation in configured order when none does (static endpoints).
 #:  - C{weighted}: smooth weighted round-robin, deterministic; weights from
-#:    SRV or C{--endpoint-weights}, 0 counting as 1.
+#:    SRV records (static endpoints have none: 0, which counts as 1).
 #:  - C{least-connections}: the fewest open connections, rotating on ties;
 #:    rebalances long-lived etcd client connections after a member returns.
 POLICIES = {
@@ -243,6 +269,9 @@ class UpstreamPool:
         self.policyName = policy
         self._random = random if random is not None else _systemRandom
         self._states = {}
+        #: Removed endpoints' states while they still have connections, by
+        #: key: see L{replaceEndpoints} and L{connectionClosed}.
+        self._retired = {}
         self._order = []
         self._cursor = 0
         self._observers = []
@@ -286,17 +315,20 @@ class UpstreamPool:
 
     def usable(self):
         """
-        The states of the endpoints that are up, not known unhealthy and not
-        foreign, in configured order: where new connections go.
+        The states of the endpoints that are up, not known unhealthy and
+        trusted (L{EndpointState.trusted}), in configured order: where new
+        connections go.
         """
         return [s for s in self.states() if s.usable]
 
     def pick(self, exclude=()):
         """
         Choose the endpoint for a new connection: among up endpoints not in
-        C{exclude} and not foreign, the healthy ones (or, when none is, the
-        unhealthy ones that still accept TCP, those whose health checks get
-        an answer first), the lowest priority tier, then the policy.
+        C{exclude} and trusted (never one of another cluster, never one
+        learned from a member list before it proved its cluster ID), the
+        healthy ones (or, when none is, the unhealthy ones that still accept
+        TCP, those whose health checks get an answer first), the lowest
+        priority tier, then the policy.
 
         @param exclude: endpoints (or their keys) already tried for this client.
         @return: an L{EndpointState}, or L{None} when no endpoint is up.
@@ -306,7 +338,7 @@ class UpstreamPool:
         fallback = []
         for key in self._order:
             state = self._states[key]
-            if state.state != UP or state.foreign or key in excluded:
+            if state.state != UP or not state.trusted or key in excluded:
                 continue
             (fallback if state.health == UNHEALTHY else candidates).append(state)
         best = None
@@ -406,34 +438,45 @@ class UpstreamPool:
         if state is not None:
             state.answering = answering
 
-    def setIdentity(self, endpoint, clusterID, foreign, majority=None):
+    def setIdentity(self, endpoint, clusterID, foreign, majority=None, proven=None):
         """
-        Record the cluster ID C{endpoint} reported, and whether it is
-        C{foreign}: of another cluster than the majority's C{majority}. A
-        foreign endpoint is never picked; becoming foreign is logged at
-        error level, once.
+        Record the cluster ID C{endpoint} reported, and the verdict of
+        L{etcdgw.etcdhealth.ClusterIdentity}: C{foreign} (of another cluster
+        than the gateway's, C{majority}: never picked; logged at error level,
+        once) and C{proven} (it reported C{majority}; by default, whether
+        C{clusterID == majority}): a learned endpoint gets clients only once
+        proven.
         """
         state = self._states.get(endpoint.key)
         if state is None:
             return
         state.clusterID = clusterID
-        if state.foreign == foreign:
+        if proven is None:
+            proven = not foreign and majority is not None and clusterID == majority
+        wasTrusted = state.trusted
+        changed = (state.foreign, state.proven) != (foreign, proven)
+        state.foreign, state.proven = foreign, proven
+        if not changed:
             return
-        state.foreign = foreign
+        origin = "a member list" if state.learned else "the configuration"
         if foreign:
             self.log.error(
                 "endpoint {endpoint} belongs to ANOTHER etcd cluster (cluster ID "
-                "{clusterID}, the others' is {majority}): it is never used; a stale "
-                "member or a foreign cluster on a reused address?",
+                "{clusterID}, the gateway's is {majority}): it is never used; a stale "
+                "member or a foreign cluster on a reused address? (from {origin})",
                 endpoint=str(endpoint),
                 clusterID=clusterID,
                 majority=majority,
+                origin=origin,
+                learned=state.learned,
             )
-        else:
+        elif state.trusted and not wasTrusted:
             self.log.info(
-                "endpoint {endpoint} is of the cluster again (cluster ID {clusterID})",
+                "endpoint {endpoint} is of the cluster (cluster ID {clusterID}): it "
+                "gets clients (from {origin})",
                 endpoint=str(endpoint),
                 clusterID=clusterID,
+                origin=origin,
             )
         self._checkDegraded()
         self._notify()
@@ -444,7 +487,7 @@ class UpstreamPool:
         ones accept TCP (they get the new connections then), and when that
         ends.
         """
-        alive = [s for s in self.states() if s.up and not s.foreign]
+        alive = [s for s in self.states() if s.up and s.trusted]
         degraded = bool(alive) and not any(s.usable for s in alive)
         if degraded == self._degraded:
             return
@@ -459,32 +502,48 @@ class UpstreamPool:
         else:
             self.log.info("an endpoint is healthy again: unhealthy ones get no new connections")
 
-    def replaceEndpoints(self, endpoints, reason="replaced"):
+    def replaceEndpoints(self, endpoints, reason="replaced", learned=False):
         """
         Make C{endpoints} the pool's endpoint list. Endpoints already in the
         pool keep their state and counters (and take the new priority and
         weight); new ones join up; removed ones get no new connections (their
         open connections are not touched). Logs the change as one line.
 
+        An endpoint removed while connections to it are open, and added
+        again, gets its old counters back (they go on counting those
+        connections), with a fresh state as any new endpoint.
+
+        @param learned: the new endpoints come from a member list: they get
+            no client until they prove their cluster ID (L{setIdentity}).
         @return: C{(added, removed)} lists of endpoints.
         """
         old = dict(self._states)
         newStates = {}
         order = []
         added = []
+        now = self.clock.seconds()
         for endpoint in endpoints:
             if endpoint.key in newStates:
                 continue
             state = old.get(endpoint.key)
             if state is None:
-                state = EndpointState(endpoint, self.clock.seconds())
-                state.reason = reason
+                state = self._retired.pop(endpoint.key, None)
+                if state is None:
+                    state = EndpointState(endpoint, now)
+                else:
+                    state.endpoint = endpoint
+                state._rejoin(now, reason, learned)
                 added.append(endpoint)
             else:
                 state.endpoint = endpoint
             newStates[endpoint.key] = state
             order.append(endpoint.key)
-        removed = [s.endpoint for key, s in old.items() if key not in newStates]
+        removed = []
+        for key, state in old.items():
+            if key not in newStates:
+                removed.append(state.endpoint)
+                if state.active > 0:
+                    self._retired[key] = state
         self._states = newStates
         self._order = order
         for key in [key for key in self._credit if key not in newStates]:
@@ -506,12 +565,31 @@ class UpstreamPool:
 
     # Connection accounting (by the proxy)
 
+    def _accountable(self, state):
+        """
+        The state that counts a connection to C{state}'s endpoint: the one
+        the pool holds for that endpoint now (in the pool or retired), so an
+        endpoint removed and added again while a dial or a connection was
+        open counts it on one state.
+        """
+        key = state.endpoint.key
+        return self._states.get(key) or self._retired.get(key) or state
+
     def connectionOpened(self, state):
+        state = self._accountable(state)
         state.active += 1
         state.connections += 1
+        key = state.endpoint.key
+        if self._states.get(key) is not state:
+            # Removed while the dial was in progress.
+            self._retired[key] = state
 
     def connectionClosed(self, state):
+        state = self._accountable(state)
         state.active -= 1
+        key = state.endpoint.key
+        if state.active <= 0 and self._retired.get(key) is state:
+            del self._retired[key]
 
     # Observers
 

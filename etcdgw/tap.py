@@ -369,6 +369,11 @@ class Options(usage.Options):
             self["trusted-ca-certificates"] = _loadCertificates(
                 self["trusted-ca-file"], "--trusted-ca-file"
             )
+        if self["discovery-srv"] is not None and self["sync-interval"] not in (None, "0s", 0):
+            raise usage.UsageError(
+                "--sync-interval and --discovery-srv both set the endpoints: use one or "
+                "the other"
+            )
         if self["discovery-srv-name"] is not None and self["discovery-srv"] is None:
             raise usage.UsageError("--discovery-srv-name needs --discovery-srv")
         if self["discovery-srv"] is not None:
@@ -508,9 +513,12 @@ def makeService(options, reactor=None):
     health.setName("health")
     health.setServiceParent(root)
 
-    etcdHealth = None
     if options.get("health-check") == "etcd" or options.get("sync-interval"):
+        from etcdgw.etcdhealth import ClusterIdentity
+
         client = _etcdClient(options, reactor)
+        # The one judge of cluster IDs, whoever reads them.
+        identity = ClusterIdentity(pool)
     if options.get("health-check") == "etcd":
         from etcdgw.etcdhealth import EtcdHealthService, EtcdProber
 
@@ -521,6 +529,7 @@ def makeService(options, reactor=None):
             EtcdProber(client),
             rise=options["health-rise"],
             fall=options["health-fall"],
+            identity=identity,
         )
         etcdHealth.setName("etcd-health")
         etcdHealth.setServiceParent(root)
@@ -534,14 +543,16 @@ def makeService(options, reactor=None):
             policy=pool.policyName,
         )
     if options.get("sync-interval"):
-        from etcdgw.membership import MembershipSync
+        from etcdgw.membership import MembershipSync, ownAddressCheck
 
         membership = MembershipSync(
             pool,
             reactor,
             options["sync-interval"],
             client,
-            clusterID=etcdHealth.clusterID if etcdHealth is not None else (lambda: None),
+            identity=identity,
+            seeds=endpoints,
+            refuse=ownAddressCheck(options["listen-addr"]),
         )
         membership.setName("membership")
         membership.setServiceParent(root)

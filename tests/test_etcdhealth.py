@@ -5,16 +5,26 @@ and the HTTP client's timeout, on MemoryReactorClock.
 
 import json
 
-from twisted.internet import defer, error
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
-from twisted.logger import LogLevel
-from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IPolicyForHTTPS
+
+from etcdgw import etcdhealth
+from etcdgw.discovery import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import (
     CheckResult,
+    ClusterIdentity,
     EtcdClient,
     EtcdHealthService,
+    EtcdHTTPError,
     EtcdProber,
     majorityClusterID,
 )
@@ -336,6 +346,210 @@ class ClientTests(SynchronousTestCase):
         )
 
 
+def chunked(body, size=1000):
+    return b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + size]), body[i : i + size])
+        for i in range(0, len(body), size)
+    ) + b"0\r\n\r\n"
+
+
+class AnswerTests(SynchronousTestCase):
+    """
+    Every answer body goes through one capped reader, with or without an
+    announced length.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.client = EtcdClient(self.reactor, timeout=2.0)
+        self.patch(etcdhealth, "MAX_BODY", 4096)
+
+    def answer(self, head, body=b""):
+        """
+        Send a request; answer it with the raw C{head} and C{body}.
+        """
+        d = self.client.request(Endpoint("127.0.0.1", 2379), b"POST", "/v3/x", {})
+        host, port, factory = self.reactor.tcpClients[-1][:3]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        # Lenient: a real transport may be resumed after it was closed.
+        self.transport = StringTransport(lenient=True)
+        protocol.makeConnection(self.transport)
+        protocol.dataReceived(head + b"\r\n" + body)
+        self.protocol = protocol
+        self.addCleanup(lambda: self.assertEqual(self.reactor.getDelayedCalls(), []))
+        return d
+
+    def test_chunkedAnswerRead(self):
+        """A chunked answer (no length: etcd's member list past ~2 KB) is read whole."""
+        body = b"m" * 3000
+        d = self.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", chunked(body))
+        self.assertEqual(self.successResultOf(d), (200, body))
+
+    def test_chunkedAnswerTooLong(self):
+        """A chunked answer is cut at the limit: a one-line failure, the connection closed."""
+        d = self.answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", chunked(b"m" * 5000)
+        )
+        failure = self.failureResultOf(d, EtcdHTTPError)
+        self.assertEqual(str(failure.value), "answer is longer than 4096 bytes")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_announcedLengthTooLong(self):
+        """An announced length over the limit is refused without reading the body."""
+        d = self.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n", b"m" * 100)
+        failure = self.failureResultOf(d, EtcdHTTPError)
+        self.assertEqual(str(failure.value), "answer of 5000 bytes is longer than 4096 bytes")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_closeDelimited(self):
+        """An HTTP/1.0 answer ended by the close is read, within the limit."""
+        d = self.answer(b"HTTP/1.0 200 OK\r\n", b"ok")
+        self.assertNoResult(d)
+        self.protocol.connectionLost(Failure(error.ConnectionDone()))  # the body ends
+        self.assertEqual(self.successResultOf(d), (200, b"ok"))
+
+    def test_slowBodyTimesOut(self):
+        """A body that stops coming fails after the timeout; the connection is closed."""
+        d = self.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n", b"5\r\nhello\r\n")
+        self.assertNoResult(d)
+        self.reactor.advance(2.0)
+        self.failureResultOf(d, defer.TimeoutError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_jsonAnswerTooLong(self):
+        """requestJSON fails with the same one line (what sync and the checks log)."""
+        d = self.client.requestJSON(Endpoint("127.0.0.1", 2379), b"POST", "/v3/x", {})
+        host, port, factory = self.reactor.tcpClients[-1][:3]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        protocol.makeConnection(StringTransport(lenient=True))
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(b"m" * 5000)
+        )
+        self.assertEqual(
+            etcdhealth.describeCheckFailure(self.failureResultOf(d)),
+            "answer is longer than 4096 bytes",
+        )
+
+
+@implementer(IPolicyForHTTPS)
+class _RecordingPolicy:
+    def __init__(self):
+        self.names = []
+
+    def creatorForNetloc(self, hostname, port):
+        self.names.append((hostname, port))
+        return optionsForClientTLS(hostname.decode("ascii"))
+
+
+class ServerNameTests(SynchronousTestCase):
+    """
+    Requests go to the endpoint's address; TLS (SNI, certificate check) is
+    for its server name: the SRV target of a discovered endpoint.
+    """
+
+    def request(self, endpoint):
+        reactor = MemoryReactorClock()
+        policy = _RecordingPolicy()
+        client = EtcdClient(reactor, timeout=2.0, tlsPolicy=policy)
+        d = client.request(endpoint, b"GET", "/health")
+        d.addErrback(lambda f: None)
+        host, port = reactor.tcpClients[0][:2]
+        reactor.advance(2.0)
+        return (host, port), policy.names
+
+    def test_discoveredEndpoint(self):
+        """A discovered TLS endpoint: dialled at its address, verified for its SRV target."""
+        endpoint = DiscoveredEndpoint("127.0.0.1", 2379, tls=True, name="m1.etcd.test")
+        self.assertEqual(endpoint.serverName, "m1.etcd.test")
+        self.assertEqual(
+            self.request(endpoint), (("127.0.0.1", 2379), [(b"m1.etcd.test", 2379)])
+        )
+        self.assertEqual(
+            EtcdClient.url(endpoint, "/health"), "https://m1.etcd.test:2379/health"
+        )
+
+    def test_configuredEndpoint(self):
+        """A configured TLS endpoint is verified for its host."""
+        self.assertEqual(
+            self.request(Endpoint("127.0.0.1", 2379, tls=True)),
+            (("127.0.0.1", 2379), [(b"127.0.0.1", 2379)]),
+        )
+
+    def test_plain(self):
+        """A plain endpoint gets no TLS."""
+        self.assertEqual(self.request(Endpoint("127.0.0.1", 2379)), (("127.0.0.1", 2379), []))
+
+
+class IdentityTests(SynchronousTestCase):
+    """
+    One rule for cluster IDs: the configured endpoints pin it; learned ones
+    never vote and get no client before they report it.
+    """
+
+    def setUp(self):
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), MemoryReactorClock())
+        self.identity = ClusterIdentity(self.pool)
+        self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
+
+    def learn(self, *names):
+        endpoints = [Endpoint(name, 1) for name in names]
+        self.pool.replaceEndpoints(self.pool.endpoints + endpoints, learned=True)
+        return endpoints
+
+    def usable(self):
+        return {s.endpoint.host for s in self.pool.usable()}
+
+    def test_learnedNeverVote(self):
+        """Four learned endpoints of another cluster do not out-vote two configured ones."""
+        self.identity.report(A, "7")
+        self.identity.report(B, "7")
+        for x in self.learn("w", "x", "y", "z"):
+            self.identity.report(x, "99")
+        self.assertEqual(self.identity.pinned, "7")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.assertEqual({s.endpoint.host for s in self.pool.states() if s.foreign},
+                         {"w", "x", "y", "z"})
+        loud = [e for e in self.events if e["log_level"] == LogLevel.error]
+        self.assertEqual(sorted(e["endpoint"] for e in loud), ["w:1", "x:1", "y:1", "z:1"])
+        for x in self.pool.endpoints[2:]:
+            self.identity.report(x, "99")  # again: logged once
+        self.assertEqual(len([e for e in self.events if e["log_level"] == LogLevel.error]), 4)
+
+    def test_learnedWaitForProof(self):
+        """A learned endpoint gets clients once it reported the pinned ID, not before."""
+        (x,) = self.learn("x")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.identity.report(x, "7")  # nothing pinned yet: still no proof
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.identity.report(A, "7")
+        self.assertEqual(self.usable(), {"a", "b", "x"})
+        self.assertTrue(self.identity.accepts(x))
+
+    def test_pinKeptWithoutConfigured(self):
+        """With every configured endpoint gone from the pool, the pin stays."""
+        self.identity.report(A, "7")
+        x, y = self.learn("x", "y")
+        self.identity.report(x, "7")
+        self.pool.replaceEndpoints([x, y])
+        self.identity.report(y, "99")
+        self.assertEqual(self.identity.pinned, "7")
+        self.assertEqual(self.usable(), {"x"})
+
+    def test_configuredMoveThePin(self):
+        """A majority of the configured endpoints moves the pin (a restored cluster)."""
+        self.identity.report(A, "7")
+        self.identity.report(B, "7")
+        (x,) = self.learn("x")
+        self.identity.report(x, "7")
+        self.identity.report(A, "8")
+        self.assertEqual(self.identity.pinned, "7")  # 1 of 2: no majority
+        self.assertEqual(self.usable(), {"a", "b", "x"})
+        self.identity.report(B, "8")
+        self.assertEqual(self.identity.pinned, "8")
+        self.assertEqual(self.usable(), {"a", "b"})
+        self.assertTrue(self.pool.stateOf(x).foreign)
+
+
 class FlagTests(SynchronousTestCase):
     def parse(self, *argv):
         from etcdgw.tap import Options
@@ -385,6 +599,34 @@ class FlagTests(SynchronousTestCase):
         checker = root.getServiceNamed("etcd-health")
         self.assertEqual((checker.interval, checker.fall), (1.0, 4))
         self.assertEqual(root.getServiceNamed("membership").interval, 30.0)
+
+    def test_syncWithDiscoveryRefused(self):
+        """--sync-interval with --discovery-srv: one line, before any DNS look-up."""
+        from twisted.python.usage import UsageError
+
+        from etcdgw import discovery
+
+        self.patch(discovery, "discoverAtStart", lambda *a: self.fail("DNS asked"))
+        e = self.assertRaises(
+            UsageError, self.parse, "--discovery-srv=example.com", "--sync-interval=30s"
+        )
+        self.assertEqual(
+            str(e),
+            "--sync-interval and --discovery-srv both set the endpoints: use one or the other",
+        )
+
+    def test_sharedIdentity(self):
+        """The etcd checks and sync report cluster IDs to one ClusterIdentity."""
+        from etcdgw.tap import makeService
+
+        root = makeService(
+            self.parse("--health-check=etcd", "--sync-interval=30s"),
+            reactor=MemoryReactorClock(),
+        )
+        checker = root.getServiceNamed("etcd-health")
+        sync = root.getServiceNamed("membership")
+        self.assertIs(checker.identity, sync.identity)
+        self.assertIs(checker.identity.pool, root.pool)
 
     def test_offByDefault(self):
         """Without the flags, neither child exists."""

@@ -100,6 +100,31 @@ class LeastConnectionsTests(SynchronousTestCase):
         pool = UpstreamPool(parseEndpoints("a:1,b:1"), Clock(), policy="least-connections")
         self.assertEqual(picks(pool, 4), ["a:1", "b:1"] * 2)
 
+    def test_reAddedEndpointKeepsItsConnections(self):
+        """
+        An endpoint removed with connections open and added again counts
+        them on: least-connections does not see it idle, and their closing
+        brings it back to 0.
+        """
+        a, b = Endpoint("a", 1), Endpoint("b", 1)
+        pool = UpstreamPool([a, b], Clock(), policy="least-connections")
+        old = pool.stateOf(a)
+        for _ in range(2):
+            pool.connectionOpened(old)
+        pool.replaceEndpoints([b], reason="member list")
+        pool.replaceEndpoints([a, b], reason="member list")
+        self.assertEqual(pool.stateOf(a).active, 2)
+        chosen = []
+        for _ in range(2):
+            state = pool.pick()
+            pool.connectionOpened(state)
+            chosen.append(state.endpoint)
+        self.assertEqual(chosen, [b, b])
+        for _ in range(2):
+            pool.connectionClosed(old)
+        self.assertEqual((pool.stateOf(a).active, pool.stateOf(b).active), (0, 2))
+        self.assertEqual(pool.pick().endpoint, a)
+
 
 class HealthDimensionTests(SynchronousTestCase):
     def setUp(self):
@@ -149,6 +174,20 @@ class HealthDimensionTests(SynchronousTestCase):
         """Before any etcd check answered, endpoints are used (health unknown)."""
         self.assertEqual(self.pool.stateOf(Endpoint("a", 1)).health, UNKNOWN)
         self.assertEqual(len(self.pool.usable()), 3)
+
+    def test_learnedNeedsProof(self):
+        """
+        An endpoint learned from a member list gets no client, not even as a
+        fallback, until it proves its cluster ID; then it is used.
+        """
+        x = Endpoint("x", 1)
+        self.pool.replaceEndpoints(self.pool.endpoints + [x], learned=True)
+        for e in self.pool.endpoints[:-1]:
+            self.pool.setHealth(e, UNHEALTHY, "503")
+        self.assertNotIn("x:1", picks(self.pool, 8))
+        self.assertNotIn(x, [s.endpoint for s in self.pool.usable()])
+        self.pool.setIdentity(x, "7", False, "7")
+        self.assertEqual(set(picks(self.pool, 4)), {"x:1"})
 
     def test_foreignNeverUsed(self):
         """A foreign endpoint is never picked, not even as a fallback, and it is loud."""

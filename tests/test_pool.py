@@ -160,6 +160,25 @@ class ReplaceTests(SynchronousTestCase):
         self.assertTrue(pool.isUp(Endpoint("c", 1)))
         self.assertEqual([str(e) for e in pool.endpoints], ["b:1", "a:1", "c:1"])
 
+    def test_removedDuringDial(self):
+        """
+        A connection whose dial began before its endpoint was removed (and
+        added again, afresh) counts on the state the pool holds for it now.
+        """
+        pool = UpstreamPool(parseEndpoints("a:1,b:1"), Clock())
+        picked = pool.stateOf(Endpoint("a", 1))
+        pool.replaceEndpoints([Endpoint("b", 1)])
+        pool.replaceEndpoints([Endpoint("a", 1), Endpoint("b", 1)])
+        current = pool.stateOf(Endpoint("a", 1))
+        pool.connectionOpened(picked)
+        self.assertEqual((current.active, current.connections), (1, 1))
+        pool.replaceEndpoints([Endpoint("b", 1)])
+        pool.replaceEndpoints([Endpoint("a", 1), Endpoint("b", 1)])
+        self.assertIs(pool.stateOf(Endpoint("a", 1)), current)
+        pool.connectionClosed(picked)
+        self.assertEqual(current.active, 0)
+        self.assertEqual(pool._retired, {})
+
     def test_removed(self):
         """A removed endpoint is no longer picked and is reported."""
         pool = UpstreamPool(parseEndpoints("a:1,b:1"), Clock())

@@ -5,11 +5,21 @@ members and a real gateway process.
 
 import http.client
 import json
+import shutil
+import tempfile
 import time
 
 from twisted.trial.unittest import TestCase
 
-from tests.integration.etcd import HOST, ClusterTestMixin, etcdctl, generateTLS
+from tests.integration.dns import DNSServer, a, srv
+from tests.integration.etcd import (
+    HOST,
+    ClusterTestMixin,
+    EtcdCluster,
+    etcdctl,
+    generateTLS,
+    requireEtcd,
+)
 from tests.integration.gateway import REPOSITORY, GatewayProcess
 
 
@@ -197,3 +207,102 @@ class TLSHealthTests(_Base):
         log = gw.log()
         self.assertNotIn("etcd health unknown -> healthy", log)
         self.assertIn("certificate", log.lower())
+
+
+class _LongNamesCluster(EtcdCluster):
+    """
+    Members named with C{length} characters each: etcd's member list then
+    comes chunked (Go's HTTP server announces no length past ~2 KB).
+    """
+
+    def __init__(self, length, **kwargs):
+        super().__init__(**kwargs)
+        for i, m in enumerate(self.members):
+            m.name = f"etcd{i}-" + "n" * length
+        initial = ",".join(f"{m.name}={m.peerURL}" for m in self.members)
+        for m in self.members:
+            m.initialCluster = initial
+
+
+class LongMemberListTests(TestCase):
+    def test_chunkedMemberList(self):
+        """
+        A member list over 2 KB (three members with long names: etcd sends it
+        chunked) is read: seeded with one member, the gateway learns the
+        other two and sends clients to all three.
+        """
+        requireEtcd()
+        cluster = _LongNamesCluster(1000, size=3)
+        self.addCleanup(cluster.stop)
+        cluster.start()
+        conn = http.client.HTTPConnection(HOST, cluster.clientPort(0), timeout=5)
+        conn.request("POST", "/v3/cluster/member/list", body="{}")
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        self.assertEqual(response.getheader("Transfer-Encoding"), "chunked")
+        self.assertGreater(len(body), 3000)
+
+        gw = GatewayProcess(
+            ["--endpoints=" + cluster.clientAddress(0), "--sync-interval=300ms"],
+            cwd=REPOSITORY,
+        )
+        self.addCleanup(gw.cleanup)
+        gw.start()
+        log = gw.waitForLog("added [", timeout=10)
+        for i in (1, 2):
+            self.assertIn(cluster.clientAddress(i), log)
+        gw.waitForLog(f"endpoint {cluster.clientAddress(2)} is of the cluster", timeout=5)
+        ids = {memberID(HOST, cluster.clientPort(i)): i for i in range(3)}
+        reached = {ids[memberID(gw.host, gw.port)] for _ in range(9)}
+        self.assertEqual(reached, {0, 1, 2})
+        self.assertNotIn("membership sync failed", gw.log())
+
+
+class _NameOnlyCluster(EtcdCluster):
+    """
+    TLS members whose certificates name only a host name (no IP): the
+    harness's own health checks skip the host name check.
+    """
+
+    def _sslContext(self):
+        context = super()._sslContext()
+        context.check_hostname = False
+        return context
+
+
+class DiscoveredTLSHealthTests(TestCase):
+    def test_checkedForTheSRVTarget(self):
+        """
+        A TLS member found by SRV, whose certificate names only its SRV
+        target (m1.etcd.test), is found healthy and of the cluster by
+        --health-check=etcd: the checks connect to its address and verify
+        the certificate for the target name.
+        """
+        requireEtcd()
+        directory = tempfile.mkdtemp(prefix="etcdgw-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        tls = generateTLS(directory, size=1, hostnames=("m1.etcd.test",), ips=())
+        cluster = _NameOnlyCluster(size=1, tls=tls)
+        self.addCleanup(cluster.stop)
+        cluster.start()
+        dns = DNSServer()
+        self.addCleanup(dns.cleanup)
+        dns.setRecords(
+            [srv("_etcd-client-ssl._tcp.etcd.test", "m1.etcd.test.", cluster.clientPort(0)),
+             a("m1.etcd.test")]
+        )
+        dns.start()
+        gw = GatewayProcess(
+            ["--discovery-srv=etcd.test", "--discovery-dns=" + dns.address,
+             "--trusted-ca-file=" + tls.ca, "--discovery-cert-file=" + tls.clientCert,
+             "--discovery-key-file=" + tls.clientKey, "--health-check=etcd",
+             "--health-interval=200ms", "--health-timeout=1s"],
+            cwd=REPOSITORY,
+        )
+        self.addCleanup(gw.cleanup)
+        gw.start()
+        member = f"m1.etcd.test:{cluster.clientPort(0)} (127.0.0.1)"
+        log = gw.waitForLog(f"endpoint {member} etcd health unknown -> ", timeout=10)
+        self.assertIn(f"endpoint {member} etcd health unknown -> healthy", log)
+        gw.waitForLog("the gateway serves etcd cluster", timeout=5)
