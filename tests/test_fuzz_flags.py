@@ -150,15 +150,20 @@ def commandLines(draw):
 
 def namesFlagOrValue(message, argv):
     """
-    Whether C{message} names one of C{argv}'s flags (C{--name}) or quotes
-    one of its values (the first 20 characters, after a double quote).
+    Whether C{message} names one of C{argv}'s flags (C{--name}, or a short
+    option of a cluster such as C{-00}) or quotes one of its values (the
+    first 20 characters, after a double quote).
     """
     for item in argv:
         flag = item.partition("=")[0]
         if flag.startswith("-") and flag not in ("-", "--") and flag in message:
             return True
-        value = item.partition("=")[2] if item.startswith("--") else item
-        if value.strip() and f'"{value.strip()[:20]}' in message:
+        if item[:1] == "-" and item[1:2] not in ("", "-") and any(
+            f"option -{c} " in message for c in item[1:]
+        ):
+            return True  # getopt names one short option of a cluster: -00 -> -0
+        value = (item.partition("=")[2] if item.startswith("--") else item).strip()
+        if (f'"{value[:20]}' if value else '""') in message:
             return True
     return False
 
