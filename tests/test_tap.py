@@ -409,7 +409,12 @@ class OtherValueTests(SynchronousTestCase):
                                "is not a number from 1 to 1000")
         for value in ["0", "-1", "\u0663", "99999999999", "2147483648"]:
             self.assertRefused([f"--worker-of={value}"], "--worker-of:", "is not a process id")
+        for value in ["0", "257", "1_0", " 2", "\u0663", "2.0", ""]:
+            self.assertRefused([f"--workers={value}"], "--workers:",
+                               "is not a number from 1 to 256")
         self.assertEqual(parse("--health-rise=1000")["health-rise"], 1000)
+        self.assertEqual(parse("--workers=256", "--listen-addr=127.0.0.1:1")["workers"], 256)
+        self.assertEqual(parse("--workers=1", "--listen-addr=127.0.0.1:0")["workers"], 1)
         self.assertEqual(parse("--worker-of=2147483647")["worker-of"], 2147483647)
 
     def test_tcpPortRange(self):
