@@ -4,6 +4,7 @@ Go's duration syntax (C{time.ParseDuration}), as etcd's flags use it.
 C{parseDuration("1m30s") == 90.0}; C{formatDuration(60.0) == "1m0s"}.
 """
 
+import math
 import re
 
 _UNITS = {
@@ -16,6 +17,12 @@ _UNITS = {
     "m": 60.0,
     "h": 3600.0,
 }
+
+#: The longest duration, in seconds: Go's (2**63-1 ns, about 292 years).
+#: Longer ones are refused, as Go and etcd refuse them; past it a float
+#: duration loses the nanoseconds, and a 400-digit one is infinite.
+MAX_SECONDS = (2**63 - 1) / 1e9
+MAX_TEXT = "2562047h47m16.854775807s"
 
 _TERM = re.compile(r"([0-9]*(?:\.[0-9]*)?)([^0-9.]+)")
 
@@ -30,11 +37,14 @@ def parseDuration(text):
     """
     Parse a Go duration such as C{300ms}, C{1.5h} or C{2h45m} into seconds.
 
-    A bare number other than C{0} is refused, as Go and etcd refuse it.
+    A bare number other than C{0} is refused, as Go and etcd refuse it, and
+    so is a duration longer than Go's longest (L{MAX_SECONDS}, about 292
+    years), positive or negative.
 
-    @raise DurationError: if C{text} is not a duration.
+    @raise DurationError: if C{text} is not a duration; the message quotes
+        it (shortened past 40 characters).
     """
-    original = text
+    original = _quote(text)
     sign = 1.0
     if text[:1] in ("-", "+"):
         if text[0] == "-":
@@ -43,7 +53,7 @@ def parseDuration(text):
     if text == "0":
         return 0.0
     if not text:
-        raise DurationError(f'invalid duration "{original}"')
+        raise DurationError(f"invalid duration {original}")
     total = 0.0
     position = 0
     while position < len(text):
@@ -51,18 +61,33 @@ def parseDuration(text):
         if match is None:
             if re.fullmatch(r"[0-9]*\.?[0-9]*", text[position:]):
                 raise DurationError(
-                    f'missing unit in duration "{original}": '
+                    f"missing unit in duration {original}: "
                     "expects a time unit (ns, us, ms, s, m, h)"
                 )
-            raise DurationError(f'invalid duration "{original}"')
+            raise DurationError(f"invalid duration {original}")
         number, unit = match.groups()
         if number in ("", "."):
-            raise DurationError(f'invalid duration "{original}"')
+            raise DurationError(f"invalid duration {original}")
         if unit not in _UNITS:
-            raise DurationError(f'unknown unit "{unit}" in duration "{original}"')
+            raise DurationError(f"unknown unit {_quote(unit)} in duration {original}")
         total += float(number) * _UNITS[unit]
+        if not total <= MAX_SECONDS:  # also catches inf and nan
+            raise DurationError(
+                f"duration {original} is out of range: at most {MAX_TEXT} "
+                "(about 292 years, Go's longest duration)"
+            )
         position = match.end()
     return sign * total
+
+
+def _quote(text, limit=40):
+    """
+    C{text} in double quotes, cut after C{limit} characters: a message that
+    names a 5000-digit value stays readable.
+    """
+    if len(text) > limit:
+        return f'"{text[:limit]}..." ({len(text)} characters)'
+    return f'"{text}"'
 
 
 def formatDuration(seconds):

@@ -69,7 +69,7 @@ def formatHostPort(host, port):
     return f"{host}:{port}"
 
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?\Z")  # \Z: "$" takes "h\n"
 
 
 def splitHostPort(

@@ -1,6 +1,6 @@
 from twisted.trial.unittest import SynchronousTestCase
 
-from etcdgw.duration import DurationError, formatDuration, parseDuration
+from etcdgw.duration import MAX_SECONDS, MAX_TEXT, DurationError, formatDuration, parseDuration
 
 
 class ParseDurationTests(SynchronousTestCase):
@@ -34,6 +34,30 @@ class ParseDurationTests(SynchronousTestCase):
         for text in ["", "abc", "s", "1x", "1..5s", "1s2", "--1s", "1 s", "1e3s"]:
             e = self.assertRaises(DurationError, parseDuration, text)
             self.assertIn(f'"{text}"', str(e))
+
+    def test_outOfRange(self):
+        """
+        A duration longer than Go's longest (about 292 years) is refused, as
+        Go refuses it, saying the bound: a 400-digit one no longer becomes
+        infinite, positive or negative.
+        """
+        for text in ["9" * 400 + "h", "-" + "9" * 400 + "h", "1" + "0" * 400 + "ns",
+                     "2562048h", "2562047h47m17s", "2562047h2562047h", "9" * 5000 + "." + "9s"]:
+            e = self.assertRaises(DurationError, parseDuration, text)
+            self.assertIn("out of range: at most 2562047h47m16.854775807s", str(e), text[:20])
+
+    def test_longest(self):
+        """Go's longest duration itself, and just under it, are accepted."""
+        self.assertAlmostEqual(parseDuration(MAX_TEXT), MAX_SECONDS)
+        self.assertAlmostEqual(parseDuration("-" + MAX_TEXT), -MAX_SECONDS)
+        self.assertEqual(parseDuration("2562047h"), 2562047 * 3600.0)
+        self.assertEqual(parseDuration("0." + "0" * 5000 + "1s"), 0.0)
+
+    def test_longValueShortened(self):
+        """The message quotes a long value shortened, with its length."""
+        e = self.assertRaises(DurationError, parseDuration, "x" * 5000)
+        self.assertIn('"' + "x" * 40 + '..." (5000 characters)', str(e))
+        self.assertLess(len(str(e)), 200)
 
 
 class FormatDurationTests(SynchronousTestCase):

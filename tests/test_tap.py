@@ -147,3 +147,387 @@ class MakeServiceTests(SynchronousTestCase):
             said[0]["endpoints"], ["infra0.example.com:2379", "infra2.example.com:2379"]
         )
         self.assertIn("2379", str(Options()))
+
+
+def durationFlags():
+    """
+    Every flag of L{Options} whose converter is a duration's (so a new
+    duration flag is covered by itself).
+    """
+    from etcdgw.tap import _duration
+
+    kind = type(_duration("x"))
+    return [
+        spec[0] for spec in Options.optParameters
+        if len(spec) > 4 and isinstance(spec[4], kind) and "duration" in spec[4].__qualname__
+    ]
+
+
+class NoDiscovery:
+    """
+    Stands in for L{etcdgw.discovery.discoverAtStart}: records the
+    configuration it is given and fails as discovery finding nothing does.
+    """
+
+    def __init__(self):
+        self.configs = []
+
+    def __call__(self, config, fallback=None):
+        from etcdgw.discovery import DiscoveryError
+
+        self.configs.append(config)
+        raise DiscoveryError(f"--discovery-srv={config.domain}: test: no discovery here")
+
+
+class DurationFlagTests(SynchronousTestCase):
+    def test_everyDurationFlagBounded(self):
+        """
+        Every duration flag refuses a value longer than Go's longest duration
+        (a 400-digit one was infinite: an OverflowError at start, or, as
+        --shutdown-grace, a drain silently skipped), in one line naming the
+        flag, the value (shortened) and the bound.
+        """
+        flags = durationFlags()
+        self.assertEqual(
+            set(flags),
+            {"retry-delay", "dial-timeout", "health-interval", "health-timeout",
+             "sync-interval", "shutdown-grace", "discovery-refresh"},
+        )
+        for name in flags:
+            for value in ["9" * 400 + "h", "2562048h", "1" + "0" * 4000 + "ns"]:
+                e = self.assertRaises(usage.UsageError, parse, f"--{name}={value}")
+                message = str(e)
+                self.assertTrue(message.startswith(f"--{name}: duration "), message)
+                self.assertIn("out of range: at most 2562047h47m16.854775807s", message)
+                self.assertLess(len(message), 300)
+
+    def test_longestDurationsStart(self):
+        """
+        Go's longest duration in every duration flag builds and starts the
+        gateway on a memory reactor, every timer finite.
+        """
+        import math
+
+        longest = "2562047h47m16s"
+        options = parse(
+            "--listen-addr=127.0.0.1:0", "--health-check=etcd", "--endpoints=127.0.0.1:2",
+            *[f"--{name}={longest}" for name in durationFlags() if name != "discovery-refresh"],
+        )
+        reactor = MemoryReactorClock()
+        service = makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertTrue(reactor.getDelayedCalls())
+        for call in reactor.getDelayedCalls():
+            self.assertTrue(math.isfinite(call.getTime()), call)
+        self.assertEqual(service.getServiceNamed("shutdown").grace, 2562047 * 3600 + 47 * 60 + 16)
+
+
+class TLSFileFlagTests(SynchronousTestCase):
+    """
+    The PEM files the flags name: read by etcdgw.tlsfiles (regular files,
+    bounded), a certificate checked with its key.
+    """
+
+    def setUp(self):
+        import etcdgw.discovery
+        from tests.certs import CertificateAuthority
+
+        self.discovery = NoDiscovery()
+        self.patch(etcdgw.discovery, "discoverAtStart", self.discovery)
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(self._cleanUp)
+        self.ca = CertificateAuthority()
+        self.caFile = self.ca.write(self.directory)
+        self.cert, self.key = self.ca.issue(self.directory, "client", client=True)
+        self.otherCert, self.otherKey = self.ca.issue(self.directory, "other", client=True)
+        with open(self.cert, "rb") as c, open(self.key, "rb") as k:
+            self.both = os.path.join(self.directory, "both.pem")
+            with open(self.both, "wb") as f:
+                f.write(c.read() + k.read())
+        self.fifo = os.path.join(self.directory, "fifo")
+        os.mkfifo(self.fifo)
+        self.garbage = os.path.join(self.directory, "garbage.pem")
+        with open(self.garbage, "wb") as f:
+            f.write(b"-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n"
+                    b"-----BEGIN PRIVATE KEY-----\ngarbage\n-----END PRIVATE KEY-----\n")
+
+    def _cleanUp(self):
+        for name in os.listdir(self.directory):
+            os.remove(os.path.join(self.directory, name))
+        os.rmdir(self.directory)
+
+    def flagLines(self, path):
+        """
+        Command lines that give C{path} to each PEM flag: C{(flag, argv)}.
+        """
+        srv = "--discovery-srv=etcd.test"
+        return [
+            ("trusted-ca-file", [f"--trusted-ca-file={path}"]),
+            ("health-cert-file", [f"--health-cert-file={path}"]),
+            ("health-key-file", [f"--health-cert-file={self.cert}", f"--health-key-file={path}"]),
+            ("discovery-cert-file", [srv, f"--discovery-cert-file={path}"]),
+            ("discovery-key-file",
+             [srv, f"--discovery-cert-file={self.cert}", f"--discovery-key-file={path}"]),
+        ]
+
+    def assertRefused(self, argv, *parts):
+        e = self.assertRaises(usage.UsageError, parse, *argv)
+        message = str(e)
+        self.assertNotIn("\n", message)
+        for part in parts:
+            self.assertIn(part, message, argv)
+        self.assertEqual(self.discovery.configs, [], "discovery ran before the files were checked")
+        return message
+
+    def test_specialFilesRefused(self):
+        """
+        /dev/zero (read without limit, it hung the start), a FIFO and a
+        directory, named by any PEM flag, are refused unread, naming the flag
+        and the file.
+        """
+        for path, kind in [("/dev/zero", "a character device"), (self.fifo, "a FIFO"),
+                           (self.directory, "a directory")]:
+            for flag, argv in self.flagLines(path):
+                self.assertRefused(
+                    argv, f'--{flag}: cannot read "{path}": not a regular file ({kind})'
+                )
+
+    def test_badContentRefused(self):
+        """
+        A garbage certificate or key, a file without the key, and a key that
+        is not the certificate's are refused at start, in one line naming the
+        flag and the file (they were an OpenSSL traceback, or nothing until
+        the first health check).
+        """
+        srv = "--discovery-srv=etcd.test"
+        for prefix in ["health", "discovery"]:
+            base = [srv] if prefix == "discovery" else []
+            cert, key = f"--{prefix}-cert-file", f"--{prefix}-key-file"
+            self.assertRefused(base + [f"{cert}={self.garbage}"], f'{cert}: "{self.garbage}"',
+                               "holds no PEM certificate")
+            self.assertRefused(base + [f"{cert}={self.cert}", f"{key}={self.garbage}"],
+                               f'{key}: "{self.garbage}"', "cannot be read")
+            self.assertRefused(base + [f"{cert}={self.cert}"], f'{cert}: "{self.cert}"',
+                               f"holds no PEM private key (give it with {key})")
+            self.assertRefused(base + [f"{cert}={self.cert}", f"{key}={self.otherKey}"],
+                               f'{key}: "{self.otherKey}"', "not the one of the certificate")
+
+    def test_healthKeyFromCertificateFile(self):
+        """
+        --health-cert-file without --health-key-file reads the key from the
+        certificate file, as documented (it crashed with open(None)).
+        """
+        import etcdgw.etcdhealth
+
+        calls = []
+        real = etcdgw.etcdhealth.tlsPolicyFromFiles
+
+        def recording(*args):
+            calls.append(args)
+            return real(*args)
+
+        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", recording)
+        options = parse("--health-check=etcd", f"--health-cert-file={self.both}",
+                        f"--trusted-ca-file={self.caFile}", "--listen-addr=127.0.0.1:0")
+        makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+
+    def test_discoveryKeyFromCertificateFile(self):
+        """
+        --discovery-cert-file without --discovery-key-file: discovery's
+        handshakes and the etcd client both get the certificate file as the
+        key's.
+        """
+        import etcdgw.etcdhealth
+
+        calls = []
+        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", lambda *args: calls.append(args))
+        # NoDiscovery records the configuration, then fails as finding nothing.
+        self.assertRaises(usage.UsageError, parse, "--discovery-srv=etcd.test",
+                          f"--discovery-cert-file={self.both}")
+        (config,) = self.discovery.configs
+        self.assertEqual((config.trust.certFile, config.trust.keyFile), (self.both, self.both))
+        config.trust.context()  # OpenSSL loads the pair
+        from etcdgw.tap import _etcdClient
+
+        _etcdClient({"discovery-cert-file": self.both, "discovery-key-file": None,
+                     "health-timeout": 1.0}, MemoryReactorClock())
+        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+
+    def test_goodPairs(self):
+        """Separate files, and one file holding both, are accepted."""
+        parse(f"--health-cert-file={self.cert}", f"--health-key-file={self.key}")
+        parse(f"--health-cert-file={self.both}")
+
+
+class OtherValueTests(SynchronousTestCase):
+    """
+    Values of the other flags that gave a traceback, or a message of
+    thousands of characters.
+    """
+
+    def setUp(self):
+        import etcdgw.discovery
+
+        self.discovery = NoDiscovery()
+        self.patch(etcdgw.discovery, "discoverAtStart", self.discovery)
+
+    def assertRefused(self, argv, *parts):
+        e = self.assertRaises(usage.UsageError, parse, *argv)
+        message = str(e)
+        for part in parts:
+            self.assertIn(part, message, argv)
+        self.assertLess(len(message), 400, message)
+        return message
+
+    def test_hugeNumbers(self):
+        """
+        5000-digit numbers (past Python's int() limit) in every number and
+        port are one short line naming the flag.
+        """
+        big = "9" * 5000
+        srv = "--discovery-srv=etcd.test"
+        for argv, flag in [
+            ([f"--worker-of={big}"], "--worker-of"),
+            ([f"--workers={big}"], "--workers"),
+            ([f"--health-rise={big}"], "--health-rise"),
+            ([f"--health-fall={big}"], "--health-fall"),
+            ([f"--listen-addr=127.0.0.1:{big}"], "--listen-addr"),
+            ([f"--listen-addr=tcp:{big}"], "--listen-addr"),
+            ([f"--metrics-addr=127.0.0.1:{big}"], "--metrics-addr"),
+            ([f"--metrics-addr=[::1]:{big}"], "--metrics-addr"),
+            ([srv, f"--discovery-dns=127.0.0.1:{big}"], "--discovery-dns"),
+            ([f"--endpoints=127.0.0.1:{big}"], "--endpoints"),
+        ]:
+            self.assertRefused(argv, flag)
+
+    def test_numbersAreDecimal(self):
+        """Numbers are ASCII digits in range: not "1_0", " 2", Arabic digits, 0."""
+        for value in ["1_0", " 2", "\u0663", "0", "-1", "1001", "2.0"]:
+            self.assertRefused([f"--health-rise={value}"], "--health-rise:",
+                               "is not a number from 1 to 1000")
+        for value in ["0", "-1", "\u0663", "99999999999", "2147483648"]:
+            self.assertRefused([f"--worker-of={value}"], "--worker-of:", "is not a process id")
+        for value in ["0", "257", "1_0", " 2", "\u0663", "2.0", ""]:
+            self.assertRefused([f"--workers={value}"], "--workers:",
+                               "is not a number from 1 to 256")
+        self.assertEqual(parse("--health-rise=1000")["health-rise"], 1000)
+        self.assertEqual(parse("--workers=256", "--listen-addr=127.0.0.1:1")["workers"], 256)
+        self.assertEqual(parse("--workers=1", "--listen-addr=127.0.0.1:0")["workers"], 1)
+        self.assertEqual(parse("--worker-of=2147483647")["worker-of"], 2147483647)
+
+    def test_tcpPortRange(self):
+        """
+        A tcp: endpoint string with a port outside 0-65535 is refused when
+        parsed (it was an OverflowError from bind() at start).
+        """
+        for flag in ["listen-addr", "metrics-addr"]:
+            for value in ["tcp:70000", "tcp:-1", "tcp:port=65536:interface=127.0.0.1"]:
+                self.assertRefused([f"--{flag}={value}"], f'--{flag}: "{value}"',
+                                   "is not in 0-65535")
+
+    def test_longHostName(self):
+        """
+        A listen host name that cannot be a DNS name (a 300-byte label) is a
+        usage error naming the flag (it was idna's UnicodeError).
+        """
+        for flag in ["listen-addr", "metrics-addr"]:
+            self.assertRefused([f"--{flag}={'a' * 300}:1"], f"--{flag}:")
+
+    def test_discoveryDomain(self):
+        """
+        A --discovery-srv or --discovery-srv-name that makes no DNS name is
+        refused before any look-up.
+        """
+        for argv, flag in [
+            (["--discovery-srv="], "--discovery-srv"),
+            (["--discovery-srv=."], "--discovery-srv"),
+            (["--discovery-srv=a b"], "--discovery-srv"),
+            (["--discovery-srv=a\x00b"], "--discovery-srv"),
+            (["--discovery-srv=a\nb"], "--discovery-srv"),
+            ([f"--discovery-srv={'a' * 64}.test"], "--discovery-srv"),
+            ([f"--discovery-srv={'a.' * 200}test"], "--discovery-srv"),
+            (["--discovery-srv=etcd.test", "--discovery-srv-name=a b"], "--discovery-srv-name"),
+            (["--discovery-srv=etcd.test", f"--discovery-srv-name={'x' * 60}"],
+             "--discovery-srv"),
+        ]:
+            self.assertRefused(argv, flag)
+        self.assertEqual(self.discovery.configs, [])
+
+    def test_strayArgument(self):
+        """An argument that is no flag is named (it was "Wrong number of arguments")."""
+        self.assertRefused(["extra"], 'unexpected argument "extra"')
+        self.assertRefused(["--", "--retry-delay=1s"], 'unexpected argument "--retry-delay=1s"')
+
+    def test_discoveryKeyNeedsSRV(self):
+        """--discovery-key-file without --discovery-srv is refused, as its certificate is."""
+        self.assertRefused(["--discovery-key-file=/etc/hostname"],
+                           "--discovery-key-file needs --discovery-srv")
+
+    def test_hostWithNewline(self):
+        """
+        A host name ending in a newline is refused (the host name check's "$"
+        matched before it).
+        """
+        self.assertRefused(["--endpoints=etcd\n:2379"], "--endpoints:", "is not a valid host name")
+
+    def test_selfLoopNamesFlags(self):
+        """The self-loop refusal names the two flags."""
+        self.assertRefused(["--listen-addr=127.0.0.1:2379"], "--endpoints and --listen-addr:")
+
+
+class OneLineTests(SynchronousTestCase):
+    def test_errorIsOneLine(self):
+        """
+        Run by twistd, an error is one printable line: newlines and escape
+        sequences in a value are escaped, not written to the terminal, and a
+        long message keeps its start and its end.
+        """
+        import io
+        import sys
+
+        for value, shown in [
+            ("a\nb:1", "a\\nb"),
+            ("a\x1b[31mb:1", "a\\x1b[31mb"),
+            ("a\udcffb:1", "a\\udcffb"),
+            ("a\n" * 10000 + ":1", " ... "),
+        ]:
+            err = io.StringIO()
+            self.patch(sys, "stderr", err)
+            options = Options()
+            options.parent = object()  # as a twistd subcommand
+            e = self.assertRaises(SystemExit, options.parseOptions, [f"--endpoints={value}"])
+            self.assertEqual(e.code, 1)
+            written = err.getvalue()
+            self.assertEqual(written.count("\n"), 1, written[:200])
+            self.assertTrue(written[:-1].isprintable(), written[:200])
+            self.assertIn(shown, written)
+            self.assertTrue(written.startswith("etcd-gateway: error: --endpoints: "))
+            self.assertTrue(written.endswith("(see: twistd etcd-gateway --help)\n"))
+            self.assertLess(len(written), 2200)
+
+    def test_parserBugIsOneLine(self):
+        """
+        Run by twistd, even an exception the parser did not expect (a bug)
+        is one line and exit status 1, saying it is a bug, not a traceback.
+        """
+        import io
+        import sys
+
+        import etcdgw.tap
+
+        def broken(text):
+            raise TypeError("a bug\nover two lines")
+
+        self.patch(etcdgw.tap, "parseEndpoints", broken)
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        options = Options()
+        options.parent = object()
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--endpoints=a:1"])
+        self.assertEqual(e.code, 1)
+        self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+        self.assertIn("(a bug: please report it", err.getvalue())
+        self.assertIn("TypeError", err.getvalue())
+        self.assertRaises(TypeError, Options().parseOptions, ["--endpoints=a:1"])
