@@ -19,9 +19,10 @@ import attr
 from zope.interface import implementer
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, error, tcp, unix
+from twisted.internet import defer, endpoints, error, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.systemd import ListenFDs
 
 from etcdgw.endpoint import EndpointError, formatHostPort, splitHostPort
 from etcdgw.transport import GatewayServer
@@ -738,39 +739,32 @@ class GatewaySystemdEndpoint:
         return defer.execute(self._adopt, factory)
 
     def _descriptor(self):
-        from twisted.python.systemd import ListenFDs
-
-        environ = os.environ if self.environ is None else self.environ
+        """
+        The descriptor systemd passed for this listener, and its domain.
+        """
         _, _, keywords = splitEndpointString(self.description)
-        if "LISTEN_FDS" not in environ:
-            raise ListenError(
-                "no socket passed by systemd (LISTEN_FDS is not set: start the "
-                "gateway from its .socket unit, or give host:port)"
-            )
+        where = (
+            f'named "{keywords["name"]}"' if "name" in keywords else f"at index={keywords['index']}"
+        )
         try:
-            fds = ListenFDs.fromEnvironment(environ)
-            if "name" in keywords:
-                named = fds.inheritedNamedDescriptors()
-                if keywords["name"] not in named:
-                    raise ListenError(
-                        f'systemd passed no socket named "{keywords["name"]}" '
-                        f"(names: {', '.join(sorted(named)) or 'none'})"
-                    )
-                fd = named[keywords["name"]]
+            if self.environ is None:
+                # Twisted reads (and removes) LISTEN_FDS when its endpoints
+                # module is imported: ask it through its public parser.
+                fd = endpoints.serverFromString(self.reactor, self.description).fileno
             else:
-                inherited = fds.inheritedDescriptors()
-                index = int(keywords["index"])
-                if index >= len(inherited):
-                    raise ListenError(
-                        f"systemd passed {len(inherited)} sockets to this process "
-                        f"(LISTEN_PID={environ.get('LISTEN_PID')}, pid {os.getpid()}): "
-                        f"index={index} is not one of them"
-                    )
-                fd = inherited[index]
-        except ListenError:
-            raise
-        except (ValueError, KeyError, TypeError) as e:
-            raise ListenError(f"cannot read systemd's sockets: {e}") from None
+                fds = ListenFDs.fromEnvironment(dict(self.environ))
+                if "name" in keywords:
+                    fd = fds.inheritedNamedDescriptors()[keywords["name"]]
+                else:
+                    fd = fds.inheritedDescriptors()[int(keywords["index"])]
+        except (IndexError, KeyError):
+            raise ListenError(
+                f"systemd passed no socket {where} to this process (LISTEN_FDS is not "
+                "set, or counts fewer sockets): start the gateway from its .socket "
+                "unit, or give host:port"
+            ) from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ListenError(f"cannot read the sockets systemd passed: {e}") from None
         return fd, getattr(socket, "AF_" + keywords["domain"])
 
     def _adopt(self, factory):

@@ -487,7 +487,7 @@ class SystemdListenTests(SynchronousTestCase):
         )
         endpoint.environ = {"LISTEN_FDS": "1", "LISTEN_PID": str(os.getpid())}
         e = self.failureResultOf(endpoint.listen(Factory()), ListenError).value
-        self.assertIn("index=3 is not one of them", str(e))
+        self.assertIn("no socket at index=3", str(e))
 
 
 class FailingEndpoint:
