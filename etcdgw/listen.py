@@ -884,6 +884,8 @@ class ListeningService(StreamServerEndpointService):
         """
         if self.boundAddress is not None and self.address.isTCP:
             return formatHostPort(self.address.host or "*", self.boundAddress[1])
+        if self.boundAddress is not None:  # a TCP socket from systemd
+            return f"{self.address} ({formatHostPort(*self.boundAddress)})"
         return str(self.address)
 
 
