@@ -9,6 +9,7 @@ from twisted.internet import defer, error
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 
 from etcdgw.transport import connectTCP
 
@@ -31,7 +32,9 @@ class _DialFactory(ClientFactory):
         return protocol
 
     def clientConnectionFailed(self, connector, reason):
-        if not self.deferred.called:
+        # None once the dial was cancelled: stopConnecting then reports a
+        # UserError, which is not the member's failure.
+        if self.deferred is not None and not self.deferred.called:
             self.deferred.errback(reason)
 
 
@@ -43,29 +46,67 @@ def dial(reactor, endpoint, buildProtocol, timeout):
     which resolves them anew at each dial, and the whole dial (resolution
     included) is bounded by C{timeout}.
 
+    Whatever goes wrong is a failed dial, never an exception: an address
+    whose connect raises at once (C{connectTCP} resolving an IPv6 scope ID
+    that names no interface raises C{socket.gaierror}) fails the Deferred
+    like a refused connection.
+
     @param buildProtocol: called with the address; returns the protocol, whose
-        C{connectionMade} must call C{self.factory.deferred.callback(self)}
-        (L{Connected} does) for direct dials.
+        C{connectionMade} must call L{connected} (as
+        L{etcdgw.proxy.UpstreamProtocol} and the health probe do).
     @return: a cancellable Deferred firing with the connected protocol, or
         failing with the connection error (L{error.TimeoutError} on timeout).
+        Cancelled, it fails with L{defer.CancelledError} (never with the
+        connector's C{UserError} or the endpoint's
+        C{ConnectingCancelledError}, which would read as the member's fault).
     """
-    if isIPAddress(endpoint.host) or isIPv6Address(endpoint.host):
-        connector = None
+    try:
+        if isIPAddress(endpoint.host) or isIPv6Address(endpoint.host):
+            return _dialAddress(reactor, endpoint, buildProtocol, timeout)
+        return _dialName(reactor, endpoint, buildProtocol, timeout)
+    except Exception:
+        return defer.fail()
 
-        def cancel(d):
-            if connector is not None:
-                connector.stopConnecting()
 
-        d = defer.Deferred(cancel)
-        connector = connectTCP(
-            reactor, endpoint.host, endpoint.port, _DialFactory(buildProtocol, d), timeout
-        )
-        return d
-    factory = _EndpointFactory(buildProtocol)
-    d = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=timeout).connect(
-        factory
+def _dialAddress(reactor, endpoint, buildProtocol, timeout):
+    connector = factory = None
+
+    def cancel(d):
+        factory.deferred = None
+        if connector is not None:
+            connector.stopConnecting()
+
+    d = defer.Deferred(cancel)
+    factory = _DialFactory(buildProtocol, d)
+    connector = connectTCP(reactor, endpoint.host, endpoint.port, factory, timeout)
+    return d
+
+
+def _timedOut(result, timeout):
+    raise error.TimeoutError(f"no connection within {timeout}s")
+
+
+def _dialName(reactor, endpoint, buildProtocol, timeout):
+    attempt = HostnameEndpoint(reactor, endpoint.host, endpoint.port, timeout=timeout).connect(
+        _EndpointFactory(buildProtocol)
     )
-    d.addTimeout(timeout, reactor)
+    attempt.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut)
+    cancelled = []
+
+    def cancel(d):
+        cancelled.append(True)
+        attempt.cancel()
+
+    d = defer.Deferred(cancel)
+
+    def relay(result):
+        if not cancelled:
+            d.callback(result)
+        elif not isinstance(result, Failure):
+            result.transport.abortConnection()  # connected as we gave up
+        return None
+
+    attempt.addBoth(relay)
     return d
 
 

@@ -1,30 +1,71 @@
 """
-The listening side: C{--listen-addr} parsing, and a TCP port whose accept loop
-survives running out of file descriptors.
+The listening side: C{--listen-addr} and C{--metrics-addr} parsing, and
+ports whose accept loop survives running out of file descriptors, survives
+an error in one client's start, and stops accepting at a connection cap.
+
+Every listener, TCP or unix, given as C{host:port}, C{tcp:}, C{tcp6:},
+C{unix:} or C{systemd:}, is served by the gateway's own ports
+(L{GatewayPort}, L{GatewayUNIXPort}); a listen-time failure (address in use,
+no such interface or directory, no socket from systemd) ends the start with
+one line naming the flag (L{ListeningService}).
 """
 
 import errno
 import os
 import socket
+import stat
 
 import attr
 from zope.interface import implementer
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, tcp
+from twisted.internet import defer, endpoints, error, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.systemd import ListenFDs
 
 from etcdgw.endpoint import EndpointError, formatHostPort, splitHostPort
 from etcdgw.transport import GatewayServer
 
-#: Twisted endpoint-string types accepted as C{--listen-addr} as they are.
+#: Endpoint-string types accepted as C{--listen-addr}, Twisted's syntax.
 ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
+#: Permissions of a unix socket file, unless C{--listen-mode} or C{mode=}
+#: says otherwise: the owner and its group may connect, nobody else.
+DEFAULT_UNIX_MODE = 0o660
+#: The listen backlog: clients wait there, not refused, while accepting pauses.
+DEFAULT_BACKLOG = 1024
+
+
+#: Descriptors kept for the gateway itself: standard streams, epoll, the
+#: listening sockets, log files, health probes and etcd checks.
+RESERVED_DESCRIPTORS = 32
+#: The metrics address's cap on open connections (less under a low
+#: open-files limit: an eighth of it).
+METRICS_MAX_CONNECTIONS = 64
+#: The open-files limit assumed when there is none.
+UNLIMITED_DESCRIPTORS = 1 << 20
+
+
+def descriptorBudget(limit):
+    """
+    The caps on open connections that the open-files limit C{limit}
+    (C{RLIMIT_NOFILE}'s soft limit) allows: C{(clients, metrics)}. The
+    metrics address gets at most L{METRICS_MAX_CONNECTIONS} (an eighth of
+    the limit when that is less); the gateway keeps
+    L{RESERVED_DESCRIPTORS}; each client takes two descriptors (its own and
+    its member connection's).
+    """
+    if limit is None or limit < 0 or limit > UNLIMITED_DESCRIPTORS:
+        limit = UNLIMITED_DESCRIPTORS
+    metrics = max(1, min(METRICS_MAX_CONNECTIONS, limit // 8))
+    clients = max(1, (limit - RESERVED_DESCRIPTORS - metrics) // 2)
+    return clients, metrics
 
 
 class ListenError(ValueError):
     """
-    C{--listen-addr} is malformed; the message names it.
+    C{--listen-addr} (or C{--metrics-addr}) is malformed or cannot be
+    listened on; the message names it.
     """
 
 
@@ -36,17 +77,30 @@ class ListenAddress:
     @ivar text: what the user gave.
     @ivar host: the interface for TCP (C{""} for all interfaces), else L{None}.
     @ivar port: the TCP port (0 means any free port), else L{None}.
-    @ivar description: a Twisted endpoint string for non-TCP listeners.
+    @ivar description: the endpoint string for unix and systemd listeners.
+    @ivar path: the socket file of a unix listener.
+    @ivar mode: the permissions a unix listener's string asked for
+        (C{mode=}), else L{None}.
+    @ivar backlog: the listen backlog a string asked for, else L{None}.
+    @ivar lockfile: whether a unix listener keeps Twisted's C{PATH.lock}.
     """
 
     text: str
     host: str = None
     port: int = None
     description: str = None
+    path: str = None
+    mode: int = None
+    backlog: int = None
+    lockfile: bool = False
 
     @property
     def isTCP(self):
         return self.port is not None
+
+    @property
+    def isUNIX(self):
+        return self.path is not None
 
     @property
     def wildcard(self):
@@ -58,31 +112,136 @@ class ListenAddress:
         return self.description
 
 
+def splitEndpointString(text):
+    """
+    Split a Twisted endpoint string (C{kind:arg:key=value}, a backslash
+    escaping the next character) into C{(kind, args, keywords)}, as
+    L{twisted.internet.endpoints.serverFromString} reads it.
+    """
+    parts = [""]
+    escaped = False
+    for ch in text:
+        if escaped:
+            parts[-1] += ch
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("")
+        else:
+            parts[-1] += ch
+    kind, args, keywords = parts[0], [], {}
+    for part in parts[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            keywords[key] = value
+        else:
+            args.append(part)
+    return kind, args, keywords
+
+
+def _number(text, what, low, high):
+    if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > 6:
+        raise ListenError(f'{what} "{text[:40]}" is not a number')
+    value = int(text)
+    if not low <= value <= high:
+        raise ListenError(f"{what} {value} is not in {low}-{high}")
+    return value
+
+
+def parseMode(text, what="mode"):
+    """
+    An octal permission mode (C{660}, C{0660}, C{0o660}) as an int.
+
+    @raise ListenError: naming C{what} and the text.
+    """
+    digits = text[2:] if text[:2].lower() == "0o" else text
+    if not digits or not digits.isascii() or any(c not in "01234567" for c in digits):
+        raise ListenError(f'{what} "{text[:40]}" is not an octal mode such as 0660')
+    mode = int(digits, 8)
+    if mode > 0o777:
+        raise ListenError(f'{what} "{text}" is not a permission mode (at most 0777)')
+    return mode
+
+
+def _parseEndpointString(text, kind, args, keywords):
+    def only(*names):
+        unknown = sorted(set(keywords) - set(names))
+        if unknown:
+            raise ListenError(
+                f'listen address "{text}": unknown parameter "{unknown[0]}" '
+                f"(known: {', '.join(names)})"
+            )
+
+    backlog = None
+    if "backlog" in keywords:
+        backlog = _number(keywords["backlog"], f'listen address "{text}": backlog', 1, 65535)
+    if kind in ("tcp", "tcp6"):
+        only("port", "interface", "backlog")
+        if len(args) > 1 or (args and "port" in keywords):
+            raise ListenError(f'listen address "{text}": one port, please')
+        portText = args[0] if args else keywords.get("port")
+        if not portText:
+            raise ListenError(f'listen address "{text}": missing port ({kind}:PORT)')
+        port = _number(portText, f'listen address "{text}": port', 0, 65535)
+        interface = keywords.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        if not interface:
+            raise ListenError(f'listen address "{text}": empty interface')
+        return ListenAddress(text, interface, port, backlog=backlog)
+    if kind == "unix":
+        only("address", "mode", "backlog", "lockfile")
+        if len(args) > 1 or (args and "address" in keywords):
+            raise ListenError(f'listen address "{text}": one path, please')
+        path = args[0] if args else keywords.get("address", "")
+        if not path:
+            raise ListenError(f'listen address "{text}": missing unix parameters (unix:/PATH)')
+        if "\0" in path:
+            raise ListenError(f'listen address "{text}": the path holds a NUL character')
+        mode = None
+        if "mode" in keywords:
+            mode = parseMode(keywords["mode"], f'listen address "{text}": mode')
+        lockfile = keywords.get("lockfile", "0")
+        if lockfile not in ("0", "1"):
+            raise ListenError(f'listen address "{text}": lockfile must be 0 or 1')
+        return ListenAddress(
+            text,
+            description=text,
+            path=path,
+            mode=mode,
+            backlog=backlog,
+            lockfile=lockfile == "1",
+        )
+    # systemd: the socket is looked up when listening (LISTEN_FDS is the
+    # start's business, not the parser's).
+    only("domain", "index", "name")
+    if args or not keywords:
+        raise ListenError(
+            f'listen address "{text}": missing systemd parameters '
+            "(systemd:domain=INET:index=0 or systemd:domain=INET:name=NAME)"
+        )
+    if keywords.get("domain") not in ("INET", "INET6", "UNIX"):
+        raise ListenError(f'listen address "{text}": domain must be INET, INET6 or UNIX')
+    if ("index" in keywords) == ("name" in keywords):
+        raise ListenError(f'listen address "{text}": give one of index= and name=')
+    if "index" in keywords:
+        _number(keywords["index"], f'listen address "{text}": index', 0, 65535)
+    return ListenAddress(text, description=text)
+
+
 def parseListenAddress(text):
     """
     Parse C{--listen-addr}: C{host:port}, C{[v6]:port}, C{:port} (all
-    interfaces), or a Twisted endpoint string (C{tcp:...}, C{tcp6:...},
-    C{unix:/path}, C{systemd:domain=INET:index=0}).
+    interfaces), or a Twisted endpoint string (C{tcp:PORT:interface=ADDR},
+    C{tcp6:...}, C{unix:/PATH:mode=0660}, C{systemd:domain=INET:index=0}).
 
     @rtype: L{ListenAddress}
     @raise ListenError: naming C{text}.
     """
     text = text.strip()
     kind = text.split(":", 1)[0]
-    if kind in ("unix", "systemd"):
-        if not text[len(kind) + 1 :]:
-            raise ListenError(f'listen address "{text}": missing {kind} parameters')
-        return ListenAddress(text, description=text)
     if kind in ENDPOINT_TYPES:
-        from twisted.internet import reactor
-
-        try:
-            endpoint = endpoints.serverFromString(reactor, text)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ListenError(f'listen address "{text}": {e}') from None
-        if isinstance(endpoint, endpoints.TCP4ServerEndpoint):  # also TCP6
-            return ListenAddress(text, endpoint._interface, endpoint._port)
-        return ListenAddress(text, description=text)
+        kind, args, keywords = splitEndpointString(text)
+        return _parseEndpointString(text, kind, args, keywords)
     try:
         host, port = splitHostPort(
             text.replace("*:", ":", 1) if text.startswith("*:") else text,
@@ -113,55 +272,112 @@ def _isIP(host):
     return False
 
 
-def listenEndpoint(reactor, address, reusePort=False):
+def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=None):
     """
-    The server endpoint for a parsed C{--listen-addr}. TCP listeners (and
-    systemd-passed sockets) use L{GatewayPort}; others come from
-    L{endpoints.serverFromString}.
+    The server endpoint for a parsed C{--listen-addr}: every kind is served
+    by the gateway's own ports. Never raises: what cannot be listened on
+    fails C{listen()}.
+
+    @param maxConnections: the cap on connections open at once, or L{None}.
+    @param mode: a unix socket file's permissions when its string gave none
+        (default L{DEFAULT_UNIX_MODE}).
     """
     if address.isTCP:
-        return GatewayTCPEndpoint(reactor, address.host, address.port, reusePort)
-    try:
-        endpoint = endpoints.serverFromString(reactor, address.description)
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise ListenError(f'listen address "{address.description}": {e!r}') from None
-    if isinstance(endpoint, endpoints.AdoptedStreamServerEndpoint):
-        return GatewayAdoptedEndpoint(reactor, endpoint.fileno, endpoint.addressFamily)
-    return endpoint
+        return GatewayTCPEndpoint(
+            reactor,
+            address.host,
+            address.port,
+            reusePort,
+            address.backlog or DEFAULT_BACKLOG,
+            maxConnections,
+        )
+    if address.isUNIX:
+        return GatewayUNIXEndpoint(
+            reactor,
+            address.path,
+            address.mode if address.mode is not None else (
+                DEFAULT_UNIX_MODE if mode is None else mode
+            ),
+            address.backlog or DEFAULT_BACKLOG,
+            address.lockfile,
+            maxConnections,
+        )
+    return GatewaySystemdEndpoint(reactor, address.description, maxConnections)
 
 
 #: How long accepting pauses after the first accept failure for lack of
 #: descriptors or memory; doubled at each failure in a row, up to the maximum.
 ACCEPT_BACKOFF_MIN = 0.05
 ACCEPT_BACKOFF_MAX = 1.0
-#: Shortages that follow one another this closely are logged as one.
+#: Shortages (and cap episodes, and client start errors) that follow one
+#: another this closely are logged as one.
 ACCEPT_LOG_INTERVAL = 10.0
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-class GatewayPort(tcp.Port):
+class _Accepting:
     """
-    A TCP port whose accept loop, out of file descriptors (C{EMFILE},
-    C{ENFILE}) or memory, logs once, stops accepting for a short, growing
-    while and then tries again: the pending clients wait in the kernel's
-    accept queue instead of being closed, the gateway keeps serving the
-    connections it has, and the loop does not spin (the listening socket
-    stays readable, so retrying at once would burn a core).
+    The accept loop of the gateway's ports (mixed into L{tcp.Port} and
+    L{unix.Port}).
 
-    etcd's gateway exits with status 0 on the first such error.
+    It is a copy of C{twisted.internet.tcp.Port.doRead} (Twisted 25.5-26.x)
+    and must stay in step with it: Twisted's loop catches everything (an
+    error never escapes to the reactor, which would close the listening
+    port); ours keeps that, and closes only the client whose start failed.
+    Ours adds:
+
+     - Out of file descriptors (C{EMFILE}, C{ENFILE}) or memory, it logs
+       once, stops accepting for a short, growing while and then tries
+       again: the pending clients wait in the kernel's accept queue instead
+       of being closed, the gateway keeps serving the connections it has,
+       and the loop does not spin (the listening socket stays readable, so
+       retrying at once would burn a core). etcd's gateway exits with
+       status 0 on the first such error.
+     - At C{maxConnections} open connections it stops accepting until one
+       closes (logged once per episode, counted in C{capPauses}).
+     - While the factory's accepted clients wait for descriptors
+       (C{factory.starved}), it accepts nothing new.
+
+    @ivar openConnections: connections accepted and not yet closed.
+    @ivar maxConnections: the cap, or L{None}.
+    @ivar acceptFailures: accepts that failed for lack of resources.
+    @ivar capPauses: times accepting paused at the cap.
+    @ivar clientErrors: clients closed because starting them raised.
     """
 
     log = Logger()
-    transport = GatewayServer
-    #: SO_REUSEPORT, for --workers: several processes listen on one port.
-    reusePort = False
     numberAccepts = 100
+    maxConnections = None
+    openConnections = 0
+    acceptFailures = 0
+    capPauses = 0
+    clientErrors = 0
     _backoff = 0.0
     _lastEpisodeEnd = float("-inf")
+    _lastCapLog = float("-inf")
+    _lastClientErrorLog = float("-inf")
+    _unloggedClientErrors = 0
     _resume = None
-    acceptFailures = 0
+    _atCap = False
+
+    def describeListener(self):
+        """
+        Where this port listens, for log lines.
+        """
+        return str(self._realPortNumber)
 
     def doRead(self):
+        try:
+            self._acceptSome()
+        except BaseException:
+            # Twisted's own catch-all (tcp.Port.doRead): whatever went wrong,
+            # the port keeps listening.
+            self.log.failure(
+                "error in the accept loop of {listener}; still listening",
+                listener=self.describeListener(),
+            )
+
+    def _acceptSome(self):
         if getattr(self.factory, "starved", None):
             # Accepted clients wait for descriptors: new ones must not take
             # them first.
@@ -170,6 +386,9 @@ class GatewayPort(tcp.Port):
         accepted = 0
         limit = self.numberAccepts
         while accepted < limit:
+            if self.maxConnections is not None and self.openConnections >= self.maxConnections:
+                self._pauseAtCap()
+                return
             try:
                 skt, addr = self.socket.accept()
             except BlockingIOError:
@@ -182,42 +401,105 @@ class GatewayPort(tcp.Port):
                 if e.errno in _RESOURCE_ERRORS:
                     self._pauseAccepting(e)
                     return
-                self.log.failure("accept failed")
+                self.log.failure("accept failed on {listener}", listener=self.describeListener())
                 return
             accepted += 1
             if self._backoff:
                 if self.reactor.seconds() - self._lastEpisodeEnd > ACCEPT_LOG_INTERVAL:
                     self.log.info(
                         "accepting again on {address} ({failures} failed accepts so far)",
-                        address=str(self._realPortNumber),
+                        address=self.describeListener(),
                         failures=self.acceptFailures,
                     )
                 self._lastEpisodeEnd = self.reactor.seconds()
                 self._backoff = 0.0
-            if len(addr) == 4:
-                addr = (
-                    socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0],
-                ) + addr[1:]
-            if skt.family != socket.AF_UNIX:
-                skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            protocol = self.factory.buildProtocol(self._buildAddr(addr))
-            if protocol is None:
-                skt.close()
-                continue
-            s = self.sessionno
-            self.sessionno = s + 1
-            transport = self.transport(skt, protocol, addr, self, s, self.reactor)
-            protocol.makeConnection(transport)
+            self._startClient(skt, addr)
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
         else:
             self.numberAccepts = max(1, accepted)
 
-    def createInternetSocket(self):
-        s = super().createInternetSocket()
-        if self.reusePort:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return s
+    def _startClient(self, skt, addr):
+        """
+        Build and start the protocol of one accepted client. Whatever it
+        raises closes that client only, and is logged.
+        """
+        transport = None
+        try:
+            if skt.family == socket.AF_INET6:
+                # IPv6: keep the scope ID, as Twisted does.
+                addr = (
+                    socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)[0],
+                ) + tuple(addr[1:])
+            if skt.family != socket.AF_UNIX:
+                skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            protocol = self.factory.buildProtocol(self._buildAddr(addr))
+            if protocol is None:
+                skt.close()
+                return
+            s = self.sessionno
+            self.sessionno = s + 1
+            transport = self.transport(skt, protocol, addr, self, s, self.reactor)
+            protocol.makeConnection(transport)
+        except Exception:
+            self.clientErrors += 1
+            self._logClientError(addr)
+            if transport is not None:
+                transport.abortConnection()  # its connectionLost closes the socket
+            else:
+                skt.close()
+
+    def _logClientError(self, addr):
+        now = self.reactor.seconds()
+        if now - self._lastClientErrorLog < ACCEPT_LOG_INTERVAL:
+            self._unloggedClientErrors += 1
+            return
+        self.log.failure(
+            "error starting client {client} on {listener}: that client is closed, "
+            "the port keeps accepting ({more} more such errors since the last line)",
+            client=str(addr),
+            listener=self.describeListener(),
+            more=self._unloggedClientErrors,
+        )
+        self._lastClientErrorLog = now
+        self._unloggedClientErrors = 0
+
+    def _canAccept(self):
+        return (
+            self.connected
+            and not self.disconnecting
+            and self._resume is None
+            and not self._atCap
+        )
+
+    def _pauseAtCap(self):
+        self._atCap = True
+        self.capPauses += 1
+        self.stopReading()
+        now = self.reactor.seconds()
+        if now - self._lastCapLog > ACCEPT_LOG_INTERVAL:
+            self.log.warn(
+                "{listener}: {open} connections open, the cap ({cap}): accepting "
+                "paused until one closes; new clients wait in the listen queue "
+                "(logged at most every {interval:g}s)",
+                listener=self.describeListener(),
+                open=self.openConnections,
+                cap=self.maxConnections,
+                interval=ACCEPT_LOG_INTERVAL,
+            )
+        self._lastCapLog = now
+
+    def connectionClosed(self):
+        """
+        One of this port's connections closed (called by its transport).
+        """
+        self.openConnections -= 1
+        if self._atCap and (
+            self.maxConnections is None or self.openConnections < self.maxConnections
+        ):
+            self._atCap = False
+            if self._canAccept():
+                self.startReading()
 
     def _pauseAccepting(self, e):
         """
@@ -241,18 +523,121 @@ class GatewayPort(tcp.Port):
                 maximum=ACCEPT_BACKOFF_MAX,
             )
         self.stopReading()
+        if self._resume is not None and self._resume.active():
+            self._resume.cancel()
         self._resume = self.reactor.callLater(self._backoff, self._resumeAccepting)
 
     def _resumeAccepting(self):
         self._resume = None
-        if self.connected:
+        if self._canAccept():
             self.startReading()
 
-    def connectionLost(self, reason):
+    def isListening(self):
+        """
+        Whether the port is open: listening, or paused only for a while
+        (back-off, cap), and not closed.
+        """
+        return bool(self.connected) and not self.disconnecting
+
+    def _cancelResume(self):
         if self._resume is not None and self._resume.active():
             self._resume.cancel()
         self._resume = None
+
+    def connectionLost(self, reason):
+        self._cancelResume()
         return super().connectionLost(reason)
+
+
+class _CountedServer(GatewayServer):
+    """
+    An accepted TCP client; tells its port when it closes (the cap).
+    """
+
+    __slots__ = ()
+
+    def __init__(self, skt, protocol, client, server, sessionno, reactor):
+        super().__init__(skt, protocol, client, server, sessionno, reactor)
+        server.openConnections += 1
+
+    def connectionLost(self, reason):
+        server = self.server
+        try:
+            return super().connectionLost(reason)
+        finally:
+            server.connectionClosed()
+
+
+class _CountedUNIXServer(unix.Server):
+    """
+    An accepted unix-socket client; tells its port when it closes (the cap).
+    """
+
+    def __init__(self, skt, protocol, client, server, sessionno, reactor):
+        super().__init__(skt, protocol, client, server, sessionno, reactor)
+        server.openConnections += 1
+
+    def connectionLost(self, reason):
+        server = self.server
+        try:
+            return super().connectionLost(reason)
+        finally:
+            server.connectionClosed()
+
+
+class GatewayPort(_Accepting, tcp.Port):
+    """
+    A TCP port with the gateway's accept loop (see L{_Accepting}) and the
+    gateway's transports.
+    """
+
+    transport = _CountedServer
+    #: SO_REUSEPORT, for --workers: several processes listen on one port.
+    reusePort = False
+
+    def createInternetSocket(self):
+        s = super().createInternetSocket()
+        if self.reusePort:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
+
+class GatewayUNIXPort(_Accepting, unix.Port):
+    """
+    A unix-socket port with the gateway's accept loop (see L{_Accepting}).
+    """
+
+    transport = _CountedUNIXServer
+    #: Whether the socket file is this port's to remove when it closes (not
+    #: when systemd made it).
+    ownsFile = True
+
+    def describeListener(self):
+        path = self._bindPath
+        return "unix:" + (path.decode(errors="replace") if isinstance(path, bytes) else path)
+
+    def adopted(self):
+        """
+        The socket was passed by systemd: its unit owns the socket file. Keep
+        the file's permissions as they are (C{SocketMode=} decides, where
+        Twisted would set its default C{0666}) and leave the file in place
+        when the port closes (Twisted would remove it, and clients could no
+        longer reach the socket systemd still holds).
+        """
+        self.ownsFile = False
+        path = self._bindPath
+        if not path or path[:1] in (b"\0", "\0"):
+            return
+        try:
+            self.mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            pass
+
+    def connectionLost(self, reason):
+        if self.ownsFile:
+            return super().connectionLost(reason)
+        self._cancelResume()
+        return tcp.Port.connectionLost(self, reason)
 
 
 @implementer(IStreamServerEndpoint)
@@ -267,61 +652,199 @@ class GatewayTCPEndpoint:
     host: str
     port: int
     reusePort: bool = False
-    backlog: int = 1024
+    backlog: int = DEFAULT_BACKLOG
+    maxConnections: int = None
 
     def listen(self, factory):
         host = self.host or "::"  # dual-stack: IPv4 clients too
         port = GatewayPort(self.port, factory, self.backlog, host, self.reactor)
         port.reusePort = self.reusePort
+        port.maxConnections = self.maxConnections
         return defer.execute(port.startListening).addCallback(lambda _: port)
 
 
 @implementer(IStreamServerEndpoint)
 @attr.s(auto_attribs=True)
-class GatewayAdoptedEndpoint:
+class GatewayUNIXEndpoint:
     """
-    Serve a listening socket passed by systemd with L{GatewayPort}.
+    Listen on a unix socket with L{GatewayUNIXPort}, the socket file made
+    with permissions C{mode}. A socket file left by a process that is gone
+    (nobody accepts on it) is removed, with a log line; one a live process
+    listens on, or a path that is not a socket, is refused.
     """
 
     reactor: object
-    fileno: int
-    addressFamily: int
+    path: str
+    mode: int = DEFAULT_UNIX_MODE
+    backlog: int = DEFAULT_BACKLOG
+    lockfile: bool = False
+    maxConnections: int = None
+    log = Logger()
 
     def listen(self, factory):
-        def adopt():
-            if self.addressFamily == socket.AF_UNIX:
-                return self.reactor.adoptStreamPort(self.fileno, self.addressFamily, factory)
-            os.set_blocking(self.fileno, False)
-            port = GatewayPort._fromListeningDescriptor(
-                self.reactor, self.fileno, self.addressFamily, factory
+        def start():
+            self._removeStale()
+            port = GatewayUNIXPort(
+                self.path, factory, self.backlog, self.mode, self.reactor, int(self.lockfile)
             )
+            port.maxConnections = self.maxConnections
             port.startListening()
-            os.close(self.fileno)
             return port
 
-        return defer.execute(adopt)
+        return defer.execute(start)
+
+    def _removeStale(self):
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ListenError(f'"{self.path}": {e.strerror}') from None
+        if not stat.S_ISSOCK(info.st_mode):
+            raise ListenError(f'"{self.path}" exists and is not a socket; not replacing it')
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.setblocking(False)
+            result = probe.connect_ex(self.path)
+        finally:
+            probe.close()
+        if result == errno.ECONNREFUSED:
+            os.unlink(self.path)
+            self.log.info(
+                "removed the stale socket file {path} (nobody was listening on it)",
+                path=self.path,
+            )
+            return
+        if result in (0, errno.EAGAIN, errno.EINPROGRESS):
+            raise ListenError(
+                f'"{self.path}" is in use: another process listens on it'
+            )
+        raise ListenError(f'"{self.path}": {os.strerror(result)}')
+
+
+@implementer(IStreamServerEndpoint)
+@attr.s(auto_attribs=True)
+class GatewaySystemdEndpoint:
+    """
+    Serve a listening socket passed by systemd (socket activation) with the
+    gateway's ports; the socket is looked up when listening.
+    """
+
+    reactor: object
+    description: str
+    maxConnections: int = None
+    environ: object = None
+
+    def listen(self, factory):
+        return defer.execute(self._adopt, factory)
+
+    def _descriptor(self):
+        """
+        The descriptor systemd passed for this listener, and its domain.
+        """
+        _, _, keywords = splitEndpointString(self.description)
+        where = (
+            f'named "{keywords["name"]}"' if "name" in keywords else f"at index={keywords['index']}"
+        )
+        try:
+            if self.environ is None:
+                # Twisted reads (and removes) LISTEN_FDS when its endpoints
+                # module is imported: ask it through its public parser.
+                fd = endpoints.serverFromString(self.reactor, self.description).fileno
+            else:
+                fds = ListenFDs.fromEnvironment(dict(self.environ))
+                if "name" in keywords:
+                    fd = fds.inheritedNamedDescriptors()[keywords["name"]]
+                else:
+                    fd = fds.inheritedDescriptors()[int(keywords["index"])]
+        except (IndexError, KeyError):
+            raise ListenError(
+                f"systemd passed no socket {where} to this process (LISTEN_FDS is not "
+                "set, or counts fewer sockets): start the gateway from its .socket "
+                "unit, or give host:port"
+            ) from None
+        except (ValueError, TypeError, AttributeError) as e:
+            raise ListenError(f"cannot read the sockets systemd passed: {e}") from None
+        return fd, getattr(socket, "AF_" + keywords["domain"])
+
+    def _adopt(self, factory):
+        fd, family = self._descriptor()
+        try:
+            # The socket's own family wins over domain= (INET for an INET6
+            # socket would misread its addresses).
+            probe = socket.socket(fileno=os.dup(fd))
+            family = probe.family
+            probe.close()
+        except OSError as e:
+            raise ListenError(f"systemd's socket {fd}: {e.strerror}") from None
+        os.set_blocking(fd, False)
+        if family == socket.AF_UNIX:
+            port = GatewayUNIXPort._fromListeningDescriptor(self.reactor, fd, factory)
+            port.adopted()
+        else:
+            port = GatewayPort._fromListeningDescriptor(self.reactor, fd, family, factory)
+        port.maxConnections = self.maxConnections
+        port.startListening()
+        os.close(fd)
+        return port
+
+
+def _stderrLine(text):
+    """
+    Write one line to the process's real standard error (twistd sends
+    C{sys.stderr} to its log once logging starts).
+    """
+    try:
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
+    except OSError:
+        pass
 
 
 class ListeningService(StreamServerEndpointService):
     """
-    Listens on a parsed address (L{parseListenAddress}): fails the start
-    when it cannot listen, and knows, once listening, where it listens.
+    Listens on a parsed address (L{parseListenAddress}): when it cannot
+    listen, the start ends with one line naming the flag and the problem
+    (on standard error, and logged) and exit status 1; once listening, it
+    knows where it listens.
 
     @ivar port: the listening port, once listening.
+    @ivar flag: the flag the address came from, for messages.
     """
 
-    def __init__(self, endpoint, factory, address):
+    log = Logger()
+
+    def __init__(self, endpoint, factory, address, flag="--listen-addr"):
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True  # a port in use fails the start
         self.address = address
+        self.flag = flag
         self.port = None
+        self.boundAddress = None
 
     def privilegedStartService(self):
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            self.cannotListen(e)
         self._waitingForPort.addCallback(self._listened)
+
+    def cannotListen(self, e):
+        """
+        End the start: one line naming the flag, address and problem.
+        """
+        message = f"{self.flag}: cannot listen on {self.address}: {describeListenError(e)}"
+        self.log.critical("{message}", message=message)
+        _stderrLine(f"etcd-gateway: error: {message}")
+        raise SystemExit(1)
 
     def _listened(self, port):
         self.port = port
+        try:
+            host = port.getHost()
+        except Exception:
+            host = None
+        if getattr(host, "port", None) is not None:
+            self.boundAddress = (host.host, host.port)
         self.listening(port)
         return port
 
@@ -343,10 +866,46 @@ class ListeningService(StreamServerEndpointService):
         self._waitingForPort.addCallback(fire)
         return d
 
+    def problem(self):
+        """
+        L{None} while listening; else why not, naming the flag and address.
+        """
+        port = self.port
+        if port is None:
+            return f"{self.flag} {self.address}: not listening (yet)"
+        listening = getattr(port, "isListening", None)
+        if listening is not None and not listening():
+            return f"{self.flag} {self.describe()}: the listening port is closed"
+        return None
+
     def describe(self):
         """
         Where it listens, with the real port when 0 was asked.
         """
-        if self.port is not None and self.address.isTCP:
-            return formatHostPort(self.address.host or "*", self.port.getHost().port)
+        if self.boundAddress is not None and self.address.isTCP:
+            return formatHostPort(self.address.host or "*", self.boundAddress[1])
+        if self.boundAddress is not None:  # a TCP socket from systemd
+            return f"{self.address} ({formatHostPort(*self.boundAddress)})"
         return str(self.address)
+
+
+def describeListenError(e):
+    """
+    The problem of a failed listen, short: C{address already in use}.
+    """
+    if isinstance(e, error.CannotListenError):
+        inner = e.socketError
+        if isinstance(inner, OSError) and inner.strerror:
+            text = inner.strerror
+            if inner.errno == errno.EADDRINUSE:
+                text += " (another process listens there)"
+            elif inner.errno == errno.EADDRNOTAVAIL:
+                text += " (not an address of this machine)"
+            elif isinstance(inner, socket.gaierror):
+                text = f"no such interface or host name ({text})"
+            return text[0].lower() + text[1:]
+        return str(inner)
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return str(e) or type(e).__name__
+

@@ -37,16 +37,18 @@ class GatewayCollector:
     @param pool: the L{etcdgw.pool.UpstreamPool}.
     @param factory: the L{etcdgw.proxy.GatewayFactory}.
     @param clock: an L{IReactorTime}, for the age of endpoint states.
-    @param root: the gateway's L{MultiService}, or L{None}; its C{"listener"}
-        (accept failures) and C{"discovery"} (refreshes, failures) children
-        are read when they exist.
+    @param root: the gateway's L{MultiService}, or L{None}; its
+        C{"discovery"} child (refreshes, failures) is read when it exists.
+    @param listeners: the gateway's listeners
+        (L{etcdgw.listen.ListeningService}), read for their ports' counters.
     """
 
-    def __init__(self, pool, factory, clock, root=None):
+    def __init__(self, pool, factory, clock, root=None, listeners=()):
         self.pool = pool
         self.factory = factory
         self.clock = clock
         self.root = root
+        self.listeners = listeners
 
     def describe(self):
         # Collected metrics depend on runtime state (discovery may appear);
@@ -154,15 +156,54 @@ class GatewayCollector:
         yield from families.values()
 
     def _listener(self):
-        listener = _findService(self.root, "listener")
-        port = getattr(listener, "port", None)
-        failures = getattr(port, "acceptFailures", None)
-        if failures is not None:
-            yield CounterMetricFamily(
+        families = {
+            "up": GaugeMetricFamily(
+                f"{PREFIX}_listener_up",
+                "1 while the listener listens (paused accepting included), 0 once closed.",
+                labels=["listener"],
+            ),
+            "open": GaugeMetricFamily(
+                f"{PREFIX}_listener_connections",
+                "Connections accepted by the listener and open now.",
+                labels=["listener"],
+            ),
+            "cap": GaugeMetricFamily(
+                f"{PREFIX}_listener_max_connections",
+                "The listener's cap on open connections (accepting pauses there).",
+                labels=["listener"],
+            ),
+            "pauses": CounterMetricFamily(
+                f"{PREFIX}_listener_cap_pauses",
+                "Times accepting paused because the cap was reached.",
+                labels=["listener"],
+            ),
+            "failures": CounterMetricFamily(
                 f"{PREFIX}_accept_failures",
                 "Accepts that failed for lack of file descriptors or memory.",
-                value=failures,
-            )
+                labels=["listener"],
+            ),
+            "errors": CounterMetricFamily(
+                f"{PREFIX}_listener_client_errors",
+                "Accepted clients closed because starting them raised an error.",
+                labels=["listener"],
+            ),
+        }
+        for listener in self.listeners:
+            port = listener.port
+            if port is None:
+                continue
+            label = [listener.flag.lstrip("-")]
+            families["up"].add_metric(label, 0 if listener.problem() else 1)
+            families["open"].add_metric(label, getattr(port, "openConnections", 0))
+            cap = getattr(port, "maxConnections", None)
+            if cap is not None:
+                families["cap"].add_metric(label, cap)
+            families["pauses"].add_metric(label, getattr(port, "capPauses", 0))
+            families["failures"].add_metric(label, getattr(port, "acceptFailures", 0))
+            families["errors"].add_metric(label, getattr(port, "clientErrors", 0))
+        for family in families.values():
+            if family.samples:
+                yield family
 
     def _discovery(self):
         discovery = _findService(self.root, "discovery")
@@ -179,13 +220,13 @@ class GatewayCollector:
                 yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
-def gatewayRegistry(pool, factory, clock, root=None, process=True):
+def gatewayRegistry(pool, factory, clock, root=None, process=True, listeners=()):
     """
     A registry holding the gateway's metrics (and, with C{process}, the
     standard C{process_*} metrics: CPU, memory, open file descriptors).
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(pool, factory, clock, root))
+    registry.register(GatewayCollector(pool, factory, clock, root, listeners))
     if process:
         ProcessCollector(registry=registry)
     return registry

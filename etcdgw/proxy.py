@@ -13,6 +13,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
+from etcdgw.endpoint import formatHostPort
+from etcdgw.selfloop import isLocalAddress
 from etcdgw.transport import join, writerFor
 
 
@@ -151,10 +153,24 @@ class ClientProtocol(_Side):
         d.addCallbacks(
             self._connected, self._dialFailed, callbackArgs=(state,), errbackArgs=(state,)
         )
+        d.addErrback(self._failed)
+
+    def _failed(self, reason):
+        """
+        Handling this client's dial raised: close this client only, logged.
+        """
+        self._dialing = None
+        self.log.failure(
+            "error handling client {client}; closing that client only",
+            reason,
+            client=_describePeer(self.transport),
+        )
+        if self.connected and self.transport is not None:
+            self.transport.abortConnection()
 
     def _dialFailed(self, reason, state):
         self._dialing = None
-        if reason.check(defer.CancelledError):
+        if reason.check(defer.CancelledError) or not self.connected:
             return  # the client went away while we dialled
         if isLocalResourceError(reason):
             self._localFailure(reason, state)
@@ -171,7 +187,10 @@ class ClientProtocol(_Side):
         L{localRetryWindow} from its arrival; the listening port pauses
         accepting meanwhile, as it meets the same shortage.
         """
-        self._tried.remove(state.endpoint)
+        # By key: discovery or sync may have replaced the pool's endpoint
+        # (new priority or weight, same address) while we dialled it.
+        key = state.endpoint.key
+        self._tried = [e for e in self._tried if e.key != key]
         factory = self.factory
         waited = factory.reactor.seconds() - self._accepted
         delay = min(1.0, self.localRetryDelay * 2**self._localFailures)
@@ -201,12 +220,27 @@ class ClientProtocol(_Side):
 
     def _connected(self, upstream, state):
         self._dialing = None
+        if not self.connected:
+            upstream.transport.abortConnection()  # the client left meanwhile
+            return
+        loop = self.factory.selfLoop(upstream.transport)
+        if loop is not None:
+            # What the endpoint's address reaches now is the gateway itself
+            # (a member list, DNS or SRV answer that changed since start):
+            # forwarding there would loop until descriptors run out.
+            upstream.transport.abortConnection()
+            state.dialFailures += 1
+            self.factory.pool.markDown(state.endpoint, f"self-loop: {loop}")
+            self._dial()
+            return
         del self._tried
         upstream.state = self.state = state
         self.factory.pool.connectionOpened(state)
-        _noDelay(upstream.transport)
+        # Linked first: should what follows raise, closing this client (see
+        # _failed) closes the member connection too.
         upstream.peer = self
         self.peer = upstream
+        _noDelay(upstream.transport)
         self._write = writerFor(upstream.transport)
         upstream._write = writerFor(self.transport)
         # With the gateway's own transports, data then flows from socket to
@@ -224,6 +258,7 @@ class ClientProtocol(_Side):
             self._write(data)
 
     def connectionLost(self, reason):
+        self.connected = 0
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -233,6 +268,16 @@ class ClientProtocol(_Side):
             dialing.cancel()
         self.factory.clientDisconnected(self)
         self._closePeer(reason)
+
+
+def _unmap(address):
+    """
+    An address without an IPv6 scope ID, an IPv4-mapped IPv6 one unmapped.
+    """
+    address = address.split("%", 1)[0]
+    if address.startswith("::ffff:") and "." in address:
+        return address[len("::ffff:") :]
+    return address
 
 
 def _describePeer(transport):
@@ -302,6 +347,51 @@ class GatewayFactory(Factory):
             self._lastRefusalLog = now
             self._unloggedRefusals = 0
         client.transport.loseConnection()
+
+    #: The gateway's own listeners (L{etcdgw.listen.ListeningService}s, set
+    #: by whoever builds the gateway): a member connection that reaches one
+    #: of them is a self-loop (see L{selfLoop}).
+    listeners = ()
+    #: Whether an address is this machine's own (for wildcard listeners).
+    isLocalAddress = staticmethod(isLocalAddress)
+    _localAddresses = None
+
+    def selfLoop(self, transport):
+        """
+        Why the member connection C{transport} reaches the gateway itself
+        (its peer is one of the gateway's listening addresses: the same
+        port, and the same address or, for a wildcard listener, any address
+        of this machine), or L{None}. Ports are compared first: most calls
+        end there.
+        """
+        try:
+            peer = transport.getPeer()
+        except Exception:
+            return None
+        port = getattr(peer, "port", None)
+        if port is None:
+            return None
+        for listener in self.listeners:
+            bound = listener.boundAddress
+            if bound is None or bound[1] != port:
+                continue
+            host, listening = _unmap(peer.host), _unmap(bound[0])
+            if host == listening or (
+                listening in ("0.0.0.0", "::") and self._isLocal(host)
+            ):
+                return (
+                    f"{formatHostPort(peer.host, port)} is the gateway's own "
+                    f"{listener.flag} ({listener.describe()})"
+                )
+        return None
+
+    def _isLocal(self, address):
+        if self._localAddresses is None or len(self._localAddresses) > 1024:
+            self._localAddresses = {}
+        local = self._localAddresses.get(address)
+        if local is None:
+            local = self._localAddresses[address] = self.isLocalAddress(address)
+        return local
 
     def starve(self, client):
         self.starved[client] = None

@@ -9,17 +9,25 @@ the CPU per forwarded request. The gateway logs through C{twisted.logger}
 with namespaces and never relies on that prefix, so L{leanDispatch} replaces
 the reactor's C{doPoll} with the same loop minus the context, and with the
 common event (data to read, nothing else) dispatched inline: same events,
-same handlers, same error handling (what a handler raises is logged and
-closes that connection, as in C{_doReadOrWrite}, which still handles every
-other event). It also takes at most L{MAX_EVENTS} events per turn, where
-Twisted asks for (and allocates room for) one per open descriptor.
+same handlers, same error handling (what a connection's handler raises is
+logged and closes that connection, as in C{_doReadOrWrite}, which still
+handles every other event), with one exception: a listening port whose
+C{doRead} raises is logged and keeps listening. (Twisted's own ports catch
+everything in their C{doRead}, so C{_doReadOrWrite} never meets that case;
+one client must never close the port every later client needs.) It also
+takes at most L{MAX_EVENTS} events per turn, where Twisted asks for (and
+allocates room for) one per open descriptor.
 """
 
 import errno
 import select
 import types
 
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 from twisted.python import log
+
+_log = Logger(namespace="etcdgw.reactor")
 
 _IN = select.EPOLLIN
 #: At most this many ready descriptors are taken from one epoll_wait.
@@ -45,16 +53,37 @@ def _doPoll(self, timeout):
         if selectable is None:
             continue
         if event != _IN:
+            if event & _IN and IListeningPort.providedBy(selectable):
+                _readListening(self, selectable)  # data and an error flag
+                continue
             dispatch(selectable, fd, event)  # writes, hang-ups, errors
             continue
         # The common case, inlined: data to read, and nothing else.
         try:
             why = selectable.doRead()
         except BaseException as e:
+            if IListeningPort.providedBy(selectable):
+                _log.failure(
+                    "error accepting on {port}; it keeps listening", port=repr(selectable)
+                )
+                continue
             log.err(None, "Unhandled error in doRead")
             why = e
         if why:
             self._disconnectSelectable(selectable, why, True)
+
+
+def _readListening(reactor, port):
+    """
+    Read (accept) on a listening port: an error is logged, never closes it.
+    """
+    try:
+        why = port.doRead()
+    except BaseException:
+        _log.failure("error accepting on {port}; it keeps listening", port=repr(port))
+        return
+    if why:
+        reactor._disconnectSelectable(port, why, True)
 
 
 def leanDispatch(reactor):

@@ -129,28 +129,59 @@ class SystemdNotifyService(Service):
         C{whenListening()} fires.
     @param clock: an L{IReactorTime} for the watchdog pings.
     @param watchdog: seconds between C{WATCHDOG=1} pings, or L{None}.
+    @param listeners: the listeners whose loss stops the watchdog pings
+        (default: C{listener}): a gateway that no longer accepts clients is
+        not alive, and systemd restarts it.
     """
 
     log = Logger()
 
-    def __init__(self, notifier, pool, listener, clock, watchdog=None):
+    def __init__(self, notifier, pool, listener, clock, watchdog=None, listeners=None):
         self.notifier = notifier
         self.pool = pool
         self.listener = listener
+        self.listeners = [listener] if listeners is None else list(listeners)
         self.clock = clock
         self.watchdog = watchdog
         self.ready = False
         self._lastStatus = None
         self._loop = None
+        self._withheld = None
 
     def startService(self):
         super().startService()
         self.pool.addObserver(self._poolChanged)
         self.listener.whenListening().addCallbacks(self._listening, lambda f: None)
         if self.watchdog is not None:
-            self._loop = task.LoopingCall(self.notifier.notify, WATCHDOG="1")
+            self._loop = task.LoopingCall(self._ping)
             self._loop.clock = self.clock
             self._loop.start(self.watchdog, now=True)
+
+    def _ping(self):
+        """
+        C{WATCHDOG=1}, unless a listener is gone: then the pings stop (logged
+        once, with C{STATUS=} saying why) and systemd's watchdog restarts the
+        gateway.
+        """
+        try:
+            problems = [p for p in (listener.problem() for listener in self.listeners) if p]
+        except Exception:
+            # A failing check must not stop the loop (nor, on its own,
+            # the pings).
+            self.log.failure("cannot check the listeners")
+            problems = []
+        if not problems:
+            self._withheld = None
+            self.notifier.notify(WATCHDOG="1")
+            return
+        if self._withheld != problems:
+            self._withheld = problems
+            self.log.critical(
+                "not alive: {problems}; watchdog pings stop, so systemd restarts "
+                "the gateway",
+                problems="; ".join(problems),
+            )
+            self.notifier.notify(STATUS="not accepting clients: " + "; ".join(problems))
 
     def _listening(self, port):
         if not self.running:

@@ -1,8 +1,14 @@
 """
 The operator's HTTP address (C{--metrics-addr}): C{/metrics} for
-Prometheus, C{/health} for load balancers and Kubernetes probes, C{/} a
-status page a person reads at a glance, and C{/status.json} that the page
-polls to refresh itself in place.
+Prometheus, C{/health} for load balancers and Kubernetes probes, C{/livez}
+for liveness (the gateway accepts clients), C{/} a status page a person
+reads at a glance, and C{/status.json} that the page polls to refresh
+itself in place.
+
+The address is an operator's, not a client's: its connections are capped
+(see L{etcdgw.listen}), each request must arrive whole within
+L{HEADER_TIMEOUT} (absolute: a byte now and then does not extend it), and
+an idle keep-alive connection is closed after L{IDLE_TIMEOUT}.
 """
 
 import datetime
@@ -10,6 +16,7 @@ import html
 import json
 
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -18,6 +25,11 @@ from etcdgw.metrics import MetricsResource, gatewayRegistry
 
 #: How often the status page refreshes itself, in milliseconds.
 REFRESH_MS = 2000
+#: How long a request (line, headers and body) may take to arrive, counted
+#: from the connection's start or the end of the previous response.
+HEADER_TIMEOUT = 10.0
+#: How long a keep-alive connection may sit idle between requests.
+IDLE_TIMEOUT = 5.0
 
 
 def _iso(seconds):
@@ -28,10 +40,12 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, root=None):
+def gatewayStatus(pool, factory, clock, listeners=()):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
+
+    @param listeners: the client listeners (L{etcdgw.listen.ListeningService}).
     """
     now = clock.seconds()
     endpoints = []
@@ -58,12 +72,7 @@ def gatewayStatus(pool, factory, clock, root=None):
                 "weight": state.endpoint.weight,
             }
         )
-    listen = None
-    if root is not None:
-        try:
-            listen = root.getServiceNamed("listener").describe()
-        except (KeyError, AttributeError):
-            pass
+    listen = ", ".join(listener.describe() for listener in listeners) or None
     return {
         "now": _iso(now),
         "listen": listen,
@@ -124,6 +133,82 @@ class Health(Resource):
         )
 
     render_HEAD = render_GET
+
+
+class Livez(Resource):
+    """
+    C{/livez}: 200 while every client listener is listening, 503 naming the
+    one that is not. It never depends on the members (that is C{/health}):
+    a gateway whose members are all down is alive; one that no longer
+    accepts clients is not, and should be restarted.
+    """
+
+    isLeaf = True
+
+    def __init__(self, listeners):
+        super().__init__()
+        self.listeners = listeners
+
+    def render_GET(self, request):
+        problems = [p for p in (listener.problem() for listener in self.listeners) if p]
+        if problems:
+            return _json(request, {"status": "not listening", "problems": problems}, 503)
+        return _json(
+            request,
+            {"status": "ok", "listening": [listener.describe() for listener in self.listeners]},
+        )
+
+    render_HEAD = render_GET
+
+
+class OperatorChannel(HTTPChannel):
+    """
+    The metrics address's HTTP connection: a request must arrive whole
+    within L{HEADER_TIMEOUT} of the connection's start (or of the end of the
+    previous response), however slowly its bytes trickle in; else the
+    connection is aborted.
+    """
+
+    headerTimeout = HEADER_TIMEOUT
+    abortTimeout = 2
+    _deadline = None
+    _received = 0
+    _answered = 0
+
+    def connectionMade(self):
+        super().connectionMade()
+        self._startDeadline()
+
+    def _startDeadline(self):
+        if self._deadline is None:
+            self._deadline = self.callLater(self.headerTimeout, self._tooSlow)
+
+    def _stopDeadline(self):
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _tooSlow(self):
+        self._deadline = None
+        self.transport.abortConnection()
+
+    def allContentReceived(self):
+        self._received += 1
+        self._stopDeadline()
+        super().allContentReceived()
+
+    def requestDone(self, request):
+        self._answered += 1
+        super().requestDone(request)
+        # Waiting for the next request (one already received whole, pipelined,
+        # is being answered: its own requestDone starts the clock).
+        if self.persistent and self._received == self._answered:
+            self._startDeadline()
+
+    def connectionLost(self, reason):
+        self._stopDeadline()
+        super().connectionLost(reason)
 
 
 _PAGE = """<!DOCTYPE html>
@@ -319,22 +404,32 @@ class StatusPage(Resource):
         return renderPage(self._status())
 
 
-def statusSite(pool, factory, clock, root=None, registry=None):
+def statusSite(pool, factory, clock, root=None, registry=None, listeners=(), operator=()):
     """
     The L{Site} for C{--metrics-addr}: C{/}, C{/status.json}, C{/health},
-    C{/metrics}.
+    C{/livez}, C{/metrics}.
+
+    @param clock: the reactor: its timers bound each connection.
+    @param listeners: the client listeners (L{etcdgw.listen.ListeningService}):
+        C{/livez} checks each; the metrics count their connections.
+    @param operator: the metrics address's own listener(s), counted too.
     """
+    listeners = list(listeners)
 
     def status():
-        return gatewayStatus(pool, factory, clock, root)
+        return gatewayStatus(pool, factory, clock, listeners)
 
     if registry is None:
-        registry = gatewayRegistry(pool, factory, clock, root)
+        registry = gatewayRegistry(
+            pool, factory, clock, root, listeners=listeners + list(operator)
+        )
     top = StatusPage(status)
     top.putChild(b"status.json", StatusJSON(status))
     top.putChild(b"health", Health(pool))
+    top.putChild(b"livez", Livez(listeners))
     top.putChild(b"metrics", MetricsResource(registry))
-    site = Site(top)
+    site = Site(top, timeout=IDLE_TIMEOUT, reactor=clock)
+    site.protocol = OperatorChannel
     site.noisy = False
     site.log = lambda request: None  # no access log line per scrape
     return site
@@ -343,12 +438,19 @@ def statusSite(pool, factory, clock, root=None, registry=None):
 class StatusService(ListeningService):
     """
     Serves L{statusSite} on C{--metrics-addr}; logs where once listening.
+
+    @param listeners: the client listeners, for C{/livez} and the metrics.
     """
 
     log = Logger()
 
+    def __init__(self, endpoint, address, pool, factory, clock, root=None, listeners=()):
+        site = statusSite(pool, factory, clock, root, listeners=listeners, operator=[self])
+        super().__init__(endpoint, site, address, flag="--metrics-addr")
+
     def listening(self, port):
         self.log.info(
-            "metrics on http://{where}/metrics, health on /health, status page on /",
+            "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
+            "status page on /",
             where=self.describe(),
         )

@@ -12,7 +12,14 @@ from twisted.python import usage
 from etcdgw.duration import DurationError, formatDuration, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints
 from etcdgw.health import HealthService
-from etcdgw.listen import ListenError, ListeningService, listenEndpoint, parseListenAddress
+from etcdgw.listen import (
+    ListenError,
+    ListeningService,
+    descriptorBudget,
+    listenEndpoint,
+    parseListenAddress,
+    parseMode,
+)
 from etcdgw.reactor import leanDispatch
 from etcdgw.transport import RELAY_IN_C
 from etcdgw.pool import POLICIES, UpstreamPool
@@ -239,6 +246,65 @@ def _etcdClient(options, reactor):
     return EtcdClient(reactor, options["health-timeout"], policy)
 
 
+def _checkListenerOptions(options):
+    """
+    Check --listen-mode and --max-connections against --listen-addr.
+
+    @raise usage.UsageError: naming the flag and the value.
+    """
+    mode = options["listen-mode"]
+    if mode is not None and not isinstance(mode, int):
+        try:
+            mode = parseMode(mode, "--listen-mode:")
+        except ListenError as e:
+            raise usage.UsageError(str(e)) from None
+        if not options["listen-addr"].isUNIX:
+            raise usage.UsageError(
+                "--listen-mode needs a unix: --listen-addr (it sets the socket file's "
+                "permissions)"
+            )
+        if options["listen-addr"].mode is not None:
+            raise usage.UsageError(
+                "--listen-mode: the --listen-addr string gives mode= already; give it once"
+            )
+        options["listen-mode"] = mode
+    cap = options["max-connections"]
+    if cap is not None and not isinstance(cap, int):
+        text = cap.strip()
+        if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > 9:
+            raise usage.UsageError(
+                f'--max-connections: "{cap[:40]}" is not a number from 1 to 999999999'
+            )
+        if int(text) < 1:
+            raise usage.UsageError(f'--max-connections: "{cap}" must be at least 1')
+        options["max-connections"] = int(text)
+
+
+def _connectionCaps(options):
+    """
+    The caps on open connections, C{(clients, metrics)}: --max-connections
+    or what the open-files limit allows (L{descriptorBudget}).
+    """
+    import resource
+
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        limit = None
+    clients, metrics = descriptorBudget(limit)
+    given = options.get("max-connections")
+    if given is not None and given > clients:
+        log.warn(
+            "--max-connections={given} is above what the open-files limit ({limit}) "
+            "leaves for clients ({clients}): past that, accepting pauses for lack of "
+            "descriptors instead",
+            given=given,
+            limit=limit,
+            clients=clients,
+        )
+    return (given if given is not None else clients), metrics
+
+
 class Options(usage.Options):
     """
     etcd's C{etcd gateway start} flags, with its defaults, and ours.
@@ -276,6 +342,23 @@ class Options(usage.Options):
             DEFAULT_LISTEN,
             "Where clients connect: host:port, [v6addr]:port, :port (all interfaces), "
             "or a Twisted endpoint (tcp:..., unix:/path, systemd:domain=INET:index=0).",
+        ],
+        [
+            "listen-mode",
+            None,
+            None,
+            "Permissions of the socket file of a unix: --listen-addr (octal) "
+            "[default: 0660: its owner and group may connect, nobody else].",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Client connections open at once; at the cap accepting pauses (new "
+            "clients wait in the listen queue, nothing is closed) [default: from "
+            "ulimit -n: (limit - 32 - metrics cap) / 2, two descriptors per client, "
+            "the rest kept for probes and the metrics address; 464 at 1024, 32720 "
+            "at 65536].",
         ],
         [
             "retry-delay",
@@ -369,8 +452,9 @@ class Options(usage.Options):
             "metrics-addr",
             None,
             None,
-            "Serve Prometheus /metrics, /health and a status page / on this address "
-            "(same syntax as --listen-addr, e.g. 127.0.0.1:23791); off by default.",
+            "Serve Prometheus /metrics, /health, /livez and a status page / on this "
+            "address (same syntax as --listen-addr, e.g. 127.0.0.1:23791; at most 64 "
+            "connections, each request whole within 10s); off by default.",
         ],
         ["discovery-srv", None, None, "DNS domain for SRV discovery of the endpoints."],
         [
@@ -506,6 +590,7 @@ class Options(usage.Options):
         self["listen-addr"] = _listenAddress("listen-addr", self["listen-addr"])
         if self["metrics-addr"] is not None:
             self["metrics-addr"] = _listenAddress("metrics-addr", self["metrics-addr"])
+        _checkListenerOptions(self)
         if self["trusted-ca-file"] is not None:
             self["trusted-ca-certificates"] = _loadCertificates(
                 self["trusted-ca-file"], "--trusted-ca-file"
@@ -591,7 +676,7 @@ class ListenerService(ListeningService):
     """
 
     def __init__(self, endpoint, factory, address, pool):
-        super().__init__(endpoint, factory, address)
+        super().__init__(endpoint, factory, address, flag="--listen-addr")
         self.pool = pool
 
     def listening(self, port):
@@ -642,9 +727,14 @@ def makeService(options, reactor=None):
 
     workers = options.get("workers", 1)
     workerOf = options.get("worker-of")
+    maxClients, maxOperator = _connectionCaps(options)
     listener = ListenerService(
         listenEndpoint(
-            reactor, options["listen-addr"], reusePort=workers > 1 or workerOf is not None
+            reactor,
+            options["listen-addr"],
+            reusePort=workers > 1 or workerOf is not None,
+            maxConnections=maxClients,
+            mode=options.get("listen-mode"),
         ),
         factory,
         options["listen-addr"],
@@ -652,6 +742,9 @@ def makeService(options, reactor=None):
     )
     listener.setName("listener")
     listener.setServiceParent(root)
+    root.listener = listener
+    # A member connection that reaches one of these is a self-loop.
+    factory.listeners = [listener]
 
     health = HealthService(pool, reactor, options["retry-delay"], options["dial-timeout"])
     health.setName("health")
@@ -738,21 +831,26 @@ def makeService(options, reactor=None):
     notifier = SystemdNotifier.fromEnvironment() if workerOf is None else None
     if notifier is not None:
         notify = SystemdNotifyService(
-            notifier, pool, listener, reactor, watchdogInterval()
+            notifier, pool, listener, reactor, watchdogInterval(), listeners=[listener]
         )
         notify.setName("sdnotify")
         notify.setServiceParent(root)
 
     if options["metrics-addr"] is not None and workerOf is None:
-        from etcdgw.status import StatusService, statusSite
+        from etcdgw.status import StatusService
 
         web = StatusService(
-            listenEndpoint(reactor, options["metrics-addr"]),
-            statusSite(pool, factory, reactor, root),
+            listenEndpoint(reactor, options["metrics-addr"], maxConnections=maxOperator),
             options["metrics-addr"],
+            pool,
+            factory,
+            reactor,
+            root,
+            listeners=[listener],
         )
         web.setName("metrics")
         web.setServiceParent(root)
+        factory.listeners = [listener, web]
 
     if options.get("discovery") is not None:
         from etcdgw.discovery import DiscoveryService

@@ -146,7 +146,53 @@ class HTTPScrapeTests(TestCase):
         return first.addCallback(change).addCallback(check)
 
 
+class FakePort:
+    openConnections = 3
+    maxConnections = 40
+    capPauses = 2
+    acceptFailures = 5
+    clientErrors = 1
+
+
+class FakeListener:
+    def __init__(self, flag, problem=None):
+        self.flag = flag
+        self.port = FakePort()
+        self.gone = problem
+
+    def problem(self):
+        return self.gone
+
+
 class CollectorTests(SynchronousTestCase):
+    def test_listenerMetrics(self):
+        """
+        Each listener passed in is counted: open connections, cap, pauses at
+        the cap, accept failures, client errors, and whether it listens.
+        """
+        from prometheus_client import generate_latest
+
+        clock = Clock()
+        pool, factory, a, b = gatewayState(clock)
+        registry = gatewayRegistry(
+            pool, factory, clock, process=False,
+            listeners=[FakeListener("--listen-addr"), FakeListener("--metrics-addr", "closed")],
+        )
+        found = samples(generate_latest(registry).decode())
+        client = frozenset({("listener", "listen-addr")})
+        metrics = frozenset({("listener", "metrics-addr")})
+        for name, value in [
+            ("etcd_gateway_listener_up", 1),
+            ("etcd_gateway_listener_connections", 3),
+            ("etcd_gateway_listener_max_connections", 40),
+            ("etcd_gateway_listener_cap_pauses_total", 2),
+            ("etcd_gateway_accept_failures_total", 5),
+            ("etcd_gateway_listener_client_errors_total", 1),
+        ]:
+            self.assertEqual(found[(name, client)], value, name)
+        self.assertEqual(found[("etcd_gateway_listener_up", metrics)], 0)
+
+
     def test_noDiscoveryNoDiscoveryMetrics(self):
         """
         Without a discovery service, no discovery metric is invented.

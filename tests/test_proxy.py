@@ -52,7 +52,7 @@ class ProxyCase(SynchronousTestCase):
     def connectUpstream(self):
         host, port, dialFactory, timeout = self.lastDial()
         upstream = dialFactory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = FakeTCP()
+        transport = FakeTCP(peerAddress=IPv4Address("TCP", host, port))
         transport.protocol = upstream
         upstream.makeConnection(transport)
         return upstream, transport
@@ -239,3 +239,164 @@ class LocalResourceTests(ProxyCase):
         self.assertEqual(len(self.reactor.tcpClients), dials + 1)  # at once, no timer
         self.assertEqual(list(self.factory.starved), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class RaisingFor(MemoryReactorClock):
+    """
+    A reactor whose C{connectTCP} raises at once for C{host} (as Twisted's
+    does for an IPv6 scope ID it cannot resolve), and connects elsewhere.
+    """
+
+    def __init__(self, host):
+        super().__init__()
+        self.raisingHost = host
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        if host == self.raisingHost:
+            import socket
+
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return super().connectTCP(host, port, factory, timeout, bindAddress)
+
+
+class StoppingConnector:
+    """
+    Twisted's real connector: C{stopConnecting} reports a C{UserError} to
+    the factory at once.
+    """
+
+    def __init__(self, factory):
+        self.factory = factory
+
+    def stopConnecting(self):
+        self.factory.clientConnectionFailed(self, Failure(error.UserError()))
+
+
+class RealConnectors(MemoryReactorClock):
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        super().connectTCP(host, port, factory, timeout, bindAddress)
+        return StoppingConnector(factory)
+
+
+class FakeListener:
+    flag = "--listen-addr"
+
+    def __init__(self, host, port):
+        self.boundAddress = (host, port)
+
+    def describe(self):
+        return f"{self.boundAddress[0] or '*'}:{self.boundAddress[1]}"
+
+
+class AcceptPathTests(ProxyCase):
+    def test_synchronousDialErrorTriesNext(self):
+        """
+        A dial whose connect raises at once marks that member down, with the
+        reason, and the next one is dialled; the client stays open.
+        """
+        self.reactor = RaisingFor("fe80::1%nosuchif0")
+        self.pool = UpstreamPool(
+            [Endpoint("fe80::1%nosuchif0", 2379), Endpoint("10.0.0.2", 2379)], self.reactor
+        )
+        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
+        client, transport = self.accept()
+        state = self.pool.stateOf(Endpoint("fe80::1%nosuchif0", 2379))
+        self.assertEqual(state.state, "down")
+        self.assertIn("Name or service not known", state.reason)
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.2", 2379))
+        self.assertFalse(transport.disconnecting)
+        self.connectUpstream()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_clientGoneWithRealConnector(self):
+        """
+        A client that leaves mid-dial marks nothing down and starts no other
+        dial, though a real connector reports UserError when stopped.
+        """
+        self.reactor = RealConnectors()
+        self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379"), self.reactor)
+        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
+        client, transport = self.accept()
+        transport.lose(error.ConnectionLost())
+        self.assertEqual(self.pool.upCount(), 2)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.factory.clients, set())
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_waitingClientSurvivesReplacedEndpoint(self):
+        """
+        A client waiting for descriptors whose endpoint was replaced meanwhile
+        (same address, new weight) dials again instead of crashing.
+        """
+        client, transport = self.accept()
+        self.pool.replaceEndpoints(
+            [Endpoint("10.0.0.1", 2379, weight=5), Endpoint("10.0.0.2", 2379)]
+        )
+        self.failDial(error.ConnectBindError(24, "Too many open files"))
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.reactor.advance(ClientProtocol.localRetryDelay)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.connectUpstream()
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(self.pool.upCount(), 2)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_errorClosesThatClientOnly(self):
+        """
+        An error while handling one client's dial result closes that client,
+        logged; the gateway goes on with the next client.
+        """
+        client, transport = self.accept()
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("bug in pick")
+
+        self.patch(self.pool, "pick", broken)
+        self.failDial(error.ConnectionRefusedError())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(transport.disconnected or transport.disconnecting)
+        del self.pool.pick
+        client2, transport2 = self.accept()
+        self.assertFalse(transport2.disconnecting)
+
+    def test_selfLoopMarkedDown(self):
+        """
+        A member connection whose peer is the gateway's own listening address
+        is closed, the member marked down ("self-loop"), and the next dialled.
+        """
+        self.factory.listeners = [FakeListener("127.0.0.1", 23790)]
+        self.pool.replaceEndpoints([Endpoint("127.0.0.1", 23790), Endpoint("10.0.0.2", 2379)])
+        client, transport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        self.assertTrue(utransport.disconnected or utransport.disconnecting)
+        state = self.pool.stateOf(Endpoint("127.0.0.1", 23790))
+        self.assertEqual(state.state, "down")
+        self.assertTrue(state.reason.startswith("self-loop: 127.0.0.1:23790"), state.reason)
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.2", 2379))
+        self.connectUpstream()
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_selfLoopWildcardListener(self):
+        """
+        With a wildcard listener, any local address on the listening port is
+        a self-loop; another port, or a non-local address, is not.
+        """
+        self.factory.listeners = [FakeListener("::", 23790)]
+        local = {"127.0.0.2"}
+        self.factory.isLocalAddress = local.__contains__
+
+        class Peer:
+            def __init__(self, host, port):
+                self.host, self.port = host, port
+
+        class T:
+            def __init__(self, host, port):
+                self.peer = Peer(host, port)
+
+            def getPeer(self):
+                return self.peer
+
+        self.assertIsNotNone(self.factory.selfLoop(T("127.0.0.2", 23790)))
+        self.assertIsNotNone(self.factory.selfLoop(T("::ffff:127.0.0.2", 23790)))
+        self.assertIsNone(self.factory.selfLoop(T("127.0.0.2", 2379)))
+        self.assertIsNone(self.factory.selfLoop(T("10.9.9.9", 23790)))

@@ -76,6 +76,52 @@ class LeanDispatchTests(SynchronousTestCase):
         self.assertTrue(lost[0].check(ZeroDivisionError))
         self.assertNotIn(broken, reactor.getReaders())
 
+    def test_listeningPortErrorKeepsListening(self):
+        """
+        A listening port whose doRead raises is logged and keeps listening:
+        the dispatcher never closes the port every later client needs.
+        """
+        from zope.interface import implementer
+
+        from twisted.internet.interfaces import IListeningPort
+
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        leanDispatch(reactor)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        lost = []
+        reads = []
+
+        @implementer(IListeningPort)
+        class BrokenPort:
+            def fileno(self):
+                return a.fileno()
+
+            def doRead(self):
+                reads.append(1)
+                raise ZeroDivisionError()
+
+            def logPrefix(self):
+                return "port"
+
+            def connectionLost(self, reason):
+                lost.append(reason)
+
+            def readConnectionLost(self, reason):
+                lost.append(reason)
+
+        port = BrokenPort()
+        reactor.addReader(port)
+        self.addCleanup(reactor.removeReader, port)
+        b.send(b"x")
+        reactor.doIteration(0)
+        reactor.doIteration(0)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+        self.assertEqual((len(reads), lost), (2, []))
+        self.assertIn(port, reactor.getReaders())
+
     def test_boundedBatch(self):
         """At most MAX_EVENTS events are asked of epoll per turn, however many descriptors."""
         from etcdgw.reactor import MAX_EVENTS

@@ -56,8 +56,13 @@ class NotifySocket:
 
 
 class FakeListener:
+    gone = None
+
     def __init__(self):
         self.listening = defer.Deferred()
+
+    def problem(self):
+        return self.gone
 
     def whenListening(self):
         d = defer.Deferred()
@@ -182,6 +187,27 @@ class SystemdNotifyServiceTests(SynchronousTestCase):
         self.clock.advance(10)
         self.assertEqual([m for m in self.sink.messages() if "WATCHDOG" in m], [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_watchdogStopsWhenListenerGone(self):
+        """
+        Once a listener no longer listens, WATCHDOG=1 is no longer sent (systemd
+        then restarts the gateway); STATUS= and the log say why, once.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.listener.listening.callback(object())
+        self.sink.messages()
+        self.listener.gone = "--listen-addr 127.0.0.1:23790: the listening port is closed"
+        self.clock.advance(10)
+        self.clock.advance(10)
+        messages = self.sink.messages()
+        self.assertNotIn("WATCHDOG", {k for m in messages for k in m})
+        self.assertEqual(
+            [m["STATUS"] for m in messages],
+            ["not accepting clients: --listen-addr 127.0.0.1:23790: the listening port is closed"],
+        )
+        self.assertEqual(len([e for e in events if e["log_level"] == LogLevel.critical]), 1)
 
     def test_stoppingOnStop(self):
         """

@@ -11,6 +11,8 @@ import tempfile
 from html.parser import HTMLParser
 
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.internet.task import Clock
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -269,3 +271,109 @@ class ChromiumTests(ServedTestCase):
             self.assertIn("1/2 endpoints up", shown.summary)
 
         return self.browse("--dump-dom").addCallback(check)
+
+
+class FakeListener:
+    flag = "--listen-addr"
+
+    def __init__(self, where, problem=None):
+        self.where = where
+        self.gone = problem
+
+    def problem(self):
+        return self.gone
+
+    def describe(self):
+        return self.where
+
+
+class LivezTests(SynchronousTestCase):
+    def render(self, listeners, pool=None):
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from etcdgw.status import Livez
+
+        request = DummyRequest([b""])
+        body = Livez(listeners).render_GET(request)
+        return request.responseCode or 200, json.loads(body)
+
+    def test_listeningIs200(self):
+        """/livez is 200 while every client listener listens, whatever the members."""
+        self.assertEqual(
+            self.render([FakeListener("127.0.0.1:23790")]),
+            (200, {"status": "ok", "listening": ["127.0.0.1:23790"]}),
+        )
+
+    def test_listenerGoneIs503(self):
+        """/livez is 503 naming the listener that no longer listens."""
+        code, body = self.render(
+            [FakeListener("a", "--listen-addr 127.0.0.1:23790: the listening port is closed")]
+        )
+        self.assertEqual(code, 503)
+        self.assertEqual(
+            body["problems"], ["--listen-addr 127.0.0.1:23790: the listening port is closed"]
+        )
+
+    def test_servedNextToHealth(self):
+        """statusSite serves /livez for the listeners it is given."""
+        clock = Clock()
+        pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], clock)
+        pool.markDown(Endpoint("10.0.0.1", 2379), "refused")  # members do not matter
+        site = statusSite(pool, GatewayFactory(pool, clock, 1.0), clock,
+                          listeners=[FakeListener("127.0.0.1:23790")])
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b"livez"])
+        resource = site.getResourceFor(request)
+        self.assertEqual(json.loads(resource.render_GET(request))["status"], "ok")
+
+
+class OperatorConnectionTests(SynchronousTestCase):
+    """
+    The metrics address's connections are bounded in time.
+    """
+
+    def setUp(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+        self.clock = MemoryReactorClock()
+        pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], self.clock)
+        self.site = statusSite(pool, GatewayFactory(pool, self.clock, 1.0), self.clock,
+                               registry=__import__("prometheus_client").CollectorRegistry())
+        self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_headersDeadlineIsAbsolute(self):
+        """A request trickling in a byte a second is cut at the header deadline."""
+        from etcdgw.status import HEADER_TIMEOUT
+
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        for i in range(int(HEADER_TIMEOUT) - 1):
+            self.channel.dataReceived(request[i : i + 1])
+            self.clock.advance(1)
+        self.assertFalse(self.transport.disconnecting)
+        self.channel.dataReceived(request[20:21])
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_requestsAnsweredIdleClosed(self):
+        """
+        Whole requests are answered on a kept-alive connection, each with a
+        new deadline; an idle one is closed after the idle timeout.
+        """
+        from etcdgw.status import IDLE_TIMEOUT
+
+        for _ in range(3):
+            self.clock.advance(IDLE_TIMEOUT - 1)
+            self.channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b"200 OK", self.transport.value())
+            self.transport.clear()
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(IDLE_TIMEOUT)
+        self.assertTrue(self.transport.disconnecting)
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])

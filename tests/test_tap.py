@@ -424,8 +424,11 @@ class OtherValueTests(SynchronousTestCase):
         """
         for flag in ["listen-addr", "metrics-addr"]:
             for value in ["tcp:70000", "tcp:-1", "tcp:port=65536:interface=127.0.0.1"]:
-                self.assertRefused([f"--{flag}={value}"], f'--{flag}: "{value}"',
-                                   "is not in 0-65535")
+                message = self.assertRefused([f"--{flag}={value}"], f"--{flag}:",
+                                             f'"{value}"', "port")
+                self.assertTrue(
+                    "is not in 0-65535" in message or "is not a number" in message, message
+                )
 
     def test_longHostName(self):
         """
@@ -531,3 +534,66 @@ class OneLineTests(SynchronousTestCase):
         self.assertIn("(a bug: please report it", err.getvalue())
         self.assertIn("TypeError", err.getvalue())
         self.assertRaises(TypeError, Options().parseOptions, ["--endpoints=a:1"])
+
+
+class ListenerFlagsTests(SynchronousTestCase):
+    def test_maxConnections(self):
+        """--max-connections takes a positive number; bad values name the flag."""
+        self.assertEqual(parse("--max-connections=500")["max-connections"], 500)
+        self.assertIsNone(parse()["max-connections"])
+        for value, message in [("0", "at least 1"), ("-1", "not a number"), ("x", "not a number"),
+                               ("9" * 5000, "not a number")]:
+            e = self.assertRaises(usage.UsageError, parse, f"--max-connections={value}")
+            self.assertIn("--max-connections", str(e))
+            self.assertIn(message, str(e))
+
+    def test_maxConnectionsDefaultFromLimit(self):
+        """Without the flag, the client cap comes from the open-files limit; --help says how."""
+        import resource
+
+        from etcdgw.listen import descriptorBudget
+
+        service = makeService(parse("--listen-addr=127.0.0.1:0"), reactor=MemoryReactorClock())
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.assertEqual(service.listener.endpoint.maxConnections, descriptorBudget(limit)[0])
+        service = makeService(
+            parse("--listen-addr=127.0.0.1:0", "--max-connections=7"), reactor=MemoryReactorClock()
+        )
+        self.assertEqual(service.listener.endpoint.maxConnections, 7)
+        self.assertIn("[default: from ulimit -n", " ".join(str(Options()).split()))
+
+    def test_metricsCapped(self):
+        """The metrics address gets its small cap; the factory knows both listeners."""
+        service = makeService(
+            parse("--listen-addr=127.0.0.1:0", "--metrics-addr=127.0.0.1:0"),
+            reactor=MemoryReactorClock(),
+        )
+        web = service.getServiceNamed("metrics")
+        self.assertLessEqual(web.endpoint.maxConnections, 64)
+        self.assertEqual(service.factory.listeners, [service.listener, web])
+        self.assertEqual(web.flag, "--metrics-addr")
+
+    def test_listenMode(self):
+        """--listen-mode sets a unix listener's mode; it needs a unix listener."""
+        o = parse("--listen-addr=unix:/tmp/gw.sock", "--listen-mode=0600")
+        self.assertEqual(o["listen-mode"], 0o600)
+        service = makeService(o, reactor=MemoryReactorClock())
+        self.assertEqual(service.listener.endpoint.mode, 0o600)
+        service = makeService(parse("--listen-addr=unix:/tmp/gw.sock"), reactor=MemoryReactorClock())
+        self.assertEqual(service.listener.endpoint.mode, 0o660)
+        for args, message in [
+            (["--listen-mode=0600"], "needs a unix: --listen-addr"),
+            (["--listen-addr=unix:/x", "--listen-mode=rw"], "--listen-mode: \"rw\" is not an octal"),
+            (["--listen-addr=unix:/x:mode=600", "--listen-mode=600"], "give it once"),
+        ]:
+            e = self.assertRaises(usage.UsageError, parse, *args)
+            self.assertIn(message, str(e), args)
+
+    def test_tcp6IsTCP(self):
+        """A tcp6: listener is TCP: --workers works and the self-loop check applies."""
+        o = parse("--listen-addr=tcp6:23799:interface=\\:\\:1", "--workers=2")
+        self.assertEqual((o["listen-addr"].host, o["listen-addr"].port), ("::1", 23799))
+        e = self.assertRaises(
+            usage.UsageError, parse, "--listen-addr=tcp6:23799", "--endpoints=[::1]:23799"
+        )
+        self.assertIn("own listen address", str(e))

@@ -152,6 +152,11 @@ class ManyConnectionsTests(TestCase):
         self.assertGreaterEqual(peak, baseline + 2 * count)
 
 
+#: These tests are about running out of descriptors: without this, the
+#: default --max-connections (derived from the limit) pauses accepting first.
+NO_CAP = ("--max-connections=100000",)
+
+
 class DescriptorExhaustionTests(TestCase):
     """
     The gateway under a low RLIMIT_NOFILE, flooded with connections.
@@ -185,7 +190,9 @@ class DescriptorExhaustionTests(TestCase):
         """
         echo = ThreadedServer(echoHandler, backlog=1024)
         self.addCleanup(echo.close)
-        gw = startGateway(self, echo.address, "--retry-delay=1s", gatewayClass=limitedGateway(64))
+        gw = startGateway(
+            self, echo.address, "--retry-delay=1s", *NO_CAP, gatewayClass=limitedGateway(64)
+        )
         limit = 64
         if (limit - fdCount(gw.pid)) % 2:
             # An even number of free descriptors: every accept that succeeds
@@ -254,7 +261,9 @@ class DescriptorExhaustionTests(TestCase):
         """
         echo = ThreadedServer(echoHandler, backlog=1024)
         self.addCleanup(echo.close)
-        gw = startGateway(self, echo.address, "--retry-delay=1s", gatewayClass=limitedGateway(64))
+        gw = startGateway(
+            self, echo.address, "--retry-delay=1s", *NO_CAP, gatewayClass=limitedGateway(64)
+        )
         limit = fdCount(gw.pid) + 41  # 20 pairs and one odd descriptor
         resource.prlimit(gw.pid, resource.RLIMIT_NOFILE, (limit, limit))
         held, flooded = self.flood(gw, 10, 100)
