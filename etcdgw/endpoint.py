@@ -179,6 +179,8 @@ def _isNumericShorthand(host):
 
 
 def _interfaceExists(scope):
+    if not scope.isascii():
+        return False  # int() reads other scripts' digits; the kernel does not
     try:
         if scope.isdigit():
             socket.if_indextoname(int(scope))

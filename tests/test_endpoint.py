@@ -95,6 +95,7 @@ class ParseEndpointTests(SynchronousTestCase):
             "[ff02::1]:2379": "multicast",
             "255.255.255.255:2379": "broadcast",
             "[fe80::1%nosuchif0]:2379": "names no network interface",
+            "[fe80::1%\u0661]:2379": "names no network interface",
             "http://0.0.0.0": "unspecified",
         }
         for text, message in cases.items():

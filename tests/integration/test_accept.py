@@ -91,6 +91,18 @@ class ConnectionCapTests(TestCase):
             f"--metrics-addr=127.0.0.1:{metrics}",
             gatewayClass=limitedGateway(128),
         )
+        # The metrics address may start listening a moment after the proxy's.
+        def answering():
+            try:
+                return getJSON(f"http://127.0.0.1:{metrics}/livez", timeout=1)[0] == 200
+            except OSError:
+                return False
+
+        waitUntil(
+            answering,
+            10,
+            message="the metrics address answering /livez",
+        )
         idle = []
         self.addCleanup(lambda: [s.close() for s in idle])
         for _ in range(140):
