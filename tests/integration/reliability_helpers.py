@@ -221,6 +221,26 @@ def echoHandler(sock, server):
     sock.shutdown(socket.SHUT_WR)
 
 
+def resetRecordingEchoHandler(sock, server):
+    """
+    Echo like L{echoHandler}, and record how the connection from the
+    gateway ended: C{"eof"} (a clean end of stream) or C{"reset"} (a reset
+    met while reading or writing): what a client's reset looks like at the
+    member, if the gateway passes it on.
+    """
+    try:
+        while True:
+            data = sock.recv(1 << 18)
+            if not data:
+                break
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except (ConnectionResetError, BrokenPipeError):
+        server.record("reset")
+        return
+    server.record("eof")
+
+
 def readHeader(sock):
     """
     Read a one-line header, byte by byte (what follows it stays unread).
