@@ -114,6 +114,32 @@ def raiseNofile(wanted=None):
     return old
 
 
+def raiseNofileTo(wanted):
+    """
+    Make this process's RLIMIT_NOFILE at least C{wanted}, soft and hard
+    (raising the hard limit needs root, or CAP_SYS_RESOURCE); child
+    processes inherit it. Returns the old limits, for
+    C{resource.setrlimit(resource.RLIMIT_NOFILE, old)}.
+
+    @raise OSError: or L{ValueError}, when the limit cannot be raised; the
+        message says what was asked and what the limits are.
+    """
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = old
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        hard = wanted
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (OSError, ValueError) as e:
+        raise type(e)(
+            f"cannot raise RLIMIT_NOFILE from {old} to {wanted}: {e} (raising the hard "
+            "limit needs root or CAP_SYS_RESOURCE)"
+        ) from None
+    return old
+
+
 # -- payloads -----------------------------------------------------------------
 
 
