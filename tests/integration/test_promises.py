@@ -148,7 +148,9 @@ class EtcdAwareFallbackTests(ClusterTestMixin, TestCase):
         self.assertTrue(figures["noMemberHealthyMeanwhile"], figures)
         self.assertEqual(figures["outcomes"], {"ok": len(clients)}, clients)
         self.assertEqual(dialsToFrozen, 0)
-        # Measured: under 0.05s; a client sent to the frozen leader waits 2s.
+        # Measured: under 0.05s; a client sent to the frozen leader waits its
+        # whole 2s timeout. (A bound of 2-3x the measured figure would be
+        # 0.15s: too close to scheduling noise on a loaded CI machine.)
         self.assertLess(figures["worstClientS"], 0.5)
 
     def test_frozenLeaderShortHealthTimeout(self):
@@ -331,6 +333,9 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
             waitUntil(owners, 5, message="every connection accepted"), {gw.pid, replacement}
         )
         report("worker-replaced", replacedAfterS=round(replacedAfter, 2))
+        # The restart delay of a worker that ran under 10s is 2s; measured
+        # 2.8-3.9s with the new process's start.
+        self.assertLess(replacedAfter, 8.0)
         self.assertEqual(gw.stop(), 0)
         self.assertFalse(_alive(replacement))
 
@@ -385,8 +390,8 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         rc, out, err = self.cluster.etcdctl("get", "drain-worker", "--print-value-only")
         self.assertEqual((rc, out.strip()), (0, "ok"), err)
         report("worker-drain", exitAfterCloseS=round(exitAfterClose, 2))
-        # Measured about 0.1s; the grace period is 10s.
-        self.assertLess(exitAfterClose, 3)
+        # Measured 0.3-0.6s; the grace period is 10s.
+        self.assertLess(exitAfterClose, 1.5)
 
 
 class PurePythonFallbackTests(ClusterTestMixin, TestCase):
