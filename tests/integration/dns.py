@@ -23,6 +23,9 @@ answers every query with that error code, as dnsmasq without a local zone
 answers REFUSED for C{_etcd-client-ssl}::
 
     server.setRecords([refused("_etcd-client-ssl._tcp.etcd.test"), ...])
+
+Every query is noted (L{DNSServer.queries}), so a test can see when a client
+asks again.
 """
 
 import json
@@ -71,6 +74,7 @@ class DNSServer:
         self.zonePath = os.path.join(self.directory, "zone.json")
         self.portPath = os.path.join(self.directory, "port")
         self.logPath = os.path.join(self.directory, "dns.log")
+        self.queriesPath = os.path.join(self.directory, "queries.log")
         self.process = None
         self.port = None
         self.setRecords([])
@@ -93,7 +97,8 @@ class DNSServer:
         Start the server and block until it answers a query. On a restart the
         same port is used again.
         """
-        argv = [sys.executable, os.path.abspath(__file__), self.zonePath, self.portPath]
+        argv = [sys.executable, os.path.abspath(__file__), self.zonePath, self.portPath,
+                "--queries=" + self.queriesPath]
         if self.port is not None:
             argv.append(str(self.port))
         elif os.path.exists(self.portPath):
@@ -118,6 +123,23 @@ class DNSServer:
                 self.stop()
                 raise RuntimeError(f"DNS server not answering: {open(self.logPath).read()}")
             time.sleep(0.05)
+
+    def queries(self):
+        """
+        Every query answered so far, in order: C{(time.monotonic() of the
+        server, which is the test's clock too on Linux, name, type)}, e.g.
+        C{(1234.5, "_etcd-client-ssl._tcp.etcd.test", "SRV")}.
+        """
+        try:
+            with open(self.queriesPath) as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return []
+        result = []
+        for line in lines:
+            when, name, kind = line.split(" ")
+            result.append((float(when), name, kind))
+        return result
 
     def _answers(self):
         import dns.message
@@ -147,7 +169,7 @@ class DNSServer:
 # -- the server process --------------------------------------------------
 
 
-def _serve(zonePath, portPath, port=None):
+def _serve(zonePath, portPath, port=None, queriesPath=None):
     from twisted.internet import defer, reactor
     from twisted.names import common, dns, server
     from twisted.python import failure
@@ -172,6 +194,10 @@ def _serve(zonePath, portPath, port=None):
 
         def _lookup(self, name, cls, type, timeout=None):
             wanted = name.decode("ascii").lower().rstrip(".")
+            if queriesPath is not None:
+                with open(queriesPath, "a") as f:
+                    kind = dns.QUERY_TYPES.get(type, dns.EXT_QUERIES.get(type, str(type)))
+                    f.write(f"{time.monotonic()} {wanted} {kind}\n")
             records = [r for r in self._records() if r["name"].lower().rstrip(".") == wanted]
             if not records:
                 return defer.fail(failure.Failure(dns.AuthoritativeDomainError(name)))
@@ -224,4 +250,11 @@ def _serve(zonePath, portPath, port=None):
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+    queries = [a[len("--queries="):] for a in sys.argv[1:] if a.startswith("--queries=")]
+    positional = [a for a in sys.argv[1:] if not a.startswith("--queries=")]
+    _serve(
+        positional[0],
+        positional[1],
+        int(positional[2]) if len(positional) > 2 else None,
+        queries[0] if queries else None,
+    )

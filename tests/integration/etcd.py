@@ -88,11 +88,13 @@ def freePorts(count, host=HOST):
 
     All the sockets are held open together so the kernel never hands out the
     same port twice; there is still a small window before the caller binds.
+    An IPv6 C{host} (C{"::1"}) is bound with an IPv6 socket.
     """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets = []
     try:
         for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s = socket.socket(family, socket.SOCK_STREAM)
             s.bind((host, 0))
             sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
@@ -330,9 +332,16 @@ class EtcdCluster:
     @param size: number of members.
     @param tls: a L{TLSConfig} (or a dict of its fields) or C{None}.
     @param extraArgs: more etcd flags, given to every member.
+    @param clientHost: the address the members' client URLs listen on and
+        advertise (default 127.0.0.1; C{"::1"} for members reached over IPv6
+        only). Peer URLs stay on 127.0.0.1.
+
+    @ivar changed: C{time.monotonic()} when the last membership change
+        (L{addMember}, L{removeMember}) was accepted by the cluster, before
+        the harness waits for anything else; L{None} before the first.
     """
 
-    def __init__(self, size=3, tls=None, extraArgs: Sequence[str] = ()):
+    def __init__(self, size=3, tls=None, extraArgs: Sequence[str] = (), clientHost=HOST):
         if size < 1:
             raise ValueError("size must be at least 1")
         self.tls = TLSConfig.coerce(tls)
@@ -342,6 +351,8 @@ class EtcdCluster:
             )
         self.size = size
         self.extraArgs = list(extraArgs)
+        self.clientHost = clientHost
+        self.changed = None
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self.directory = tempfile.mkdtemp(prefix="etcdgw-it-", dir=shm)
         self.token = os.path.basename(self.directory)
@@ -368,11 +379,17 @@ class EtcdCluster:
     def scheme(self):
         return "https" if self.tls is not None else "http"
 
+    @property
+    def _clientHostInURL(self):
+        host = self.clientHost
+        return "[{}]".format(host) if ":" in host else host
+
     def clientAddress(self, i):
         """
-        C{"127.0.0.1:port"} of member C{i}'s client URL.
+        C{"127.0.0.1:port"} of member C{i}'s client URL (C{"[::1]:port"} with
+        C{clientHost="::1"}).
         """
-        return "{}:{}".format(HOST, self.members[i].clientPort)
+        return "{}:{}".format(self._clientHostInURL, self.members[i].clientPort)
 
     def clientPort(self, i):
         return self.members[i].clientPort
@@ -425,8 +442,12 @@ class EtcdCluster:
             ETCD,
             "--name=" + m.name,
             "--data-dir=" + m.dataDir,
-            "--listen-client-urls={}://{}:{}".format(self.scheme, HOST, m.clientPort),
-            "--advertise-client-urls={}://{}:{}".format(self.scheme, HOST, m.clientPort),
+            "--listen-client-urls={}://{}:{}".format(
+                self.scheme, self._clientHostInURL, m.clientPort
+            ),
+            "--advertise-client-urls={}://{}:{}".format(
+                self.scheme, self._clientHostInURL, m.clientPort
+            ),
             "--listen-peer-urls=" + m.peerURL,
             "--initial-advertise-peer-urls=" + m.peerURL,
             "--initial-cluster=" + m.initialCluster,
@@ -544,10 +565,10 @@ class EtcdCluster:
         m = self.members[i]
         if self.tls is not None:
             conn = http.client.HTTPSConnection(
-                HOST, m.clientPort, timeout=timeout, context=self._sslContext()
+                self.clientHost, m.clientPort, timeout=timeout, context=self._sslContext()
             )
         else:
-            conn = http.client.HTTPConnection(HOST, m.clientPort, timeout=timeout)
+            conn = http.client.HTTPConnection(self.clientHost, m.clientPort, timeout=timeout)
         try:
             conn.request("GET", "/health")
             body = conn.getresponse().read().decode("utf-8", "replace")
@@ -726,6 +747,7 @@ class EtcdCluster:
         rc, out, err = self._reconfigure(
             timeout, "member", "add", m.name, "--peer-urls=" + m.peerURL
         )
+        self.changed = time.monotonic()
         for line in out.splitlines():
             if line.startswith("ETCD_INITIAL_CLUSTER="):
                 m.initialCluster = line.split("=", 1)[1].strip().strip('"')
@@ -739,6 +761,19 @@ class EtcdCluster:
             self.waitHealthy([i], timeout=timeout)
         return i
 
+    def memberClientURLs(self):
+        """
+        The client URLs the cluster's member list advertises now (a set):
+        a member added by L{addMember} appears here once it has started
+        and published them, which is when a client can learn it.
+        """
+        rc, out, err = self.etcdctl("member", "list", "--write-out=json")
+        if rc != 0:
+            raise RuntimeError("etcdctl member list failed: " + err)
+        return {
+            url for member in json.loads(out)["members"] for url in member.get("clientURLs", [])
+        }
+
     def removeMember(self, i):
         """
         C{etcdctl member remove} member C{i}, stop its process, and wait
@@ -748,6 +783,7 @@ class EtcdCluster:
         memberID = self.memberID(i)
         others = ",".join(self.clientURL(j) for j in self._indexes() if j != i)
         self._reconfigure(30, "member", "remove", memberID, endpoints=others)
+        self.changed = time.monotonic()
         self.members[i].removed = True
         self._stopMember(i, 10)
         self.size -= 1
@@ -802,7 +838,9 @@ class ClusterTestMixin:
     before it in the bases; a subclass's C{setUp} must call C{super().setUp()}.
     Set C{clusterSize} and optionally C{clusterTLS} (a L{TLSConfig}, or a
     callable taking a fresh directory and returning one, e.g.
-    C{staticmethod(generateTLS)} with the default size 3).
+    C{staticmethod(generateTLS)} with the default size 3), and
+    C{clusterClientHost} (default 127.0.0.1; C{"::1"} for members whose
+    client URLs are on IPv6 only).
 
     Trial does not call C{setUpClass}/C{tearDownClass} (its suites never run
     stdlib's class fixtures), so: the first test's C{setUp} starts the
@@ -818,6 +856,7 @@ class ClusterTestMixin:
 
     clusterSize = 3
     clusterTLS = None
+    clusterClientHost = HOST
 
     def setUp(self):
         super().setUp()
@@ -839,7 +878,9 @@ class ClusterTestMixin:
                 if callable(tls):
                     state.tlsDir = tempfile.mkdtemp(prefix="etcdgw-tls-")
                     tls = tls(state.tlsDir)
-                cluster = EtcdCluster(size=cls.clusterSize, tls=tls)
+                cluster = EtcdCluster(
+                    size=cls.clusterSize, tls=tls, clientHost=cls.clusterClientHost
+                )
                 cluster.start()
             except Exception as e:
                 state.error = e

@@ -68,6 +68,29 @@ def _listeningPorts():
     return ports if found else None
 
 
+def _listeningUnix(path):
+    """
+    Is a unix socket listening on C{path}?  Read from /proc/net/unix (the
+    flag C{__SO_ACCEPTCON}, 0x10000, marks a listening socket); without
+    /proc, whether C{path} is a socket.
+    """
+    import stat
+
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        try:
+            return stat.S_ISSOCK(os.stat(path).st_mode)
+        except OSError:
+            return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
+            return True
+    return False
+
+
 class GatewayStartError(Exception):
     """
     The gateway exited, or did not listen, while starting.
@@ -81,7 +104,9 @@ class GatewayProcess:
     @param args: gateway flags after C{--listen-addr}, e.g.
         C{["--endpoints=127.0.0.1:2379", "--retry-delay=1s"]}.
     @param listen: the C{--listen-addr} value; default C{127.0.0.1:<free port>}.
-        C{":port"} is connected to on 127.0.0.1.
+        C{":port"} is connected to on 127.0.0.1.  C{"unix:PATH"} listens on
+        a unix socket: then L{unixPath} is the path and L{address} is
+        C{unix://PATH}, the form etcdctl 3.4 accepts (it refuses C{unix:PATH}).
     @param env: extra environment variables for the process.
     @param cwd: working directory (default: this process's).
     @param runner: C{"twistd"} (C{twistd -n}, the documented way) or
@@ -138,6 +163,16 @@ class GatewayProcess:
         )
 
     @property
+    def unixPath(self):
+        """
+        The socket path of a C{unix:PATH} listener (Twisted's endpoint
+        syntax: options such as C{:mode=660} follow the path), else L{None}.
+        """
+        if not self.listen.startswith("unix:"):
+            return None
+        return self.listen[len("unix:"):].split(":", 1)[0]
+
+    @property
     def host(self):
         host, _, _ = self.listen.rpartition(":")
         host = host.strip("[]")
@@ -150,8 +185,11 @@ class GatewayProcess:
     @property
     def address(self):
         """
-        C{"host:port"} for clients, e.g. for C{etcdctl --endpoints}.
+        C{"host:port"} for clients, e.g. for C{etcdctl --endpoints}
+        (C{"unix:///path"} for a unix listener).
         """
+        if self.unixPath is not None:
+            return "unix://" + os.path.abspath(self.unixPath)
         host = self.host
         if ":" in host:
             host = "[{}]".format(host)
@@ -226,7 +264,10 @@ class GatewayProcess:
         where there is one, so that no connection is made: a probe
         connection would be a client to the gateway, which would dial an
         upstream for it and skew what the test measures.
+        A unix listener: its path is a listening socket (/proc/net/unix).
         """
+        if self.unixPath is not None:
+            return _listeningUnix(os.path.abspath(self.unixPath))
         listening = _listeningPorts()
         if listening is not None:
             return self.port in listening

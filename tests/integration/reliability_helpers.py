@@ -114,6 +114,32 @@ def raiseNofile(wanted=None):
     return old
 
 
+def raiseNofileTo(wanted):
+    """
+    Make this process's RLIMIT_NOFILE at least C{wanted}, soft and hard
+    (raising the hard limit needs root, or CAP_SYS_RESOURCE); child
+    processes inherit it. Returns the old limits, for
+    C{resource.setrlimit(resource.RLIMIT_NOFILE, old)}.
+
+    @raise OSError: or L{ValueError}, when the limit cannot be raised; the
+        message says what was asked and what the limits are.
+    """
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    soft, hard = old
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        hard = wanted
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    except (OSError, ValueError) as e:
+        raise type(e)(
+            f"cannot raise RLIMIT_NOFILE from {old} to {wanted}: {e} (raising the hard "
+            "limit needs root or CAP_SYS_RESOURCE)"
+        ) from None
+    return old
+
+
 # -- payloads -----------------------------------------------------------------
 
 
@@ -219,6 +245,26 @@ def echoHandler(sock, server):
             break
         sock.sendall(data)
     sock.shutdown(socket.SHUT_WR)
+
+
+def resetRecordingEchoHandler(sock, server):
+    """
+    Echo like L{echoHandler}, and record how the connection from the
+    gateway ended: C{"eof"} (a clean end of stream) or C{"reset"} (a reset
+    met while reading or writing): what a client's reset looks like at the
+    member, if the gateway passes it on.
+    """
+    try:
+        while True:
+            data = sock.recv(1 << 18)
+            if not data:
+                break
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except (ConnectionResetError, BrokenPipeError):
+        server.record("reset")
+        return
+    server.record("eof")
 
 
 def readHeader(sock):

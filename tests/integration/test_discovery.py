@@ -14,6 +14,7 @@ from tests.certs import CertificateAuthority, TLSServer
 from tests.integration.dns import DNSServer, a, refused, srv
 from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl
 from tests.integration.gateway import REPOSITORY, GatewayProcess, GatewayStartError
+from tests.integration.reliability_helpers import report, waitUntil
 
 
 SSL = "_etcd-client-ssl._tcp.etcd.test"
@@ -166,16 +167,32 @@ class TLSDiscoveryTests(ClusterTestMixin, _GatewayMixin, unittest.TestCase):
     def test_srvNameAndTTL(self):
         """
         --discovery-srv-name selects _etcd-client-ssl-NAME._tcp; without
-        --discovery-refresh the next look-up follows the TTL, clamped to 5s.
+        --discovery-refresh the next look-up follows the TTL, clamped to 5s:
+        the DNS server sees the second SRV query about 5s after the first.
         """
-        dns = self.dnsServer(
-            self.records([1], service="_etcd-client-ssl-prod._tcp.etcd.test", ttl=1)
-        )
+        name = "_etcd-client-ssl-prod._tcp.etcd.test"
+        dns = self.dnsServer(self.records([1], service=name, ttl=1))
         gw = self.gateway(dns, "--trusted-ca-file=" + self.cluster.tls.ca, "--discovery-srv-name=prod")
         gw.start()
         log = gw.waitForLog("discovered cluster from SRV")
         self.assertIn("next look-up in 5s", log)
         self.assertEqual(set(self.answering(gw, 2)), {1})
+
+        def rounds():
+            # The SRV queries of that name, one per look-up round (a round's
+            # retries come within a second of its first query).
+            times = [when for when, qname, kind in dns.queries() if qname == name and kind == "SRV"]
+            starts = []
+            for when in times:
+                if not starts or when - starts[-1] > 1.0:
+                    starts.append(when)
+            return starts if len(starts) >= 2 else None
+
+        first, second = waitUntil(rounds, 10, message="a second SRV look-up")[:2]
+        report("srv-ttl-refresh", ttl=1, clampedTo=5, secondQueryAfterS=round(second - first, 2))
+        # Measured: 5.0s after the first round's query.
+        self.assertGreater(second - first, 4.5)
+        self.assertLess(second - first, 6.5)
 
     def test_nothingVerifiable(self):
         """

@@ -90,12 +90,20 @@ class EtcdClusterTests(ClusterTestMixin, unittest.TestCase):
 
     def test_killIsUndoneBySetUp(self):
         """
-        A test may leave a member dead: the next setUp restarts it.
+        A test may leave a member dead: the next setUp restarts it, and it is
+        still running and healthy when the test's cleanups run.
         """
+        killed = self.cluster.members[1].process.pid
         self.cluster.kill(1)
-        self.addCleanup(self.assertFalse, self.cluster.isRunning(1))
+        self.assertFalse(self.cluster.isRunning(1))
         self.setUp()
+        # Checked when the cleanups run (not now), before the class's cluster
+        # could be stopped: setUp's own cleanup was added just before this one.
+        self.addCleanup(lambda: self.assertEqual(
+            (self.cluster.isRunning(1), self.cluster.health(1)[0]), (True, True)
+        ))
         self.assertTrue(self.cluster.isRunning(1))
+        self.assertNotEqual(self.cluster.members[1].process.pid, killed)
 
     def test_etcdctlDeferred(self):
         """

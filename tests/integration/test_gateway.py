@@ -3,6 +3,7 @@ The gateway as users run it (a real twistd process) in front of a real
 3-member etcd cluster, used by etcdctl.
 """
 
+import json
 import os
 import signal
 import socket
@@ -75,22 +76,24 @@ class GatewayTests(ClusterTestMixin, TestCase):
         self.assertEqual(self.ctl(gw, "get", "gateway/k", "--print-value-only").strip(), "value-1")
 
     def test_watch(self):
-        """A watch through the gateway sees a put made through the gateway."""
+        """A watch through the gateway sees a put made through the gateway a second later."""
         gw = self.gateway()
+        # Watch from the next revision: the put is seen even if it is made
+        # before the watch is registered (no race with etcdctl's start).
+        revision = json.loads(self.ctl(gw, "get", "gateway/w", "--write-out=json"))
         watcher = subprocess.Popen(
-            ["etcdctl", f"--endpoints={gw.address}", "watch", "gateway/w"],
+            ["etcdctl", f"--endpoints={gw.address}", "watch", "gateway/w",
+             "--rev={}".format(revision["header"]["revision"] + 1)],
             env=dict(os.environ, ETCDCTL_API="3"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        self.addCleanup(watcher.wait, 10)
         self.addCleanup(watcher.kill)
-        time.sleep(1)  # let the watch register before the put
+        time.sleep(1)  # the watch's stream stays open, idle, for a while first
         self.ctl(gw, "put", "gateway/w", "seen")
-        lines = []
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "seen" not in lines:
-            lines.append(watcher.stdout.readline().decode().strip())
-        self.assertEqual(lines[-3:], ["PUT", "gateway/w", "seen"])
+        lines = _readLinesUntil(watcher.stdout, "seen", timeout=10)
+        self.assertEqual(lines[-3:], ["PUT", "gateway/w", "seen"], gw.log()[-2000:])
 
     def test_lease(self):
         """A lease granted through the gateway holds a key until revoked."""
@@ -178,6 +181,36 @@ class DaemonTests(TestCase):
         output = proc.stdout + proc.stderr
         self.assertIn('--endpoints: endpoint "h:abc": port "abc" is not a number', output)
         self.assertNotIn("Traceback", output)
+
+
+def _readLinesUntil(stream, last, timeout):
+    """
+    Read lines from the pipe C{stream} until one equals C{last}, for at most
+    C{timeout} seconds (never blocking past it, whatever the process does).
+
+    @return: the lines read (without newlines); the last is C{last} unless
+        the time ran out or the pipe closed first.
+    """
+    import selectors
+
+    fd = stream.fileno()
+    os.set_blocking(fd, False)
+    lines, partial = [], b""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(max(0, deadline - time.monotonic())):
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            *complete, partial = (partial + data).split(b"\n")
+            for line in complete:
+                lines.append(line.decode("utf-8", "replace").strip())
+                if lines[-1] == last:
+                    return lines
+    return lines
 
 
 def _alive(pid):

@@ -5,6 +5,7 @@ real gateway process, and the gateway out of file descriptors.
 C{ETCDGW_LONG=1} holds the connections longer and floods harder.
 """
 
+import os
 import resource
 import selectors
 import socket
@@ -20,7 +21,7 @@ from tests.integration.reliability_helpers import (
     echoHandler,
     exchange,
     fdCount,
-    raiseNofile,
+    raiseNofileTo,
     report,
     rssKiB,
     scaled,
@@ -100,19 +101,28 @@ def openMany(host, port, count):
     return sockets
 
 
+#: Most memory (RSS) the gateway may add per held client connection.
+PER_CONNECTION_BYTES = 6 * 1024
+
+
 class ManyConnectionsTests(TestCase):
     def test_8000Connections(self):
         """
         8,000 client connections are held open through the gateway at once
         (16,000 descriptors in the gateway) and each still echoes a byte at the
-        end; closing them all returns the gateway to its descriptor count.
+        end, with a bounded memory cost per connection; closing them all
+        returns the gateway to its descriptor count. The test raises the
+        descriptor limit itself (hard too: it needs root, as CI runs); where
+        it cannot, it skips, or fails when CI is set.
         """
         count = 8000
         hold = scaled(2.0, 60.0)
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard != resource.RLIM_INFINITY and hard < 2 * count + 200:
-            self.skipTest(f"hard RLIMIT_NOFILE {hard} is below {2 * count + 200}")
-        old = raiseNofile()
+        try:
+            old = raiseNofileTo(2 * count + 200)
+        except (OSError, ValueError) as e:
+            if os.environ.get("CI"):
+                self.fail(f"CI is set and {e}")
+            self.skipTest(str(e))
         self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, old)
         echo = EchoProcess()  # inherits the raised limit
         self.addCleanup(echo.stop)
@@ -136,9 +146,11 @@ class ManyConnectionsTests(TestCase):
             30,
             message=f"gateway back to {baseline} descriptors",
         )
+        perConnection = (rssPeak - rssBefore) * 1024 / count
         report(
             "8000-connections",
             held=count,
+            bytesPerConnection=round(perConnection),
             echoedFirst=first,
             echoedAtEnd=last,
             heldSeconds=hold,
@@ -150,6 +162,10 @@ class ManyConnectionsTests(TestCase):
         self.assertEqual(first, count)
         self.assertEqual(last, count)
         self.assertGreaterEqual(peak, baseline + 2 * count)
+        # A client pair (two sockets, two protocols, two transports, counters):
+        # measured 2.3 KiB with the gateway's slotted transports; 2.6 times that
+        # fails the test.
+        self.assertLess(perConnection, PER_CONNECTION_BYTES)
 
 
 #: These tests are about running out of descriptors: without this, the
