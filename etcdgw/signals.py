@@ -2,8 +2,10 @@
 SIGHUP: look again now. Every endpoint is probed at once (an up endpoint
 that does not answer is marked down, a down one that answers is marked up),
 and, when the gateway has a discovery service, DNS is queried again now.
-The result is logged as one line. (SIGTERM and SIGINT are twistd's: they
-stop the reactor, see L{etcdgw.shutdown}.)
+The result is logged as one line. With C{--workers}, the supervisor also
+passes the signal on to every worker, which does the same for its own
+endpoints. (SIGTERM and SIGINT are twistd's: they stop the reactor, see
+L{etcdgw.shutdown}.)
 """
 
 import signal
@@ -27,13 +29,17 @@ class ReloadService(Service):
         C{callFromThread} (the signal handler hands over to the reactor).
     @param timeout: seconds each probe may take (C{--dial-timeout}).
     @param probe: C{probe(reactor, endpoint, timeout)} -> Deferred.
-    @param installSignal: C{signal.signal}, replaced in tests.
+    @param installSignal: C{signal.signal} to handle SIGHUP while the service
+        runs, or L{None} to handle none (an injected reactor: the process's
+        signals are not the caller's to take), as L{etcdgw.shutdown.DrainService}.
+    @param workers: the L{etcdgw.workers.WorkersService} when this process
+        supervises C{--workers}, else L{None}.
     """
 
     log = Logger()
 
     def __init__(
-        self, root, pool, reactor, timeout, probe=probeTCP, installSignal=signal.signal
+        self, root, pool, reactor, timeout, probe=probeTCP, installSignal=None, workers=None
     ):
         self.root = root
         self.pool = pool
@@ -41,12 +47,13 @@ class ReloadService(Service):
         self.timeout = timeout
         self._probe = probe
         self._installSignal = installSignal
+        self.workers = workers
         self._previous = None
         self._running = None
 
     def startService(self):
         super().startService()
-        if hasattr(signal, "SIGHUP"):
+        if self._installSignal is not None and hasattr(signal, "SIGHUP"):
             self._previous = self._installSignal(signal.SIGHUP, self._onSignal)
 
     def stopService(self):
@@ -61,11 +68,15 @@ class ReloadService(Service):
 
     def reload(self):
         """
-        Probe every endpoint and refresh discovery now; log the result.
+        Pass the signal on to the workers, if any; probe every endpoint and
+        refresh discovery now; log the result.
 
         @return: a Deferred firing with the summary line once everything
-            asked has answered. A reload already running is not doubled.
+            asked has answered. A reload already running is not doubled
+            (the workers are still told: each has its own).
         """
+        if self.workers is not None:
+            self.workers.reload()
         if self._running is not None:
             self.log.info("SIGHUP: a reload is already running")
             return self._running

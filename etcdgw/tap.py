@@ -809,7 +809,10 @@ def makeService(options, reactor=None):
     drain.setName("shutdown")
     drain.setServiceParent(root)
 
-    reload = ReloadService(root, pool, reactor, options["dial-timeout"])
+    reload = ReloadService(
+        root, pool, reactor, options["dial-timeout"],
+        installSignal=signal.signal if takeSignals else None,
+    )
     reload.setName("signals")
     reload.setServiceParent(root)
 
@@ -821,6 +824,7 @@ def makeService(options, reactor=None):
         )
         supervisor.setName("workers")
         supervisor.setServiceParent(root)
+        reload.workers = supervisor  # SIGHUP is passed on to every worker
     if workerOf is not None:
         from etcdgw.workers import SupervisorWatch
 

@@ -31,6 +31,7 @@ must use it at once or copy it. L{writerFor} gives the right way to pass it on
 to any transport.
 """
 
+import errno
 import fcntl
 import os
 import socket
@@ -44,6 +45,13 @@ SPLICE = hasattr(os, "splice") and hasattr(fcntl, "F_SETPIPE_SZ")
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 #: The pipe between the two sockets of a bulk transfer.
 PIPE_SIZE = 1024 * 1024
+#: A direction's empty pipe that has spliced nothing for this many seconds
+#: (checked every this many seconds: it goes after one to two of them) is
+#: closed: its two descriptors go back; the next bulk read makes a new one.
+PIPE_IDLE = 5.0
+#: splice(2) errors that mean "these descriptors cannot splice" (not a
+#: broken connection): that direction copies from then on.
+_CANNOT_SPLICE = frozenset((errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP))
 _buffer = bytearray(READ_SIZE)
 _view = memoryview(_buffer)
 _buffers = (_buffer,)
@@ -118,8 +126,8 @@ class FastTransport:
         self._writeDisconnecting = False
         self._writeDisconnected = False
         self._pipe = self._pipeSource = None
-        self._pipeBytes = 0
-        self._eof = False
+        self._pipeBytes = self._spliced = 0
+        self._spliceOff = self._eof = False
         self._target = self._count = self._fd = None
 
     # Twisted sets these on every connection; made only when read instead
@@ -207,11 +215,15 @@ class FastTransport:
     # take at once when it becomes writable, before anything Twisted queued
     # for it, so order is kept. Connections that never move bulk data never
     # get a pipe (two descriptors), so thousands of idle etcd clients cost
-    # none.
+    # none, and a direction whose empty pipe spliced nothing for PIPE_IDLE
+    # gives it back (see _PipeSweep). _spliced counts the bytes this
+    # transport's reads moved by splice (the copy path never touches it).
+    # A splice that fails because the descriptors cannot splice (EINVAL...,
+    # not a socket error) turns splicing off for that direction: it copies.
 
     def _startSplicing(self):
         target = self._target
-        if target._pipeSource:
+        if target._pipeSource or self._spliceOff:
             return
         try:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -224,6 +236,22 @@ class FastTransport:
         self._pipe = (r, w)
         self._pipeBytes = 0
         target._pipeSource = self
+        _PipeSweep.of(self.reactor).add(self)
+
+    def _closePipe(self, target):
+        """
+        Close this direction's pipe (what it holds is dropped: callers close
+        an empty one, or one whose connection is lost) and stop splicing
+        into C{target} until a new pipe is made.
+        """
+        r, w = self._pipe
+        self._pipe = None
+        self._pipeBytes = 0
+        os.close(r)
+        os.close(w)
+        if target is not None and target._pipeSource is self:
+            target._pipeSource = None
+        _PipeSweep.of(self.reactor).remove(self)
 
     def _spliceRead(self, target):
         """
@@ -238,7 +266,8 @@ class FastTransport:
             target.startWriting()
             return None
         if (
-            target._tempDataLen
+            self._pipe is None  # the flush found the target cannot splice
+            or target._tempDataLen
             or target.dataBuffer
             or target.disconnecting
             or target._writeDisconnecting
@@ -247,15 +276,21 @@ class FastTransport:
             # read, behind what is queued, so that order is kept.
             return self._copyRead()
         try:
-            n = os.splice(self.socket.fileno(), self._pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
+            n = os.splice(self._fd, self._pipe[1], PIPE_SIZE, flags=_SPLICE_FLAGS)
         except (BlockingIOError, InterruptedError):
             return None
-        except OSError:
-            return main.CONNECTION_LOST
+        except OSError as e:
+            if e.errno not in _CANNOT_SPLICE:
+                return main.CONNECTION_LOST
+            # This socket cannot splice (the pipe is empty here): copy.
+            self._spliceOff = True
+            self._closePipe(target)
+            return self._copyRead()
         if not n:
             self._eof = True
             return main.CONNECTION_DONE
         self._pipeBytes = n
+        self._spliced += n
         self._count.n += n
         if not self._flushPipe():
             self.stopReading()
@@ -278,12 +313,34 @@ class FastTransport:
                 )
         except (BlockingIOError, InterruptedError):
             return False
-        except (OSError, AttributeError):
-            # The target is broken or gone (unjoined: no _target): what the
-            # pipe holds cannot be delivered; the target's own reads and
-            # writes report the error.
-            self._pipeBytes = 0
+        except OSError as e:
+            if e.errno in _CANNOT_SPLICE:
+                self._copyPipeOut()
+            else:
+                # The target is broken: what the pipe holds cannot be
+                # delivered; the target's own reads and writes report it.
+                self._pipeBytes = 0
+        except AttributeError:
+            self._pipeBytes = 0  # the target is gone (unjoined: no _target)
         return True
+
+    def _copyPipeOut(self):
+        """
+        The target cannot be spliced to: hand what the pipe holds to the
+        target's write buffer, ahead of what Twisted queued there (which came
+        after it), close the pipe, and copy this direction from now on.
+        """
+        target = self._target
+        chunks = []
+        while self._pipeBytes:
+            chunk = os.read(self._pipe[0], self._pipeBytes)
+            self._pipeBytes -= len(chunk)
+            chunks.append(chunk)
+        self._spliceOff = True
+        self._closePipe(target)
+        target.dataBuffer = b"".join(chunks) + bytes(target.dataBuffer[target.offset:])
+        target.offset = 0
+        target.startWriting()
 
     def doWrite(self):
         source = self._pipeSource
@@ -308,12 +365,7 @@ class FastTransport:
             if target._target is self:
                 target._target = target._count = target._fd = None
         if self._pipe is not None:
-            for fd in self._pipe:
-                os.close(fd)
-            self._pipe = None
-            self._pipeBytes = 0
-            if target is not None and target._pipeSource is self:
-                target._pipeSource = None
+            self._closePipe(target)
         self._pipeSource = None
         return super().connectionLost(reason)
 
@@ -339,6 +391,56 @@ class FastTransport:
             return
         if sent < len(data):
             tcp.Connection.write(self, bytes(data[sent:]))
+
+
+class _PipeSweep:
+    """
+    Closes the pipes of directions that are done with bulk data: every
+    L{PIPE_IDLE} seconds, a pipe that is empty and has spliced nothing since
+    the last look (so for one to two periods) is closed. One per reactor; its
+    timer runs only while some pipe is open, so a gateway without bulk
+    transfers has none, and its cost is one look per open pipe per period,
+    nothing per forwarded chunk.
+    """
+
+    _sweeps = {}
+
+    @classmethod
+    def of(cls, reactor):
+        sweep = cls._sweeps.get(reactor)
+        if sweep is None:
+            sweep = cls._sweeps[reactor] = cls(reactor)
+        return sweep
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        #: transport -> its _spliced at the last look (None: not looked at).
+        self.seen = {}
+        self.call = None
+
+    def add(self, transport):
+        self.seen[transport] = None
+        if self.call is None:
+            self.call = self.reactor.callLater(PIPE_IDLE, self.sweep)
+
+    def remove(self, transport):
+        self.seen.pop(transport, None)
+        if not self.seen:
+            if self.call is not None and self.call.active():
+                self.call.cancel()
+            self.call = None
+            if self._sweeps.get(self.reactor) is self:
+                del self._sweeps[self.reactor]
+
+    def sweep(self):
+        self.call = None
+        for transport, last in list(self.seen.items()):
+            if transport._spliced == last and not transport._pipeBytes:
+                transport._closePipe(transport._target)
+            else:
+                self.seen[transport] = transport._spliced
+        if self.seen:
+            self.call = self.reactor.callLater(PIPE_IDLE, self.sweep)
 
 
 def join(a, b, countA, countB):
@@ -381,6 +483,8 @@ _CONNECTION_SLOTS = (
     "_pipe",
     "_pipeBytes",
     "_pipeSource",
+    "_spliced",
+    "_spliceOff",
     "_eof",
     "_target",
     "_count",

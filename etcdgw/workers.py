@@ -6,9 +6,10 @@ starts N-1 more copies of itself (the same flags) that listen on the same TCP
 port with C{SO_REUSEPORT}, so the kernel spreads new connections over N
 processes, each with its own reactor and its own endpoint health. The first
 process supervises the others: it logs their output with their name, restarts
-one that dies (after a growing delay), and on stop sends each SIGTERM (so it
-drains as usual) and waits for it to exit before exiting itself. A worker
-whose supervisor disappears stops by itself.
+one that dies (after a growing delay), passes SIGHUP on to each (which
+re-probes its own endpoints), and on stop sends each SIGTERM (so it drains as
+usual) and waits for it to exit before exiting itself. A worker whose
+supervisor disappears stops by itself.
 """
 
 import os
@@ -22,7 +23,13 @@ from twisted.logger import Logger
 from etcdgw.periodic import PeriodicService
 
 #: Runs twistd from an interpreter (twisted.scripts.twistd has no __main__).
-TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+#: SIGHUP is ignored first thing, until the worker's own handler is installed
+#: (L{etcdgw.signals.ReloadService}): SIGHUP's default action would kill a
+#: worker that is still starting.
+TWISTD = (
+    "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
+)
 
 #: Environment a worker must not inherit (systemd talks to the supervisor only).
 PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
@@ -55,9 +62,13 @@ class _Worker(protocol.ProcessProtocol):
     def __init__(self, name):
         self.name = name
         self.ended = defer.Deferred()
+        #: Whether it wrote anything yet: then it runs TWISTD and ignores
+        #: SIGHUP, or handles it (see L{WorkersService.reload}).
+        self.talked = False
         self._partial = b""
 
     def outReceived(self, data):
+        self.talked = True
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
@@ -67,7 +78,15 @@ class _Worker(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def processEnded(self, reason):
-        self.ended.callback(reason.value.exitCode)
+        # ProcessDone or ProcessTerminated: exitCode, or the signal's number.
+        self.ended.callback(reason.value)
+
+
+def _signalName(signum):
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 class WorkersService(Service):
@@ -117,21 +136,46 @@ class WorkersService(Service):
         self.log.info("started {worker} (pid {pid})", worker=name, pid=worker.transport.pid)
         worker.ended.addCallback(self._ended, name, worker)
 
-    def _ended(self, code, name, worker):
+    def _ended(self, status, name, worker):
         if self.workers.get(name) is worker:
             del self.workers[name]
         if not self.running:
-            return code
+            return status
         ranFor = self.reactor.seconds() - worker.started
         delay = self._delays.get(name, self.restartDelay)
         delay = self.restartDelay if ranFor > 10 else min(self.maxRestartDelay, delay * 2)
         self._delays[name] = delay
-        self.log.error(
-            "{worker} exited with status {code}; restarting it in {delay}s",
-            worker=name, code=code, delay=delay,
-        )
+        if status.signal is not None:
+            self.log.error(
+                "{worker} was killed by {signal}; restarting it in {delay}s",
+                worker=name, signal=_signalName(status.signal), delay=delay,
+            )
+        else:
+            self.log.error(
+                "{worker} exited with status {code}; restarting it in {delay}s",
+                worker=name, code=status.exitCode, delay=delay,
+            )
         self._restarts[name] = self.reactor.callLater(delay, self._start, name)
-        return code
+        return status
+
+    def reload(self):
+        """
+        Pass SIGHUP on to every worker (each re-probes its own endpoints);
+        log one line. A worker that has written nothing yet is still
+        starting (it may not ignore SIGHUP yet) and probes everything as it
+        starts anyway: it is skipped.
+        """
+        told, starting = [], []
+        for name, worker in sorted(self.workers.items()):
+            if worker.talked:
+                self._signal(worker, signal.SIGHUP)
+                told.append(name)
+            else:
+                starting.append(name)
+        self.log.info(
+            "SIGHUP passed on to {count} worker(s); {starting} still starting",
+            count=len(told), workers=told, starting=len(starting),
+        )
 
     def stopService(self):
         super().stopService()

@@ -3,15 +3,17 @@ The proxy over real loopback sockets, in this process: what only the kernel
 shows (backpressure, half-close, resets, TCP_NODELAY, no descriptor left open).
 """
 
+import errno
 import hashlib
 import os
 import socket
+import stat
 
 from zope.interface import implementer
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw.endpoint import Endpoint
 from etcdgw.listen import GatewayTCPEndpoint
@@ -148,8 +150,9 @@ class LoopbackTests(TestCase):
     @defer.inlineCallbacks
     def test_bulk(self):
         """
-        A bulk transfer arrives exactly and is counted; where splice is on, it
-        moves through a pipe, and where it is off, no pipe is made.
+        A bulk transfer arrives exactly and is counted; where splice is on,
+        most of it moves through a pipe by splice, and where it is off, no
+        pipe is made and nothing is spliced.
         """
         from etcdgw import transport
 
@@ -170,6 +173,120 @@ class LoopbackTests(TestCase):
         state = self.pool.states()[0]
         self.assertEqual(state.bytesToUpstream, len(payload))
         self.assertEqual(state.bytesFromUpstream, len(expected))
+        spliced = gatewayClient.transport._spliced
+        if transport.SPLICE:
+            self.assertGreater(spliced, len(payload) // 2)
+        else:
+            self.assertEqual(spliced, 0)
+
+    @defer.inlineCallbacks
+    def test_idlePipesReleased(self):
+        """
+        After 1 MiB each way, an idle connection gives its splice pipes back
+        (the process holds as many descriptors as before the transfer), and
+        a later bulk transfer still arrives exactly.
+        """
+        from etcdgw import transport
+
+        self.patch(transport, "PIPE_IDLE", 0.05)
+        client = yield self.connect()
+        upstream = yield self.upstream()
+        client.transport.write(b"x")
+        yield waitFor(lambda: upstream.received)
+        (gatewayClient,) = self.gateway.clients
+        sides = (gatewayClient.transport, gatewayClient.peer.transport)
+        fdsOpen = len(os.listdir("/proc/self/fd"))
+        up, down = os.urandom(1024 * 1024), os.urandom(1024 * 1024)
+        client.transport.write(up)
+        upstream.transport.write(down)
+        yield waitFor(lambda: sum(map(len, upstream.received)) == 1 + len(up))
+        yield waitFor(lambda: sum(map(len, client.received)) == len(down))
+        try:
+            yield waitFor(lambda: len(os.listdir("/proc/self/fd")) == fdsOpen, timeout=3)
+        except defer.TimeoutError:
+            pass
+        self.assertEqual(len(os.listdir("/proc/self/fd")), fdsOpen, _fds())
+        self.assertEqual([side._pipe for side in sides], [None, None])
+        if transport.SPLICE:  # pipes were made, and given back
+            self.assertTrue(all(side._spliced for side in sides), [s._spliced for s in sides])
+        self.assertEqual(b"".join(upstream.received), b"x" + up)
+        self.assertEqual(b"".join(client.received), down)
+        # Bulk again: splicing starts again where it is on.
+        again = os.urandom(4 * 1024 * 1024)
+        client.transport.write(again)
+        client.transport.loseWriteConnection()
+        yield client.lost
+        payload = b"x" + up + again
+        expected = b"%d:" % len(payload) + hashlib.sha256(payload).hexdigest().encode()
+        self.assertEqual(b"".join(client.received), down + expected)
+
+    def splicePatched(self, fails):
+        """
+        Make splice(2) raise C{OSError(errno)} where C{fails(src)} returns
+        an errno for its source descriptor.
+        """
+        from etcdgw import transport
+
+        if not transport.SPLICE:
+            raise SkipTest("splice is off")
+        real = os.splice
+
+        def splice(src, dst, count, flags=0):
+            code = fails(src)
+            if code:
+                raise OSError(code, os.strerror(code))
+            return real(src, dst, count, flags=flags)
+
+        self.patch(os, "splice", splice)
+
+    @defer.inlineCallbacks
+    def bulkThrough(self, size=8 * 1024 * 1024):
+        """
+        Send C{size} bytes through the gateway and half-close.
+
+        @return: the client, its gateway side, and the reply expected.
+        """
+        client = yield self.connect()
+        yield self.upstream()
+        (gatewayClient,) = self.gateway.clients
+        payload = os.urandom(size)
+        client.transport.write(payload)
+        client.transport.loseWriteConnection()
+        yield client.lost.addTimeout(30, reactor)
+        expected = b"%d:" % len(payload) + hashlib.sha256(payload).hexdigest().encode()
+        return client, gatewayClient.transport, expected
+
+    @defer.inlineCallbacks
+    def test_socketThatCannotSpliceIsCopied(self):
+        """
+        A socket that cannot splice into the pipe (EINVAL) is copied from
+        instead: the connection is not closed, every byte arrives in order.
+        """
+        self.splicePatched(lambda src: _isSocket(src) and errno.EINVAL)
+        client, side, expected = yield self.bulkThrough()
+        self.assertEqual(b"".join(client.received), expected)
+        self.assertEqual((side._spliced, side._spliceOff), (0, True))
+
+    @defer.inlineCallbacks
+    def test_targetThatCannotSpliceGetsThePipeCopied(self):
+        """
+        A target that cannot be spliced to (EINVAL from the pipe): what the
+        pipe holds is copied to it, ahead of what is queued, and the
+        direction copies from then on: every byte arrives in order.
+        """
+        self.splicePatched(lambda src: _isPipe(src) and errno.EINVAL)
+        client, side, expected = yield self.bulkThrough()
+        self.assertEqual(b"".join(client.received), expected)
+        self.assertGreater(side._spliced, 0)
+        self.assertTrue(side._spliceOff)
+
+    @defer.inlineCallbacks
+    def test_socketErrorWhileSplicingCloses(self):
+        """A real socket error while splicing (a reset) still closes the connection."""
+        self.splicePatched(lambda src: _isSocket(src) and errno.ECONNRESET)
+        client, side, expected = yield self.bulkThrough()
+        self.assertEqual(b"".join(client.received), b"")
+        self.assertFalse(side.connected)
 
     @defer.inlineCallbacks
     def test_noDelayBothSockets(self):
@@ -247,6 +364,14 @@ class LoopbackTests(TestCase):
         yield self.settled()
         self.assertEqual(len(os.listdir("/proc/self/fd")), fdsBefore, _fds())
         self.assertEqual(self.gateway.accepted, 51)
+
+
+def _isSocket(fd):
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
+def _isPipe(fd):
+    return stat.S_ISFIFO(os.fstat(fd).st_mode)
 
 
 def _queued(transport):

@@ -149,3 +149,66 @@ class CRelayTests(RelayTestsMixin, TestCase):
         """Where it was built, the gateway forwards with it."""
         self.assertTrue(transport.RELAY_IN_C)
         self.assertIs(transport._relay, self.relay)
+
+
+class FakePipeTransport:
+    """
+    What L{transport._PipeSweep} looks at: bytes spliced, bytes in the pipe.
+    """
+
+    def __init__(self):
+        self._spliced = 0
+        self._pipeBytes = 0
+        self._target = object()
+        self.closed = []
+
+    def _closePipe(self, target):
+        self.closed.append(target)
+        transport._PipeSweep.of(self.reactor).remove(self)
+
+
+class PipeSweepTests(TestCase):
+    def setUp(self):
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.sweep = transport._PipeSweep.of(self.clock)
+        self.addCleanup(transport._PipeSweep._sweeps.pop, self.clock, None)
+
+    def pipe(self):
+        t = FakePipeTransport()
+        t.reactor = self.clock
+        self.sweep.add(t)
+        return t
+
+    def test_idlePipeClosedAfterOneToTwoPeriods(self):
+        """An empty pipe that splices nothing is closed after one to two periods; the timer ends."""
+        t = self.pipe()
+        self.clock.advance(transport.PIPE_IDLE)
+        self.assertEqual(t.closed, [])
+        self.clock.advance(transport.PIPE_IDLE)
+        self.assertEqual(t.closed, [t._target])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNotIn(self.clock, transport._PipeSweep._sweeps)
+
+    def test_busyOrFullPipeKept(self):
+        """A pipe that spliced since the last look, or still holds bytes, is kept."""
+        busy, full = self.pipe(), self.pipe()
+        full._pipeBytes = 10
+        for _ in range(5):
+            busy._spliced += 65536
+            self.clock.advance(transport.PIPE_IDLE)
+        self.assertEqual((busy.closed, full.closed), ([], []))
+        self.clock.advance(transport.PIPE_IDLE)
+        self.assertEqual((len(busy.closed), full.closed), (1, []))
+        full._pipeBytes = 0
+        self.clock.advance(transport.PIPE_IDLE)
+        self.assertEqual(len(full.closed), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_closedConnectionStopsTimer(self):
+        """The last pipe closed by its connection cancels the timer."""
+        t = self.pipe()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.sweep.remove(t)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -280,6 +280,46 @@ class ReloadServiceTests(SynchronousTestCase):
         service.stopService()
         self.assertEqual(self.handlers[signal.SIGHUP], signal.SIG_DFL)
 
+    def test_injectedReactorTakesNoSignal(self):
+        """
+        Built with an injected reactor (tests), the gateway leaves the
+        process's SIGHUP handling alone, as it does SIGTERM's.
+        """
+        before = signal.getsignal(signal.SIGHUP)
+        options = Options()
+        options.parseOptions(["--endpoints=10.0.0.1:2379", "--listen-addr=127.0.0.1:0"])
+        root = makeService(options, reactor=MemoryReactorClock())
+        root.startService()
+        self.addCleanup(root.stopService)
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
+        service = ReloadService(self.root, self.pool, self.clock, 1.0, self.probe)
+        service.startService()
+        self.assertIs(signal.getsignal(signal.SIGHUP), before)
+        service.stopService()
+
+    def test_passedOnToWorkers(self):
+        """
+        With --workers, each reload (even one not doubled) passes SIGHUP on
+        to the workers first.
+        """
+        told = []
+
+        class Workers:
+            def reload(self):
+                told.append(len(probes))
+
+        probes = self.probes
+        service = ReloadService(
+            self.root, self.pool, self.clock, 1.0, self.probe, workers=Workers()
+        )
+        first = service.reload()
+        self.assertEqual(told, [0])
+        self.assertIs(service.reload(), first)
+        self.assertEqual(told, [0, 2])
+        for probe in list(self.probes.values()):
+            probe.callback(None)
+        self.successResultOf(first)
+
     def test_signalReloadsInReactor(self):
         """
         The signal handler only schedules the reload in the reactor thread.

@@ -1,6 +1,7 @@
 import signal
 
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.internet.error import ProcessTerminated
@@ -58,8 +59,8 @@ class ProcessReactor(MemoryReactorClock):
         return process
 
 
-def exit(protocol, code):
-    protocol.processEnded(Failure(ProcessTerminated(exitCode=code)))
+def exit(protocol, code, signum=None):
+    protocol.processEnded(Failure(ProcessTerminated(exitCode=code, signal=signum)))
 
 
 class WorkersServiceTests(SynchronousTestCase):
@@ -89,6 +90,52 @@ class WorkersServiceTests(SynchronousTestCase):
         self.reactor.advance(self.service.restartDelay * 2)
         self.assertEqual(len(self.reactor.spawned), 3)
         self.assertEqual(set(self.service.workers), {"worker-1", "worker-2"})
+
+    def test_killedWorkerNamesTheSignal(self):
+        """A worker killed by a signal is logged with the signal's name, not "status None"."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.service.startService()
+        exit(self.reactor.spawned[0][0], None, signal.SIGKILL)
+        (event,) = [e for e in events if e.get("worker") == "worker-1" and "delay" in e]
+        self.assertEqual(event["signal"], "SIGKILL")
+        self.assertEqual(
+            formatEvent(event), "worker-1 was killed by SIGKILL; restarting it in 2.0s"
+        )
+        exit(self.reactor.spawned[1][0], 3)
+        self.assertEqual(
+            formatEvent(events[-1]), "worker-2 exited with status 3; restarting it in 2.0s"
+        )
+        self.service.stopService()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_reloadPassesSIGHUPOn(self):
+        """SIGHUP is passed on to every worker that runs, skipping one still starting; one line."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.service.startService()
+        (p1, _, _, proc1), (p2, _, _, proc2) = self.reactor.spawned
+        p1.outReceived(b"twistd starting up\n")
+        self.service.reload()
+        self.assertEqual((proc1.signals, proc2.signals), ([signal.SIGHUP], []))
+        p2.errReceived(b"starting")
+        self.service.reload()
+        self.assertEqual((proc1.signals, proc2.signals), ([signal.SIGHUP] * 2, [signal.SIGHUP]))
+        lines = [formatEvent(e) for e in events if "SIGHUP" in e["log_format"]]
+        self.assertEqual(
+            lines,
+            [
+                "SIGHUP passed on to 1 worker(s); 1 still starting",
+                "SIGHUP passed on to 2 worker(s); 0 still starting",
+            ],
+        )
+
+    def test_workerIgnoresSIGHUPUntilItHandlesIt(self):
+        """A worker's command ignores SIGHUP before anything else (its default would kill it)."""
+        self.service.startService()
+        args = self.reactor.spawned[0][1]
+        code = args[args.index("-c") + 1]
+        self.assertTrue(code.startswith(
+            "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+        ))
 
     def test_stopWaitsForWorkers(self):
         """Stopping sends SIGTERM and waits; a worker still there after the timeout is killed."""

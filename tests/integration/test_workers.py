@@ -68,6 +68,27 @@ class WorkersTests(ClusterTestMixin, TestCase):
         self.assertEqual(gw.stop(), 0)
         self.assertFalse(alive(worker))
 
+    def test_sighupReachesEveryWorker(self):
+        """SIGHUP to the supervisor makes it and each worker re-probe and log it; none dies."""
+        gw = GatewayProcess([f"--endpoints={self.cluster.endpoints}", "--workers=2"])
+        self.addCleanup(gw.cleanup)
+        gw.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and gw.log().count("ready to proxy client requests") < 2:
+            time.sleep(0.05)
+        (worker,) = children(gw.pid)
+        gw.signal(signal.SIGHUP)
+        gw.waitForLog("SIGHUP passed on to 1 worker(s); 0 still starting")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and gw.log().count("SIGHUP done: 1/1") < 2:
+            time.sleep(0.05)
+        done = [line for line in gw.log().splitlines() if "SIGHUP done: 1/1" in line]
+        self.assertEqual(len(done), 2, gw.log())
+        self.assertEqual(sum("[worker-1]" in line for line in done), 1, done)
+        self.assertEqual(children(gw.pid), [worker])
+        self.assertNotIn("restarting it", gw.log())
+        self.assertEqual(gw.stop(), 0)
+
     def test_orphanedWorkerStops(self):
         """A worker whose supervisor is killed stops by itself."""
         gw = GatewayProcess([f"--endpoints={self.cluster.endpoints}", "--workers=2"])
