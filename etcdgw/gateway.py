@@ -32,6 +32,7 @@ from etcdgw.listen import (
     ListeningService,
     _stderrLine,  # the line a listener that cannot listen writes, too
     descriptorBudget,
+    describeListenError,
     listenEndpoint,
     parseListenAddress,
 )
@@ -92,8 +93,8 @@ def isResolved(address):
 class ListenerService(ListeningService):
     """
     One of the gateway's listeners (the clients' or the operator's). When it
-    starts, a host name in its address is resolved (one line and exit
-    status 1 when it cannot be: L{failStart}), then it listens; once
+    starts, a host name in its address is resolved, then it listens (when
+    either fails, one line and exit status 1: L{failStart}); once
     listening, C{announce(self)} is called.
 
     @param endpointOptions: keywords of L{listenEndpoint} (C{reusePort},
@@ -117,6 +118,10 @@ class ListenerService(ListeningService):
                 failStart(f"{self.flag}: {e}")
             self.endpoint = self._endpointFor(self.address)
         super().privilegedStartService()
+
+    def cannotListen(self, e):
+        # ListeningService's line, through failStart: twistd's pidfile goes.
+        failStart(f"{self.flag}: cannot listen on {self.address}: {describeListenError(e)}")
 
     def listening(self, port):
         self._announce(self)

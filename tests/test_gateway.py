@@ -169,6 +169,25 @@ class ListenNameTests(GatewayTestCase):
         self.assertEqual(len(self.lines), 1)
 
 
+class ListenTimeErrorTests(GatewayTestCase):
+    def test_portInUse(self):
+        """
+        A port that cannot be listened on ends the start with the listener's
+        line, as a L{StartError} (so twistd removes its pidfile).
+        """
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        gateway = self.build(f"--listen-addr=127.0.0.1:{port}")
+        self.assertStartFails(
+            gateway,
+            f"--listen-addr: cannot listen on 127.0.0.1:{port}: address already in use "
+            "(another process listens there)",
+        )
+
+
 class SelfLoopAtStartTests(GatewayTestCase):
     def test_nameResolvingToListenAddress(self):
         """
