@@ -4,9 +4,10 @@ what the flags say once parsed and checked, in small frozen parts.
 
 L{etcdgw.tap.Options} makes it (C{options.config}) and nothing else writes
 it; L{etcdgw.gateway.buildGateway} builds the gateway from it. Making it
-does no network I/O: host names (of the listen addresses, of the members)
-are kept as given and resolved when the gateway starts, and SRV discovery
-asks DNS then too. The PEM files the flags name are read once, when the
+does no network I/O: host names are kept as given (a listen address's is
+resolved when its listener starts, members' by the self-loop check at start
+and at each dial), and SRV discovery asks DNS when the gateway starts. The
+PEM files the flags name are read once, when the
 flags are parsed (L{etcdgw.tlsfiles}), and their bytes are kept here
 (L{PEMFile}).
 """
@@ -122,7 +123,7 @@ class ListenConfig:
     maxConnections: int = None
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class HealthConfig:
     """
     How members are judged.
@@ -137,11 +138,11 @@ class HealthConfig:
     """
 
     retryDelay: float
-    check: str = "tcp"
-    interval: float = 5.0
-    timeout: float = 2.0
-    rise: int = 2
-    fall: int = 3
+    check: str
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -161,10 +162,11 @@ class WorkersConfig:
     arguments: tuple = ()
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class GatewayConfig:
     """
-    Everything the flags say, parsed and checked.
+    Everything the flags say, parsed and checked. Every field is given: the
+    flags' defaults are the only ones (L{etcdgw.tap.Options}).
 
     @ivar source: the L{SourceConfig}.
     @ivar listen: the L{ListenConfig}.
@@ -181,9 +183,9 @@ class GatewayConfig:
     source: SourceConfig
     listen: ListenConfig
     health: HealthConfig
-    metrics: object = None
-    dialTimeout: float = 1.0
-    policy: str = "round-robin"
-    tls: TLSFiles = TLSFiles()
-    shutdownGrace: float = 5.0
-    workers: WorkersConfig = WorkersConfig()
+    metrics: object
+    dialTimeout: float
+    policy: str
+    tls: TLSFiles
+    shutdownGrace: float
+    workers: WorkersConfig
