@@ -7,6 +7,8 @@ line and exit status 1.
 
 import os
 import socket
+import subprocess
+import sys
 import tempfile
 
 from prometheus_client import generate_latest
@@ -24,6 +26,8 @@ from etcdgw.proxy import GatewayFactory
 from etcdgw.tap import Options
 from tests.test_fuzz_flags import runTwistd
 from tests.test_metrics import samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def configOf(*argv):
@@ -299,6 +303,48 @@ class ConsumerTests(SynchronousTestCase):
         gateway = Gateway(reactor=clock, pool=pool, factory=GatewayFactory(pool, clock, 1.0))
         self.assertEqual((gateway.listeners, gateway.allListeners), ([], []))
         self.assertIsNone(gateway.discovery)
+
+
+_OWN_PROCESS = """
+import signal
+from twisted.internet import epollreactor
+epollreactor.install()
+from twisted.internet import reactor
+import etcdgw.reactor
+from etcdgw.gateway import buildGateway
+from etcdgw.tap import Options
+
+def lean():
+    return getattr(reactor.doPoll, "__func__", None) is etcdgw.reactor._doPoll
+
+options = Options()
+options.parseOptions(["--listen-addr=127.0.0.1:0", "--endpoints=127.0.0.1:1"])
+sighup = signal.getsignal(signal.SIGHUP)
+gateway = buildGateway(options.config)
+print("built", gateway.ownProcess, lean(), signal.getsignal(signal.SIGHUP) is sighup)
+gateway.service.privilegedStartService()
+print("privileged", lean())
+gateway.service.startService()
+print("started", signal.getsignal(signal.SIGHUP) == gateway.reload._onSignal)
+"""
+
+
+class OwnProcessTests(SynchronousTestCase):
+    def test_takenAtStartNotAtBuild(self):
+        """
+        On the process's own reactor, building changes nothing
+        process-wide; the lean dispatch comes with the start, SIGHUP's
+        handler once the tree runs.
+        """
+        result = subprocess.run(
+            [sys.executable, "-c", _OWN_PROCESS], capture_output=True, text=True, timeout=30,
+            env={**os.environ, "PYTHONPATH": ROOT},
+        )
+        self.assertEqual(
+            result.stdout.splitlines(),
+            ["built True False True", "privileged True", "started True"],
+            result.stderr[-2000:],
+        )
 
 
 class ProcessStartErrorTests(SynchronousTestCase):
