@@ -6,6 +6,8 @@ reads at a glance, C{/status.html} the part of it that the page fetches to
 refresh itself in place (one renderer, L{renderFragment}, makes both), and
 C{/status.json}, the same data for programs.
 
+L{statusSite} is served by the gateway's operator listener
+(L{etcdgw.gateway}), and reads the L{etcdgw.gateway.Gateway} it is given.
 The address is an operator's, not a client's: its connections are capped
 (see L{etcdgw.listen}), each request must arrive whole within
 L{HEADER_TIMEOUT} (absolute: a byte now and then does not extend it), and
@@ -16,12 +18,10 @@ import datetime
 import html
 import json
 
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from etcdgw.listen import ListeningService
 from etcdgw.metrics import MetricsResource, gatewayRegistry
 
 #: How often the status page refreshes itself, in milliseconds.
@@ -67,11 +67,11 @@ def gatewayStatus(pool, factory, clock, listeners=()):
                 "dialFailures": state.dialFailures,
                 "bytesToUpstream": state.bytesToUpstream,
                 "bytesFromUpstream": state.bytesFromUpstream,
-                "health": getattr(state, "health", None),
-                "healthReason": getattr(state, "healthReason", None),
-                "foreign": getattr(state, "foreign", False),
-                "answering": getattr(state, "answering", True),
-                "usable": getattr(state, "usable", state.up),
+                "health": state.health,
+                "healthReason": state.healthReason,
+                "foreign": state.foreign,
+                "answering": state.answering,
+                "usable": state.usable,
                 "priority": state.endpoint.priority,
                 "weight": state.endpoint.weight,
             }
@@ -80,7 +80,7 @@ def gatewayStatus(pool, factory, clock, listeners=()):
     return {
         "now": _iso(now),
         "listen": listen,
-        "policy": getattr(pool, "policyName", None),
+        "policy": pool.policyName,
         "up": pool.upCount(),
         "total": len(endpoints),
         "clients": {
@@ -425,54 +425,32 @@ class StatusPage(Resource):
         return _html(request, renderPage(self._status()))
 
 
-def statusSite(pool, factory, clock, root=None, registry=None, listeners=(), operator=()):
+def statusSite(gateway, registry=None):
     """
     The L{Site} for C{--metrics-addr}: C{/}, C{/status.html},
     C{/status.json}, C{/health}, C{/livez}, C{/metrics}.
 
-    @param clock: the reactor: its timers bound each connection.
-    @param listeners: the client listeners (L{etcdgw.listen.ListeningService}):
-        C{/livez} checks each; the metrics count their connections.
-    @param operator: the metrics address's own listener(s), counted too.
+    @param gateway: the L{etcdgw.gateway.Gateway} whose state is served:
+        its C{pool}, C{factory}, C{reactor} (whose timers also bound each
+        connection) and C{listeners} (the clients', each checked by
+        C{/livez}).
+    @param registry: the metrics registry; by default the gateway's
+        (L{gatewayRegistry}).
     """
-    listeners = list(listeners)
 
     def status():
-        return gatewayStatus(pool, factory, clock, listeners)
+        return gatewayStatus(gateway.pool, gateway.factory, gateway.reactor, gateway.listeners)
 
     if registry is None:
-        registry = gatewayRegistry(
-            pool, factory, clock, root, listeners=listeners + list(operator)
-        )
+        registry = gatewayRegistry(gateway)
     top = StatusPage(status)
     top.putChild(b"status.json", StatusJSON(status))
     top.putChild(FRAGMENT_PATH.encode("ascii"), StatusFragment(status))
-    top.putChild(b"health", Health(pool))
-    top.putChild(b"livez", Livez(listeners))
+    top.putChild(b"health", Health(gateway.pool))
+    top.putChild(b"livez", Livez(gateway.listeners))
     top.putChild(b"metrics", MetricsResource(registry))
-    site = Site(top, timeout=IDLE_TIMEOUT, reactor=clock)
+    site = Site(top, timeout=IDLE_TIMEOUT, reactor=gateway.reactor)
     site.protocol = OperatorChannel
     site.noisy = False
     site.log = lambda request: None  # no access log line per scrape
     return site
-
-
-class StatusService(ListeningService):
-    """
-    Serves L{statusSite} on C{--metrics-addr}; logs where once listening.
-
-    @param listeners: the client listeners, for C{/livez} and the metrics.
-    """
-
-    log = Logger()
-
-    def __init__(self, endpoint, address, pool, factory, clock, root=None, listeners=()):
-        site = statusSite(pool, factory, clock, root, listeners=listeners, operator=[self])
-        super().__init__(endpoint, site, address, flag="--metrics-addr")
-
-    def listening(self, port):
-        self.log.info(
-            "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
-            "status page on /",
-            where=self.describe(),
-        )

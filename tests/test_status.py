@@ -19,6 +19,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.gateway import Gateway
 from etcdgw.pool import UNHEALTHY, UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.status import gatewayStatus, renderFragment, renderPage, statusSite
@@ -106,7 +107,7 @@ class ServedTestCase(TestCase):
         state = self.pool.stateOf(self.a)
         state.active, state.connections, state.bytesToUpstream = 2, 3, 4096
         state.bytesFromUpstream = 5 * 1024 * 1024
-        self.site = statusSite(self.pool, self.factory, self.clock)
+        self.site = statusSite(Gateway(reactor=self.clock, pool=self.pool, factory=self.factory))
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
@@ -412,8 +413,8 @@ class LivezTests(SynchronousTestCase):
         clock = Clock()
         pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], clock)
         pool.markDown(Endpoint("10.0.0.1", 2379), "refused")  # members do not matter
-        site = statusSite(pool, GatewayFactory(pool, clock, 1.0), clock,
-                          listeners=[FakeListener("127.0.0.1:23790")])
+        site = statusSite(Gateway(reactor=clock, pool=pool, factory=GatewayFactory(pool, clock, 1.0),
+                                  listener=FakeListener("127.0.0.1:23790")))
         from twisted.web.test.requesthelper import DummyRequest
 
         request = DummyRequest([b"livez"])
@@ -432,8 +433,10 @@ class OperatorConnectionTests(SynchronousTestCase):
 
         self.clock = MemoryReactorClock()
         pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], self.clock)
-        self.site = statusSite(pool, GatewayFactory(pool, self.clock, 1.0), self.clock,
-                               registry=__import__("prometheus_client").CollectorRegistry())
+        self.site = statusSite(
+            Gateway(reactor=self.clock, pool=pool, factory=GatewayFactory(pool, self.clock, 1.0)),
+            registry=__import__("prometheus_client").CollectorRegistry(),
+        )
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)
