@@ -19,7 +19,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 
-from etcdgw.discovery import DiscoveredEndpoint
+from etcdgw.srv import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint
 from etcdgw.etcdhealth import EtcdClient, EtcdProber, describeCheckFailure
 from etcdgw.tls import ClientTLS, TLSSettingsError, describeTLSError
