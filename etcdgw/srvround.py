@@ -22,6 +22,7 @@ its one-line reason, and the round goes on with the others.
 """
 
 import functools
+import os
 import threading
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -62,7 +63,9 @@ class BlockingPool:
     threads (Twisted's thread pool; not the reactor's, which is joined at
     shutdown: SIGTERM during a round would wait for its DNS time-outs; nor
     a C{concurrent.futures} executor, which is joined at exit). Threads are
-    started as work needs them and kept for the next round.
+    started as work needs them and kept for the next round. A process
+    forked after the pool was used (twistd daemonizing after the round at
+    start) gets threads of its own: a fork keeps only the forking thread.
 
     A call that raises gives a L{Failure}: no exception is lost.
     """
@@ -71,8 +74,19 @@ class BlockingPool:
 
     def __init__(self, limit=MAX_PARALLEL, name="etcdgw-discovery"):
         self.limit = limit
-        self._pool = _DaemonThreadPool(0, limit, name)
-        self._pool.start()
+        self.name = name
+        self._pid = None
+        self._pool = None
+
+    def _threads(self):
+        """
+        This process's thread pool.
+        """
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._pool = _DaemonThreadPool(0, self.limit, self.name)
+            self._pool.start()
+        return self._pool
 
     def deferToThread(self, reactor, f, *args, **kwargs):
         """
@@ -81,7 +95,7 @@ class BlockingPool:
         @return: a Deferred that fires in the reactor thread with its result
             or its failure.
         """
-        return deferToThreadPool(reactor, self._pool, f, *args, **kwargs)
+        return deferToThreadPool(reactor, self._threads(), f, *args, **kwargs)
 
     def map(self, f, items):
         """
@@ -115,9 +129,10 @@ class BlockingPool:
                     finished[0] += 1
                     done.notify_all()
 
+        threads = self._threads()
         for _ in range(min(self.limit, len(items)) - 1):
             try:
-                self._pool.callInThread(work)
+                threads.callInThread(work)
             except Exception:  # no thread to be had: fewer do it
                 break
         work()

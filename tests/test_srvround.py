@@ -349,6 +349,35 @@ class BlockingPoolTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(ok), 2)
         self.failureResultOf(bad, ZeroDivisionError)
 
+    def test_forked(self):
+        """
+        A process forked after the pool ran work (twistd daemonizing after
+        the round at start) gets threads of its own: its work is done, not
+        queued for threads that stayed in the parent.
+        """
+        import os
+
+        pool = BlockingPool(limit=3)
+        self.assertEqual(pool.map(lambda item: item, range(6)), list(range(6)))
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: answer through the pipe, exit at once
+            try:
+                reactor = _ThreadReactor()
+                d = pool.deferToThread(reactor, pool.map, lambda item: item * 2, range(6))
+                results = []
+                d.addCallback(results.append)
+                ok = reactor.wait(1, timeout=5) and results == [[0, 2, 4, 6, 8, 10]]
+                os.write(write, b"ok" if ok else b"hung")
+            finally:
+                os._exit(0)
+        os.close(write)
+        try:
+            self.assertEqual(os.read(read, 10), b"ok")
+        finally:
+            os.close(read)
+            os.waitpid(pid, 0)
+
 
 class _ThreadReactor:
     """
