@@ -32,8 +32,11 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 from service_identity.hazmat import DNS_ID
+from twisted.logger import Logger
 
 from etcdgw.endpoint import formatHostPort
+
+_log = Logger()
 
 
 class ValidationError(Exception):
@@ -122,6 +125,10 @@ def peerVerifier(name, where, refuse):
 
 
 class _PeerVerifier:
+    """
+    See L{peerVerifier}.
+    """
+
     def __init__(self, name, where, refuse):
         self.name = name
         self.where = where
@@ -151,7 +158,10 @@ class _PeerVerifier:
         if reason is None:
             return True
         self.refused = reason
-        self.refuse(reason)
+        try:
+            self.refuse(reason)
+        except Exception:  # the handshake fails all the same
+            _log.failure("while refusing the certificate of {where}", where=self.where)
         return False
 
     def _nameProblem(self, certificate):

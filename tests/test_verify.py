@@ -192,3 +192,43 @@ class ValidateTests(SynchronousTestCase):
         self.assertIsNone(
             validateTLS("127.0.0.1", server.port, "m1.etcd.test", self.trust, 5)
         )
+
+
+class _Broken:
+    """A certificate whose every use raises."""
+
+    def to_cryptography(self):
+        raise RuntimeError("bug")
+
+
+class PeerVerifierTests(SynchronousTestCase):
+    """
+    The one check of a peer certificate, as an OpenSSL callback: nothing
+    escapes it (an exception there would be lost), and it refuses once.
+    """
+
+    def test_errorRefuses(self):
+        """Any error while checking refuses, once, saying what it was."""
+        from etcdgw.verify import peerVerifier
+
+        refused = []
+        verify = peerVerifier("m1.etcd.test", "127.0.0.1:2379", refused.append)
+        self.assertFalse(verify(None, _Broken(), 0, 0, True))
+        self.assertFalse(verify(None, _Broken(), 0, 0, True))
+        self.assertEqual(
+            refused,
+            ["certificate of 127.0.0.1:2379 cannot be checked against m1.etcd.test: "
+             "RuntimeError: bug"],
+        )
+        self.assertFalse(verify.leafChecked)
+
+    def test_refuseRaises(self):
+        """A refusal whose report raises is logged; the certificate is refused."""
+        from etcdgw.verify import peerVerifier
+
+        def refuse(reason):
+            raise ValueError("report failed")
+
+        verify = peerVerifier("m1.etcd.test", "127.0.0.1:2379", refuse)
+        self.assertFalse(verify(None, _Broken(), 0, 0, True))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
