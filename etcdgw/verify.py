@@ -106,6 +106,93 @@ def _verifyErrorString(code):
         return f"verify error {code}"
 
 
+def validateTLS(address, port, name, trust, timeout, context=None):
+    """
+    Connect to C{address}:C{port} (an IP), make a TLS handshake, and check
+    the certificate with L{peerVerifier}: it chains to C{trust} and names
+    C{name} (RFC 6125, by service_identity).
+
+    C{name} is a host name (sent as SNI, matched against the certificate's
+    DNS names) or an IP literal (an SRV target may be one, as in etcd,
+    which dials it as an address): then no SNI is sent (RFC 6066 forbids an
+    address there) and it must be one of the certificate's IP addresses.
+
+    @param trust: what makes the context when C{context} is not given: an
+        L{etcdgw.tls.ClientTLS}.
+    @param context: a context from C{trust.context()}, to reuse.
+    @return: L{None} once proven.
+    @raise ValidationError: with a one-line reason otherwise.
+    """
+    isAddress = _isAddress(name)
+    if not isAddress:
+        try:
+            DNS_ID(name)
+        except (ValueError, TypeError, ImportError):
+            raise ValidationError(
+                f'"{name}" is not a host name a certificate can name'
+            ) from None
+    if context is None:
+        context = trust.context()
+    where = formatHostPort(address, port)
+    deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValidationError(f"cannot open a socket to {where}: {e.strerror or e}") from None
+    failures = []
+    verifier = peerVerifier(name, where, failures.append)
+
+    try:
+        sock.settimeout(max(timeout, 0.001))
+        try:
+            sock.connect((address, port))
+        except socket.timeout:
+            raise ValidationError(f"connect to {where} timed out") from None
+        except OSError as e:
+            raise ValidationError(f"connect to {where}: {e.strerror or e}") from None
+        sock.setblocking(False)
+        conn = SSL.Connection(context, sock)
+        conn.set_verify(SSL.VERIFY_PEER, verifier)
+        if not isAddress:
+            try:
+                conn.set_tlsext_host_name(name.encode("idna"))
+            except UnicodeError:
+                raise ValidationError(
+                    f'"{name}" is not a host name a certificate can name'
+                ) from None
+        conn.set_connect_state()
+        while True:
+            try:
+                conn.do_handshake()
+                break
+            except SSL.WantReadError:
+                _wait(sock, deadline, where, read=True)
+            except SSL.WantWriteError:
+                _wait(sock, deadline, where, read=False)
+            except (SSL.SysCallError, OSError) as e:
+                reason = e.args[-1] if e.args else e
+                raise ValidationError(
+                    f"TLS handshake with {where} failed: {reason}"
+                ) from None
+            except SSL.Error as e:
+                if failures:
+                    raise ValidationError(failures[0]) from None
+                raise ValidationError(
+                    f"TLS handshake with {where} failed: {sslErrorText(e)}"
+                ) from None
+        if failures:  # pragma: no cover - OpenSSL fails the handshake first
+            raise ValidationError(failures[0])
+        if not verifier.leafChecked:  # pragma: no cover - OpenSSL always asks
+            raise ValidationError(f"certificate of {where} was not checked against {name}")
+        try:
+            conn.shutdown()
+        except SSL.Error:
+            pass
+    finally:
+        sock.close()
+
+
 def peerVerifier(name, where, refuse):
     """
     A pyOpenSSL verify callback (for C{Connection.set_verify}) that accepts
@@ -194,93 +281,6 @@ def _commonName(certificate):
     subject = certificate.to_cryptography().subject
     names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return names[0].value if names else subject.rfc4514_string()
-
-
-def validateTLS(address, port, name, trust, timeout, context=None):
-    """
-    Connect to C{address}:C{port} (an IP), make a TLS handshake, and check
-    the certificate with L{peerVerifier}: it chains to C{trust} and names
-    C{name} (RFC 6125, by service_identity).
-
-    C{name} is a host name (sent as SNI, matched against the certificate's
-    DNS names) or an IP literal (an SRV target may be one, as in etcd,
-    which dials it as an address): then no SNI is sent (RFC 6066 forbids an
-    address there) and it must be one of the certificate's IP addresses.
-
-    @param trust: what makes the context when C{context} is not given: an
-        L{etcdgw.tls.ClientTLS}.
-    @param context: a context from C{trust.context()}, to reuse.
-    @return: L{None} once proven.
-    @raise ValidationError: with a one-line reason otherwise.
-    """
-    isAddress = _isAddress(name)
-    if not isAddress:
-        try:
-            DNS_ID(name)
-        except (ValueError, TypeError, ImportError):
-            raise ValidationError(
-                f'"{name}" is not a host name a certificate can name'
-            ) from None
-    if context is None:
-        context = trust.context()
-    where = formatHostPort(address, port)
-    deadline = time.monotonic() + timeout
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except OSError as e:
-        raise ValidationError(f"cannot open a socket to {where}: {e.strerror or e}") from None
-    failures = []
-    verifier = peerVerifier(name, where, failures.append)
-
-    try:
-        sock.settimeout(max(timeout, 0.001))
-        try:
-            sock.connect((address, port))
-        except socket.timeout:
-            raise ValidationError(f"connect to {where} timed out") from None
-        except OSError as e:
-            raise ValidationError(f"connect to {where}: {e.strerror or e}") from None
-        sock.setblocking(False)
-        conn = SSL.Connection(context, sock)
-        conn.set_verify(SSL.VERIFY_PEER, verifier)
-        if not isAddress:
-            try:
-                conn.set_tlsext_host_name(name.encode("idna"))
-            except UnicodeError:
-                raise ValidationError(
-                    f'"{name}" is not a host name a certificate can name'
-                ) from None
-        conn.set_connect_state()
-        while True:
-            try:
-                conn.do_handshake()
-                break
-            except SSL.WantReadError:
-                _wait(sock, deadline, where, read=True)
-            except SSL.WantWriteError:
-                _wait(sock, deadline, where, read=False)
-            except (SSL.SysCallError, OSError) as e:
-                reason = e.args[-1] if e.args else e
-                raise ValidationError(
-                    f"TLS handshake with {where} failed: {reason}"
-                ) from None
-            except SSL.Error as e:
-                if failures:
-                    raise ValidationError(failures[0]) from None
-                raise ValidationError(
-                    f"TLS handshake with {where} failed: {sslErrorText(e)}"
-                ) from None
-        if failures:  # pragma: no cover - OpenSSL fails the handshake first
-            raise ValidationError(failures[0])
-        if not verifier.leafChecked:  # pragma: no cover - OpenSSL always asks
-            raise ValidationError(f"certificate of {where} was not checked against {name}")
-        try:
-            conn.shutdown()
-        except SSL.Error:
-            pass
-    finally:
-        sock.close()
 
 
 def _isAddress(name):
