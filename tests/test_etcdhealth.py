@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IPolicyForHTTPS
 
 from etcdgw import etcdhealth
-from etcdgw.discovery import DiscoveredEndpoint
+from etcdgw.srv import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import (
     CheckResult,
