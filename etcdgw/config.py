@@ -62,6 +62,21 @@ class TLSFiles:
     health: ClientCertificate = None
     discovery: ClientCertificate = None
 
+    def clientTLS(self, client=None):
+        """
+        The L{etcdgw.tls.ClientTLS} trusting C{--trusted-ca-file} (the
+        platform's store without it) and presenting C{client}'s certificate
+        (a L{ClientCertificate}, or L{None}), from the bytes read at parse
+        time: nothing re-reads a file.
+        """
+        from etcdgw.tls import ClientTLS
+
+        return ClientTLS(
+            self.trustedCA.data if self.trustedCA is not None else None,
+            client.certificate.data if client is not None else None,
+            client.key.data if client is not None else None,
+        )
+
     @property
     def etcdClient(self):
         """
@@ -87,7 +102,7 @@ class SourceConfig:
     @ivar endpoints: the parsed C{--endpoints}, a tuple of
         L{etcdgw.endpoint.Endpoint}.
     @ivar explicit: whether C{--endpoints} was given (not the default).
-    @ivar discovery: an L{etcdgw.discovery.DiscoveryConfig}, or L{None}.
+    @ivar discovery: an L{etcdgw.srv.DiscoveryConfig}, or L{None}.
     @ivar syncInterval: seconds between member-list reads; 0 is off.
     """
 

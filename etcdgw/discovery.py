@@ -24,15 +24,12 @@ from zope.interface import implementer
 from etcdgw import srvround
 from etcdgw.duration import formatDuration
 from etcdgw.sources import IEndpointSource
-from etcdgw.srv import (  # noqa: F401 - DiscoveryConfig, parseNameserver, serviceNames: tap.py's
+from etcdgw.srv import (
     MAX_REFRESH,
-    DiscoveryConfig,
     DiscoveryError,
     DiscoveryResult,
     describeFailure,
     nextInterval,
-    parseNameserver,
-    serviceNames,
     stillGood,
 )
 from etcdgw.verify import validateTLS

@@ -39,7 +39,6 @@ from etcdgw.endpoint import formatHostPort
 from etcdgw.periodic import PeriodicService
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
 from etcdgw.tls import ClientTLS, TLSClientEndpoint, describeTLSError
-from etcdgw.tls import tlsPolicyFromFiles  # noqa: F401 - what tap.py imports, until it passes bytes
 
 #: Largest answer body read from a member (a member list of hundreds of
 #: members fits easily): past it the answer is refused, whether or not its

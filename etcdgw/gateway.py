@@ -43,6 +43,7 @@ from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInter
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
 from etcdgw.shutdown import DrainService
 from etcdgw.signals import ReloadService
+from etcdgw.sources import StaticEndpoints
 from etcdgw.transport import RELAY_IN_C
 from etcdgw.workers import SupervisorWatch, WorkersService
 
@@ -175,6 +176,9 @@ class Gateway:
     @ivar membership: the member-list sync (C{--sync-interval}).
     @ivar discovery: the SRV re-resolution (C{--discovery-srv}), from the
         start on.
+    @ivar source: the one endpoint source (L{etcdgw.sources.IEndpointSource}):
+        the static C{--endpoints}, L{membership}, or, from the start on,
+        L{discovery}. SIGHUP, metrics and the status page use it.
     @ivar drain: the L{DrainService} (SIGTERM, SIGINT).
     @ivar reload: the L{ReloadService} (SIGHUP).
     @ivar workers: the L{WorkersService} (C{--workers} above 1).
@@ -194,6 +198,9 @@ class Gateway:
     etcdHealth: object = None
     membership: object = None
     discovery: object = None
+    source: object = attr.ib(
+        default=attr.Factory(lambda self: StaticEndpoints(self.pool.endpoints), takes_self=True)
+    )
     drain: object = None
     reload: object = None
     workers: object = None
@@ -261,7 +268,7 @@ class Gateway:
             failStart(str(e))
         self.pool.replaceEndpoints(endpoints, reason="configured")
         _announceEndpoints(endpoints)
-        self.discovery = _attach(
+        self.discovery = self.source = _attach(
             self,
             "discovery",
             discovery.DiscoveryService(self.pool, self.reactor, source.discovery, first),
@@ -301,6 +308,7 @@ def buildGateway(config, reactor=None):
         HealthService(pool, reactor, config.health.retryDelay, config.dialTimeout),
     )
     gateway.etcdHealth, gateway.membership = _etcdAware(gateway)
+    gateway.source = gateway.membership or StaticEndpoints(config.source.endpoints)
     # After the listener: MultiService stops children in reverse order, so
     # the port stops accepting in the same turn as the drain begins.
     gateway.drain = _attach(
@@ -464,12 +472,9 @@ def _etcdClient(config, reactor):
     """
     from etcdgw import etcdhealth
 
-    client = config.tls.etcdClient
-    certificate = key = None
-    if client is not None:
-        certificate, key = client.certificate.path, client.key.path
-    policy = etcdhealth.tlsPolicyFromFiles(config.tls.caCertificates, certificate, key)
-    return etcdhealth.EtcdClient(reactor, config.health.timeout, policy)
+    return etcdhealth.EtcdClient(
+        reactor, config.health.timeout, config.tls.clientTLS(config.tls.etcdClient)
+    )
 
 
 def _etcdChecks(gateway, client, identity):

@@ -189,19 +189,35 @@ class GatewayCollector:
                 yield family
 
     def _discovery(self):
-        discovery = self.gateway.discovery
-        if discovery is None:
+        source = self.gateway.source
+        if source.kind == "static":
             return
-        yield CounterMetricFamily(
-            f"{PREFIX}_discovery_refreshes",
-            "DNS SRV discovery refreshes.",
-            value=discovery.rounds,
+        rounds = CounterMetricFamily(
+            f"{PREFIX}_source_rounds",
+            "Rounds of the endpoint source (SRV look-ups, member-list reads).",
+            labels=["source"],
         )
-        yield CounterMetricFamily(
-            f"{PREFIX}_discovery_failures",
-            "DNS SRV discovery refreshes that failed.",
-            value=discovery.failures,
+        rounds.add_metric([source.kind], source.rounds)
+        failures = CounterMetricFamily(
+            f"{PREFIX}_source_failures",
+            "Rounds of the endpoint source that failed or found nothing usable.",
+            labels=["source"],
         )
+        failures.add_metric([source.kind], source.failures)
+        yield rounds
+        yield failures
+        if source.kind == "srv":
+            # The names of the first release, kept for existing dashboards.
+            yield CounterMetricFamily(
+                f"{PREFIX}_discovery_refreshes",
+                "DNS SRV discovery refreshes.",
+                value=source.rounds,
+            )
+            yield CounterMetricFamily(
+                f"{PREFIX}_discovery_failures",
+                "DNS SRV discovery refreshes that failed.",
+                value=source.failures,
+            )
 
 
 def gatewayRegistry(gateway, process=True):

@@ -96,12 +96,11 @@ class ReloadService(Service):
         return d
 
     def _refreshDiscovery(self):
-        discovery = self.gateway.discovery
-        if discovery is None:
-            return defer.succeed("no discovery (static --endpoints)")
-        d = defer.maybeDeferred(discovery.refreshNow)
+        # The gateway's one endpoint source (etcdgw.sources.IEndpointSource):
+        # static endpoints say so, SRV discovery and the member list look again.
+        d = defer.maybeDeferred(self.gateway.source.refreshNow)
         d.addCallbacks(
-            # A discovery that describes its round (a string) is quoted.
+            # A source that describes its round (a string) is quoted.
             lambda result: result if isinstance(result, str) else "discovery refreshed",
             lambda f: f"discovery refresh failed: {describeFailure(f)}",
         )

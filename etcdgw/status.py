@@ -44,12 +44,14 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, listeners=()):
+def gatewayStatus(pool, factory, clock, listeners=(), source=None):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
 
     @param listeners: the client listeners (L{etcdgw.listen.ListeningService}).
+    @param source: the endpoint source (L{etcdgw.sources.IEndpointSource}),
+        whose one-line description is shown, or L{None}.
     """
     now = clock.seconds()
     endpoints = []
@@ -80,6 +82,7 @@ def gatewayStatus(pool, factory, clock, listeners=()):
     return {
         "now": _iso(now),
         "listen": listen,
+        "source": source.describe() if source is not None else None,
         "policy": pool.policyName,
         "up": pool.upCount(),
         "total": len(endpoints),
@@ -317,6 +320,8 @@ def _summary(status):
     )
     if status["listen"]:
         text += f"; listening on {status['listen']}"
+    if status.get("source"):
+        text += f"; endpoints from {status['source']}"
     return text
 
 
@@ -439,7 +444,9 @@ def statusSite(gateway, registry=None):
     """
 
     def status():
-        return gatewayStatus(gateway.pool, gateway.factory, gateway.reactor, gateway.listeners)
+        return gatewayStatus(
+            gateway.pool, gateway.factory, gateway.reactor, gateway.listeners, gateway.source
+        )
 
     if registry is None:
         registry = gatewayRegistry(gateway)

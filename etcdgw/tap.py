@@ -286,7 +286,7 @@ def _checkDomain(domain, serviceName):
     import dns.exception
     import dns.name
 
-    from etcdgw.discovery import serviceNames
+    from etcdgw.srv import serviceNames
 
     if not domain.strip("."):
         raise usage.UsageError(f"--discovery-srv: {_quoted(domain)} is not a DNS domain")
@@ -646,7 +646,7 @@ class Options(usage.Options):
             raise usage.UsageError("--discovery-srv-name needs --discovery-srv")
         health = self._health()
         healthClient = _clientCertificate(self, "health-cert-file", "health-key-file")
-        discoveryClient, discovery = self._discovery()
+        discoveryClient, discovery = self._discovery(trustedCA)
         workers = self._workers(listen.address)
         source = SourceConfig(
             endpoints,
@@ -709,10 +709,10 @@ class Options(usage.Options):
             fall=self["health-fall"],
         )
 
-    def _discovery(self):
+    def _discovery(self, trustedCA):
         """
         C{--discovery-srv} and its flags: C{(client certificate,
-        L{etcdgw.discovery.DiscoveryConfig})}, or C{(None, None)} without
+        L{etcdgw.srv.DiscoveryConfig})}, or C{(None, None)} without
         it. Nothing is looked up: the first round runs when the gateway
         starts.
         """
@@ -722,8 +722,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{flag} needs --discovery-srv")
             return None, None
         # Optional and heavy (pyOpenSSL): only with --discovery-srv.
-        from etcdgw.discovery import DiscoveryConfig, parseNameserver
-        from etcdgw.verify import TLSTrust
+        from etcdgw.srv import DiscoveryConfig, parseNameserver
 
         _checkDomain(self["discovery-srv"], self["discovery-srv-name"])
         nameserver = None
@@ -736,11 +735,9 @@ class Options(usage.Options):
                     message = f"--discovery-dns: {_quoted(self['discovery-dns'])}: {message}"
                 raise usage.UsageError(message) from None
         client = _clientCertificate(self, "discovery-cert-file", "discovery-key-file")
-        trust = TLSTrust(
-            self["trusted-ca-file"],
-            client and client.certificate.path,
-            client and client.key.path,
-        )
+        # What the validation handshakes trust and present, from the bytes
+        # read here: nothing re-reads the files.
+        trust = TLSFiles(trustedCA).clientTLS(client)
         return client, DiscoveryConfig(
             domain=self["discovery-srv"],
             serviceName=self["discovery-srv-name"],

@@ -42,7 +42,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from etcdgw.tlsfiles import certificatesPEM, readCertificates, readKeyPair
+from etcdgw.tlsfiles import readCertificates, readKeyPair
 from etcdgw.verify import CertificateRefused, peerVerifier, sslErrorText
 
 #: The lowest TLS version any connection to a member speaks.
@@ -227,18 +227,3 @@ def describeTLSError(error):
         text = " ".join(str(error).split())
         return f"TLS handshake failed: certificate does not name the member: {text}"
     return None
-
-
-def tlsPolicyFromFiles(caCertificates=None, certFile=None, keyFile=None):
-    """
-    The etcd client's policy from the CA certificates (C{cryptography}
-    objects, as C{tap.Options} loads them) and a client certificate and key
-    file, as C{tap.py} calls it today. To go once the configuration carries
-    the bytes (L{ClientTLS} then).
-    """
-    ca = certificatesPEM(caCertificates) if caCertificates else None
-    if certFile is None:
-        return ClientTLS(ca)
-    pair = readKeyPair(certFile, keyFile, "client certificate", "client key")
-    return ClientTLS(ca, pair.certificate, pair.key)
-

@@ -24,7 +24,6 @@ import select
 import socket
 import time
 
-import attr
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -50,40 +49,6 @@ class CertificateRefused(Exception):
     L{peerVerifier} refused a peer's certificate during a handshake; the
     message says why, in one line.
     """
-
-
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class TLSTrust:
-    """
-    TLS settings given as file paths, as C{tap.Options} holds them today;
-    the context is built by L{etcdgw.tls.ClientTLS} from the files' bytes.
-    To go once the configuration carries the bytes (a L{ClientTLS} is then
-    what discovery's C{trust} is).
-
-    @ivar caFile: a PEM CA bundle, or L{None} for the system trust store.
-    @ivar certFile: a PEM client certificate, or L{None}.
-    @ivar keyFile: its private key.
-    """
-
-    caFile: object = None
-    certFile: object = None
-    keyFile: object = None
-
-    def context(self):
-        """
-        L{etcdgw.tls.ClientTLS.context} of the files.
-
-        @raise ValidationError: if a file cannot be used.
-        """
-        from etcdgw.tls import ClientTLS, TLSSettingsError
-        from etcdgw.tlsfiles import TLSFileError
-
-        try:
-            return ClientTLS.fromFiles(self.caFile, self.certFile, self.keyFile).context()
-        except (TLSFileError, TLSSettingsError) as e:
-            raise ValidationError(f"cannot load TLS files: {e}") from None
-        except SSL.Error as e:
-            raise ValidationError(f"cannot load TLS files: {sslErrorText(e)}") from None
 
 
 def sslErrorText(error):

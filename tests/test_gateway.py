@@ -17,7 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import etcdgw.discovery
 import etcdgw.gateway
-from etcdgw.discovery import DiscoveredEndpoint, DiscoveryError, DiscoveryResult, DiscoveryService
+from etcdgw.discovery import DiscoveryService
+from etcdgw.srv import DiscoveredEndpoint, DiscoveryError, DiscoveryResult
 from etcdgw.endpoint import Endpoint
 from etcdgw.gateway import Gateway, GatewayService, StartError, buildGateway
 from etcdgw.metrics import gatewayRegistry

@@ -51,8 +51,12 @@ def gatewayState(clock):
 
 
 class FakeDiscovery:
+    kind = "srv"
     rounds = 4
     failures = 1
+
+    def describe(self):
+        return "SRV discovery of etcd.test"
 
 
 class HTTPScrapeTests(TestCase):
@@ -64,7 +68,7 @@ class HTTPScrapeTests(TestCase):
         self.clock = Clock()
         self.pool, self.factory, self.a, self.b = gatewayState(self.clock)
         gateway = Gateway(
-            reactor=self.clock, pool=self.pool, factory=self.factory, discovery=FakeDiscovery()
+            reactor=self.clock, pool=self.pool, factory=self.factory, source=FakeDiscovery()
         )
         site = statusSite(gateway)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
@@ -116,6 +120,8 @@ class HTTPScrapeTests(TestCase):
                 ("etcd_gateway_endpoint_health", B | {("health", "unknown")}): 1,
                 ("etcd_gateway_discovery_refreshes_total", none): 4,
                 ("etcd_gateway_discovery_failures_total", none): 1,
+                ("etcd_gateway_source_rounds_total", frozenset({("source", "srv")})): 4,
+                ("etcd_gateway_source_failures_total", frozenset({("source", "srv")})): 1,
             }
             for key, value in expected.items():
                 self.assertEqual(found.get(key), value, key)

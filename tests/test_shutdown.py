@@ -348,7 +348,7 @@ class ReloadServiceTests(SynchronousTestCase):
         The gateway's discovery is refreshed before the probes start.
         """
         refreshing = defer.Deferred()
-        discovery = self.gateway.discovery = FakeDiscovery(refreshing)
+        discovery = self.gateway.source = FakeDiscovery(refreshing)
         d = self.service().reload()
         self.assertEqual(discovery.calls, 1)
         self.assertEqual(self.probes, {})
@@ -361,7 +361,7 @@ class ReloadServiceTests(SynchronousTestCase):
         """
         A discovery whose refresh describes its round has that text logged.
         """
-        self.gateway.discovery = FakeDiscovery(defer.succeed("SRV: 3 endpoints, 1 added"))
+        self.gateway.source = FakeDiscovery(defer.succeed("SRV: 3 endpoints, 1 added"))
         d = self.service().reload()
         for probe in list(self.probes.values()):
             probe.callback(None)
@@ -371,7 +371,7 @@ class ReloadServiceTests(SynchronousTestCase):
         """
         A failed discovery refresh is reported and the probes still run.
         """
-        self.gateway.discovery = FakeDiscovery(defer.fail(RuntimeError("SERVFAIL")))
+        self.gateway.source = FakeDiscovery(defer.fail(RuntimeError("SERVFAIL")))
         d = self.service().reload()
         for probe in list(self.probes.values()):
             probe.callback(None)

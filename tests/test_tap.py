@@ -113,6 +113,7 @@ class PureParseTests(SynchronousTestCase):
         import socket
 
         import etcdgw.discovery
+        import etcdgw.srvround
 
         self.calls = []
 
@@ -127,7 +128,7 @@ class PureParseTests(SynchronousTestCase):
         self.patch(socket, "gethostbyname", tripwire("gethostbyname"))
         self.patch(socket, "socket", tripwire("socket"))
         self.patch(etcdgw.discovery, "discoverAtStart", tripwire("discoverAtStart"))
-        self.patch(etcdgw.discovery, "Resolver", tripwire("Resolver"))
+        self.patch(etcdgw.srvround, "Resolver", tripwire("Resolver"))
 
     def test_noIO(self):
         """
@@ -342,6 +343,7 @@ class TLSFileFlagTests(SynchronousTestCase):
 
     def setUp(self):
         import etcdgw.discovery
+        import etcdgw.srvround
         from tests.certs import CertificateAuthority
 
         self.discovery = NoDiscovery()
@@ -429,20 +431,12 @@ class TLSFileFlagTests(SynchronousTestCase):
         --health-cert-file without --health-key-file reads the key from the
         certificate file, as documented (it crashed with open(None)).
         """
-        import etcdgw.etcdhealth
-
-        calls = []
-        real = etcdgw.etcdhealth.tlsPolicyFromFiles
-
-        def recording(*args):
-            calls.append(args)
-            return real(*args)
-
-        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", recording)
+        calls = self.recordClientTLS()
         options = parse("--health-check=etcd", f"--health-cert-file={self.both}",
                         f"--trusted-ca-file={self.caFile}", "--listen-addr=127.0.0.1:0")
         makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+        both = self.read(self.both)
+        self.assertEqual([args[1:] for args in calls], [(both, both)])
 
     def test_discoveryKeyFromCertificateFile(self):
         """
@@ -450,17 +444,36 @@ class TLSFileFlagTests(SynchronousTestCase):
         handshakes and the etcd client both get the certificate file as the
         key's.
         """
-        import etcdgw.etcdhealth
         from etcdgw.gateway import _etcdClient
 
-        calls = []
-        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", lambda *args: calls.append(args))
+        calls = self.recordClientTLS()
         options = parse("--discovery-srv=etcd.test", f"--discovery-cert-file={self.both}")
-        config = options.config.source.discovery
-        self.assertEqual((config.trust.certFile, config.trust.keyFile), (self.both, self.both))
-        config.trust.context()  # OpenSSL loads the pair
+        options.config.source.discovery.trust.context()  # OpenSSL loads the pair
         _etcdClient(options.config, MemoryReactorClock())
-        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+        both = self.read(self.both)
+        self.assertEqual([args[1:] for args in calls], [(both, both), (both, both)])
+
+    def recordClientTLS(self):
+        """
+        Record the PEM bytes every L{etcdgw.tls.ClientTLS} is built with:
+        C{[(ca, certificate, key)]}.
+        """
+        import etcdgw.tls
+
+        calls = []
+        real = etcdgw.tls.ClientTLS
+
+        def recording(*args):
+            calls.append(args)
+            return real(*args)
+
+        self.patch(etcdgw.tls, "ClientTLS", recording)
+        return calls
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
 
     def test_goodPairs(self):
         """Separate files, and one file holding both, are accepted."""
@@ -476,6 +489,7 @@ class OtherValueTests(SynchronousTestCase):
 
     def setUp(self):
         import etcdgw.discovery
+        import etcdgw.srvround
 
         self.discovery = NoDiscovery()
         self.patch(etcdgw.discovery, "discoverAtStart", self.discovery)

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from etcdgw.tls import ClientTLS
 from etcdgw.tlsfiles import readCertificates
-from etcdgw.verify import TLSTrust, ValidationError, validateTLS
+from etcdgw.verify import ValidationError, validateTLS
 from tests.certs import CertificateAuthority, TLSServer
 
 
@@ -99,14 +99,6 @@ class ValidateTests(SynchronousTestCase):
             self.trust, 0.3,
         )
         self.assertIn("timed out", str(e))
-
-    def test_badCAFile(self):
-        """
-        A CA file that cannot be loaded (given as a path, as tap.py gives
-        it today) is an error naming the problem.
-        """
-        e = self.assertRaises(ValidationError, TLSTrust(self.good[1] + ".missing").context)
-        self.assertIn("cannot load TLS files", str(e))
 
     def test_noSubjectAltName(self):
         """
