@@ -204,10 +204,12 @@ class EndpointState:
     @property
     def usable(self):
         """
-        Eligible and not known unhealthy: where new connections go. The one
-        definition, used by pick, the status page and metrics.
+        Eligible (up and trusted) and not known unhealthy: where new
+        connections go. The one definition, used by pick, the status page
+        and metrics. (Spelled out rather than through L{eligible}: pick
+        asks it of every endpoint for every client.)
         """
-        return self.health != UNHEALTHY and self.eligible
+        return self.state == UP and self.health != UNHEALTHY and self.trusted
 
 
 class UpstreamPool:
