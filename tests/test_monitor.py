@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import CheckResult, ClusterIdentity, EtcdHealthService
+from etcdgw.gateway import Gateway
 from etcdgw.health import HealthService
 from etcdgw.membership import MembershipSync
 from etcdgw.metrics import GatewayCollector
@@ -250,7 +251,8 @@ class UsableTests(SynchronousTestCase):
     def shown(self):
         status = {e["endpoint"]: e["usable"] for e in gatewayStatus(self.pool, self.factory, self.clock)["endpoints"]}
         metrics = {}
-        for family in GatewayCollector(self.pool, self.factory, self.clock).collect():
+        gateway = Gateway(reactor=self.clock, pool=self.pool, factory=self.factory)
+        for family in GatewayCollector(gateway).collect():
             if family.name == "etcd_gateway_endpoint_usable":
                 metrics = {s.labels["endpoint"]: s.value for s in family.samples}
         return status, metrics
