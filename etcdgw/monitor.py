@@ -6,8 +6,10 @@ Evidence, and where it comes from:
 
   - dial results, from the proxy: L{Monitor.dialFailed} (with the reason),
     L{Monitor.dialSucceeded};
-  - TCP probe results, from the retry probes (L{etcdgw.health}) and SIGHUP:
-    L{Monitor.probeSucceeded}, L{Monitor.probeFailed};
+  - TCP probe results, from the retry probes (L{etcdgw.health}):
+    L{Monitor.probeSucceeded}, L{Monitor.probeFailed} (SIGHUP's re-probes
+    are to report here too, once the wiring gives them the monitor; until
+    then L{etcdgw.signals} writes the pool itself);
   - etcd check results (L{etcdgw.etcdhealth}: healthy or not, answered,
     refused, cluster ID): L{Monitor.checked};
   - identity reports, the cluster IDs members report to the etcd checks and

@@ -6,7 +6,9 @@ The pool holds state; it decides nothing about health. Its setters
 L{UpstreamPool.setAnswering}, L{UpstreamPool.setIdentity}) are called by one
 writer, the L{etcdgw.monitor.Monitor}, which turns evidence into decisions;
 each setter logs the change and returns it (L{Change} values) for the
-monitor to announce. Endpoint sources (static, SRV discovery, member lists)
+monitor to announce. (One exception remains until the wiring gives SIGHUP
+the monitor: L{etcdgw.signals.ReloadService} marks endpoints up and down
+itself.) Endpoint sources (static, SRV discovery, member lists)
 propose the endpoint list (L{UpstreamPool.replaceEndpoints}); the proxy asks
 for an endpoint (L{UpstreamPool.pick}) and accounts for the connections it
 opens. Metrics, the status page and signals only read it.

@@ -107,13 +107,15 @@ class SelfLoopGuard:
     The gateway's one self-loop guard (see the module docstring).
 
     @ivar listen: the C{--listen-addr} L{etcdgw.listen.ListenAddress} (or
-        L{None}): what the checks of configured and learned endpoints
-        compare with, before and whatever the sockets are bound to.
+        L{None}): what configured endpoints are checked against at start,
+        and learned ones always.
     @ivar listeners: the gateway's listening services (each with
-        C{boundAddress}, C{flag} and C{describe()}, as
-        L{etcdgw.listen.ListeningService}): a connection whose peer is one
-        of their bound addresses reached the gateway itself. Set by whoever
-        builds the gateway, once the listeners exist.
+        C{address}, C{boundAddress}, C{flag} and C{describe()}, as
+        L{etcdgw.listen.ListeningService}): learned endpoints are checked
+        against their addresses too (a host name in one is resolved when it
+        starts), and a connection whose peer is one of their bound
+        addresses reached the gateway itself. Set by whoever builds the
+        gateway, once the listeners exist.
     """
 
     #: How many answers of C{isLocal} are remembered (one bind each).
@@ -151,29 +153,28 @@ class SelfLoopGuard:
 
     def refuseLearned(self, endpoint):
         """
-        Why an endpoint learned from a member list is refused as the
-        gateway's own listen address, or L{None}. Only IP literals are
-        judged: on the listening port, the listen address itself or, when
-        the gateway listens on every interface, any address of this machine.
+        Why an endpoint learned from a member list is refused as one of the
+        gateway's own listen addresses (L{listen}, and each listener's), or
+        L{None}. Only IP literals are judged: on a listening port, the
+        listen address itself or, when the gateway listens there on every
+        interface, any address of this machine.
         """
-        listen = self.listen
-        if listen is None or not listen.isTCP or not listen.port:
-            return None
-        if endpoint.port != listen.port:
-            return None
         address = _literal(endpoint.host)
         if address is None:
             return None
-        if listen.wildcard:
-            own = self._own(str(address))
-        else:
-            own = address == _literal(listen.host)
-        if not own:
-            return None
-        return (
-            f"{formatHostPort(endpoint.host, endpoint.port)} is the gateway's own "
-            f"listen address ({listen}): it would forward clients to itself"
-        )
+        for listen in [self.listen] + [listener.address for listener in self.listeners]:
+            if listen is None or not listen.isTCP or endpoint.port != listen.port:
+                continue
+            if listen.wildcard:
+                own = self._own(str(address))
+            else:
+                own = address == _literal(listen.host)
+            if own:
+                return (
+                    f"{formatHostPort(endpoint.host, endpoint.port)} is the gateway's own "
+                    f"listen address ({listen}): it would forward clients to itself"
+                )
+        return None
 
     def reachedItself(self, transport):
         """

@@ -59,9 +59,10 @@ class FakeListener:
     the health probes' tests).
     """
 
-    def __init__(self, host, port, flag="--listen-addr"):
+    def __init__(self, host, port, flag="--listen-addr", address=None):
         self.boundAddress = (host, port)
         self.flag = flag
+        self.address = address
 
     def describe(self):
         return f"{self.boundAddress[0] or '*'}:{self.boundAddress[1]}"
@@ -107,6 +108,21 @@ class GuardTests(SynchronousTestCase):
         self.assertIn("own listen address", guard.refuseLearned(Endpoint("127.0.0.1", 23790)))
         self.assertIsNone(guard.refuseLearned(Endpoint("localhost", 23790)))
         self.assertIsNone(SelfLoopGuard().refuseLearned(Endpoint("127.0.0.1", 23790)))
+
+    def test_learnedAgainstListeners(self):
+        """
+        Learned literals are checked against every listener's address too
+        (as resolved when it started), not only the flag's.
+        """
+        guard = SelfLoopGuard()
+        guard.listeners = [
+            FakeListener("127.0.0.1", 23790, address=parseListenAddress("127.0.0.1:23790")),
+            FakeListener("", 9090, "--metrics-addr", parseListenAddress(":9090")),
+        ]
+        self.assertIn("own listen address", guard.refuseLearned(Endpoint("127.0.0.1", 23790)))
+        self.assertIn("own listen address", guard.refuseLearned(Endpoint("127.0.0.1", 9090)))
+        self.assertIsNone(guard.refuseLearned(Endpoint("192.0.2.1", 9090)))
+        self.assertIsNone(guard.refuseLearned(Endpoint("127.0.0.1", 2379)))
 
     def test_reachedItself(self):
         """A peer on any listener's bound address is the gateway itself, named by its flag."""
