@@ -1,9 +1,10 @@
 """
 etcd-aware health checks (C{--health-check=etcd}): every C{--health-interval},
 each endpoint, up or down, is asked for its own health over HTTP(S), and for
-its cluster ID; rise/fall counts turn answers into the pool's health state,
-and L{ClusterIdentity} (the one place that decides which cluster the gateway
-serves) tells the pool which members are of another cluster.
+its cluster ID. Each answer (a L{CheckResult}) is evidence for the monitor
+(L{etcdgw.monitor.Monitor.checked}), which owns the rise/fall counts, the
+up/down and healthy/unhealthy decisions, and the cluster identity rule
+(L{etcdgw.monitor.ClusterIdentity}); this module only asks.
 
 The member's answer is C{/readyz} where it serves it (etcd 3.5.11+), else
 C{/health} (etcd 3.4: C{{"health":"true"}}, HTTP 503 without a leader or
@@ -13,8 +14,6 @@ gateway), C{header.cluster_id}.
 """
 
 import json
-from collections import Counter
-
 import attr
 from zope.interface import implementer
 
@@ -36,8 +35,8 @@ from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 from etcdgw.dial import describeFailure
 from etcdgw.endpoint import formatHostPort
+from etcdgw.monitor import legacyMonitor
 from etcdgw.periodic import PeriodicService
-from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
 from etcdgw.tls import ClientTLS, TLSClientEndpoint, describeTLSError
 
 #: Largest answer body read from a member (a member list of hundreds of
@@ -411,155 +410,76 @@ def describeCheckFailure(reason):
 
 
 @attr.s(slots=True)
-class _Track:
+class _Check:
     """
-    Rise/fall counters of one endpoint.
+    The check of one endpoint in flight, if any.
     """
 
-    ok = attr.ib(default=0)
-    bad = attr.ib(default=0)
     pending = attr.ib(default=None)
 
 
-def majorityClusterID(clusterIDs):
+def ClusterIdentity(pool):
     """
-    The cluster ID that more than half of C{clusterIDs} (one per member that
-    reported one) share, or L{None} when none does.
+    The old wiring's shared cluster identity (C{tap.py} before issue 12
+    item 1): the one of the pool's monitor (L{etcdgw.monitor.legacyMonitor}).
+    The rule itself is L{etcdgw.monitor.ClusterIdentity}.
     """
-    if not clusterIDs:
-        return None
-    value, count = Counter(clusterIDs).most_common(1)[0]
-    return value if count * 2 > len(clusterIDs) else None
-
-
-class ClusterIdentity:
-    """
-    The one place that decides which etcd cluster the gateway serves, and
-    which endpoints are of it. Whoever reads a member's cluster ID (the etcd
-    health checks, membership sync) reports it here; the verdicts go to the
-    pool (L{UpstreamPool.setIdentity}), which holds them and honours them in
-    every pick.
-
-    The rule: learned data never outranks configured data. The cluster ID is
-    pinned by the configured endpoints (C{--endpoints}, or SRV records): the
-    ID that more than half of those that reported one share. It stays
-    pinned when they no longer agree or no longer report (removed from the
-    cluster), and moves only when more than half of them report another
-    (a cluster restored from a snapshot has a new ID). Endpoints learned
-    from a member list never vote: one gets no client until it has itself
-    reported the pinned ID, and one that reports another is never used (the
-    pool logs it at error level, once).
-
-    Without a majority among the configured endpoints (two disagreeing), no
-    configured endpoint is excluded (logged once, at error level); learned
-    ones are still held to the pinned ID, if there is one.
-    """
-
-    log = Logger()
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.pinned = None
-        self._warnedNoMajority = False
-
-    def report(self, endpoint, clusterID):
-        """
-        C{endpoint} said it belongs to cluster C{clusterID} (a decimal
-        string; L{None} says nothing). Judges every endpoint again.
-        """
-        state = self.pool.stateOf(endpoint)
-        if clusterID is None or state is None:
-            return
-        self.pool.setIdentity(
-            endpoint, str(clusterID), state.foreign, self.pinned, state.proven
-        )
-        self._judge()
-
-    def accepts(self, endpoint):
-        """
-        Whether C{endpoint} reported the pinned cluster ID (so what it says
-        about the cluster, such as its member list, may be used).
-        """
-        state = self.pool.stateOf(endpoint)
-        return (
-            state is not None
-            and self.pinned is not None
-            and state.clusterID == self.pinned
-            and state.trusted
-        )
-
-    def _judge(self):
-        states = [s for s in self.pool.states() if s.clusterID is not None]
-        configured = [s for s in states if not s.learned]
-        majority = majorityClusterID([s.clusterID for s in configured])
-        if majority is not None:
-            self._warnedNoMajority = False
-            if majority != self.pinned:
-                count = sum(1 for s in configured if s.clusterID == majority)
-                if self.pinned is None:
-                    self.log.info(
-                        "the gateway serves etcd cluster {clusterID} (reported by "
-                        "{count} of the {total} configured endpoints that answered)",
-                        clusterID=majority,
-                        count=count,
-                        total=len(configured),
-                    )
-                else:
-                    self.log.error(
-                        "the configured endpoints now report etcd cluster {clusterID} "
-                        "({count} of {total}), not {previous}: the gateway serves "
-                        "{clusterID} (a cluster restored from a snapshot?)",
-                        clusterID=majority,
-                        previous=self.pinned,
-                        count=count,
-                        total=len(configured),
-                    )
-                self.pinned = majority
-        elif len({s.clusterID for s in configured}) > 1 and not self._warnedNoMajority:
-            self._warnedNoMajority = True
-            self.log.error(
-                "endpoints report different etcd cluster IDs with no majority: "
-                "{ids}; none is excluded until a majority agrees",
-                ids={str(s.endpoint): s.clusterID for s in configured},
-            )
-        pinned = self.pinned
-        for state in states:
-            matches = pinned is not None and state.clusterID == pinned
-            if state.learned or majority is not None:
-                foreign = pinned is not None and not matches
-            else:
-                foreign = False  # no majority: no configured endpoint is excluded
-            self.pool.setIdentity(state.endpoint, state.clusterID, foreign, pinned, matches)
+    return legacyMonitor(pool).identity
 
 
 class EtcdHealthService(PeriodicService):
     """
     Checks every endpoint of the pool every C{interval} seconds with
-    C{probe} (an L{EtcdProber}); C{rise} good answers in a row make an
-    endpoint healthy, C{fall} bad ones unhealthy (its first answer decides at
-    once). Tells the pool the health, the cluster identity, and TCP
-    up/down where the answer proves it.
+    C{probe} (an L{EtcdProber}) and gives each answer to the monitor
+    (L{etcdgw.monitor.Monitor.checked}), which decides.
 
     Each endpoint's check runs on its own: a member that answers slowly
     delays only its own next check, never the others'.
 
-    @param identity: the L{ClusterIdentity} the reported cluster IDs go to
-        (a new one of C{pool} by default).
+    @param monitor: the gateway's L{etcdgw.monitor.Monitor}, which has the
+        rise/fall counts. Without one (the old wiring), the pool's monitor
+        (L{etcdgw.monitor.legacyMonitor}) is used and given C{rise} and
+        C{fall}; C{identity}, if given, must be that monitor's.
     """
 
     log = Logger()
     runAtStart = True
     roundName = "etcd health round"
 
-    def __init__(self, pool, reactor, interval, probe, rise=2, fall=3, identity=None):
+    def __init__(
+        self, pool, reactor, interval, probe, rise=None, fall=None, identity=None, monitor=None
+    ):
         super().__init__(reactor, interval)
+        if monitor is None:
+            monitor = legacyMonitor(pool, reactor)
+            if rise is not None:
+                monitor.rise = rise
+            if fall is not None:
+                monitor.fall = fall
+        elif rise is not None or fall is not None:
+            raise TypeError("rise and fall are the monitor's: Monitor(pool, clock, rise, fall)")
+        if identity is not None and identity is not monitor.identity:
+            raise ValueError("the cluster identity is the monitor's: one judge of cluster IDs")
         self.pool = pool
         self.reactor = reactor
-        self.rise = rise
-        self.fall = fall
-        self.identity = identity if identity is not None else ClusterIdentity(pool)
+        self.monitor = monitor
         self._probe = probe
         self._tracks = {}
+
+    @property
+    def identity(self):
+        """
+        The L{etcdgw.monitor.ClusterIdentity} the reported cluster IDs go to.
+        """
+        return self.monitor.identity
+
+    @property
+    def rise(self):
+        return self.monitor.rise
+
+    @property
+    def fall(self):
+        return self.monitor.fall
 
     def runRound(self):
         self.checkNow()  # not waited for: see the class docstring
@@ -573,7 +493,7 @@ class EtcdHealthService(PeriodicService):
 
     def clusterID(self):
         """
-        The cluster ID the gateway serves (L{ClusterIdentity.pinned}), or
+        The cluster ID the gateway serves (its identity's C{pinned}), or
         L{None} before the configured endpoints reported one.
         """
         return self.identity.pinned
@@ -589,7 +509,7 @@ class EtcdHealthService(PeriodicService):
         for state in self.pool.states():
             endpoint = state.endpoint
             keys.add(endpoint.key)
-            track = self._tracks.setdefault(endpoint.key, _Track())
+            track = self._tracks.setdefault(endpoint.key, _Check())
             if track.pending is not None:
                 continue
             d = track.pending = defer.maybeDeferred(self._probe, endpoint)
@@ -610,29 +530,10 @@ class EtcdHealthService(PeriodicService):
 
     def _answered(self, result, endpoint, track):
         track.pending = None
-        state = self.pool.stateOf(endpoint)
-        if not self.running or state is None or self._tracks.get(endpoint.key) is not track:
+        if (
+            not self.running
+            or self.pool.stateOf(endpoint) is None
+            or self._tracks.get(endpoint.key) is not track
+        ):
             return  # removed from the pool meanwhile
-        self.pool.setAnswering(endpoint, result.answered)
-        if result.refused:
-            self.pool.markDown(endpoint, "etcd health check: connection refused")
-        elif result.answered and not state.up:
-            self.pool.markUp(endpoint, "etcd health check answered")
-        if result.healthy:
-            track.ok += 1
-            track.bad = 0
-            if state.health != HEALTHY and (state.health == UNKNOWN or track.ok >= self.rise):
-                self.pool.setHealth(
-                    endpoint, HEALTHY, f"{result.detail} ({track.ok} in a row)"
-                )
-        else:
-            track.bad += 1
-            track.ok = 0
-            if state.health != UNHEALTHY and (
-                state.health == UNKNOWN or track.bad >= self.fall
-            ):
-                self.pool.setHealth(
-                    endpoint, UNHEALTHY, f"{result.detail} ({track.bad} in a row)"
-                )
-        if result.clusterID is not None:
-            self.identity.report(endpoint, result.clusterID)
+        self.monitor.checked(endpoint, result)

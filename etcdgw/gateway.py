@@ -27,7 +27,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
 
 from etcdgw.duration import formatDuration
-from etcdgw.health import HealthService
+from etcdgw.health import HealthService, guardedProbe
 from etcdgw.listen import (
     ListeningService,
     _stderrLine,  # the line a listener that cannot listen writes, too
@@ -40,7 +40,8 @@ from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.reactor import leanDispatch
 from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
-from etcdgw.selfloop import SelfLoopError, checkSelfLoop
+from etcdgw.monitor import Monitor
+from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
 from etcdgw.shutdown import DrainService
 from etcdgw.signals import ReloadService
 from etcdgw.sources import StaticEndpoints
@@ -163,7 +164,12 @@ class Gateway:
     it its endpoints). Parts that are off are L{None}.
 
     @ivar reactor: the reactor every part uses.
-    @ivar pool: the L{etcdgw.pool.UpstreamPool}.
+    @ivar pool: the L{etcdgw.pool.UpstreamPool}: the endpoints and their
+        decided state.
+    @ivar monitor: the L{etcdgw.monitor.Monitor}: the one judge of endpoint
+        state (dial results, probes and etcd checks are its evidence); its
+        subscribers hear each change.
+    @ivar guard: the L{etcdgw.selfloop.SelfLoopGuard}.
     @ivar factory: the L{etcdgw.proxy.GatewayFactory}.
     @ivar config: the L{etcdgw.config.GatewayConfig} it was built from.
     @ivar ownProcess: built on the process's own reactor (twistd's): the
@@ -189,6 +195,8 @@ class Gateway:
     reactor: object
     pool: object
     factory: object
+    monitor: object = None
+    guard: object = None
     config: object = None
     ownProcess: bool = False
     service: object = None
@@ -236,7 +244,7 @@ class Gateway:
         if self.config.source.discovery is not None:
             self._discoverAtStart()
         try:
-            checkSelfLoop(self.config.listen.address, self.pool.endpoints)
+            self.guard.checkConfigured(self.pool.endpoints)
         except SelfLoopError as e:
             failStart(f"--endpoints and --listen-addr: {e}")
 
@@ -292,10 +300,17 @@ def buildGateway(config, reactor=None):
         # reactor, which is twistd's to choose.
         from twisted.internet import reactor
     pool = _pool(config, reactor)
+    # The one judge of endpoint state, and the one self-loop guard (its
+    # listeners are set once they exist, below).
+    monitor = Monitor(pool, reactor, rise=config.health.rise, fall=config.health.fall)
+    guard = SelfLoopGuard(config.listen.address)
+    probe = guardedProbe(guard)
     gateway = Gateway(
         reactor=reactor,
         pool=pool,
-        factory=GatewayFactory(pool, reactor, config.dialTimeout),
+        monitor=monitor,
+        guard=guard,
+        factory=GatewayFactory(pool, reactor, config.dialTimeout, monitor=monitor, guard=guard),
         config=config,
         ownProcess=ownProcess,
     )
@@ -305,7 +320,14 @@ def buildGateway(config, reactor=None):
     gateway.health = _attach(
         gateway,
         "health",
-        HealthService(pool, reactor, config.health.retryDelay, config.dialTimeout),
+        HealthService(
+            pool,
+            reactor,
+            config.health.retryDelay,
+            config.dialTimeout,
+            probe=probe,
+            monitor=monitor,
+        ),
     )
     gateway.etcdHealth, gateway.membership = _etcdAware(gateway)
     gateway.source = gateway.membership or StaticEndpoints(config.source.endpoints)
@@ -321,12 +343,15 @@ def buildGateway(config, reactor=None):
     gateway.reload = _attach(
         gateway,
         "signals",
-        ReloadService(gateway, config.dialTimeout, installSignal=_signals(gateway)),
+        ReloadService(
+            gateway, config.dialTimeout, probe=probe, installSignal=_signals(gateway)
+        ),
     )
     gateway.workers, gateway.supervisorWatch = _workers(gateway)
     gateway.notify = _systemdNotify(gateway)
     gateway.web = _operatorListener(gateway, operator)
-    gateway.factory.listeners = gateway.allListeners
+    # A member connection (or probe) that reaches one of these is a self-loop.
+    guard.listeners = gateway.allListeners
     log.info(
         "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
         "pid {pid}",
@@ -453,14 +478,10 @@ def _etcdAware(gateway):
     sync = config.source.syncInterval > 0
     if not (checks or sync):
         return None, None
-    # Optional and heavy (twisted.web's client): only when asked for.
-    from etcdgw.etcdhealth import ClusterIdentity
-
     client = _etcdClient(config, gateway.reactor)
-    identity = ClusterIdentity(gateway.pool)
     return (
-        _etcdChecks(gateway, client, identity) if checks else None,
-        _memberSync(gateway, client, identity) if sync else None,
+        _etcdChecks(gateway, client) if checks else None,
+        _memberSync(gateway, client) if sync else None,
     )
 
 
@@ -477,7 +498,7 @@ def _etcdClient(config, reactor):
     )
 
 
-def _etcdChecks(gateway, client, identity):
+def _etcdChecks(gateway, client):
     from etcdgw.etcdhealth import EtcdHealthService, EtcdProber
 
     health = gateway.config.health
@@ -486,9 +507,7 @@ def _etcdChecks(gateway, client, identity):
         gateway.reactor,
         health.interval,
         EtcdProber(client),
-        rise=health.rise,
-        fall=health.fall,
-        identity=identity,
+        monitor=gateway.monitor,
     )
     log.info(
         "etcd health: every member asked every {interval} (timeout {timeout}, "
@@ -502,14 +521,8 @@ def _etcdChecks(gateway, client, identity):
     return _attach(gateway, "etcd-health", service)
 
 
-def _memberSync(gateway, client, identity):
-    from etcdgw.membership import MembershipSync, ownAddressCheck
-
-    listener = gateway.listener
-
-    def refuse(endpoint):
-        # Against the address listened on: a host name is resolved at start.
-        return ownAddressCheck(listener.address)(endpoint)
+def _memberSync(gateway, client):
+    from etcdgw.membership import MembershipSync
 
     source = gateway.config.source
     service = MembershipSync(
@@ -517,9 +530,10 @@ def _memberSync(gateway, client, identity):
         gateway.reactor,
         source.syncInterval,
         client,
-        identity=identity,
         seeds=list(source.endpoints),
-        refuse=refuse,
+        # Against every listener's address (a host name is resolved at start).
+        refuse=gateway.guard.refuseLearned,
+        monitor=gateway.monitor,
     )
     log.info(
         "endpoints follow the cluster's member list, read every {interval}",

@@ -8,16 +8,19 @@ change on their side.
 
 What a member list says is learned data, and never outranks the
 configuration: it is used only from a member that reported the cluster ID
-the configured endpoints pinned (L{etcdgw.etcdhealth.ClusterIdentity}); an
-endpoint it adds gets no client until it has itself reported that ID (this
-service asks it, so the rule holds without C{--health-check=etcd}); it
-cannot turn an https endpoint into http, nor add http endpoints to a cluster
-configured with https; its addresses pass the checks of C{--endpoints} and
-may not be the gateway's own listen address; and the endpoints awaiting
-their check are bounded (L{MembershipSync}).
-"""
+the configured endpoints pinned (the monitor's
+L{etcdgw.monitor.ClusterIdentity}, to which this service reports every
+cluster ID it reads); an endpoint it adds gets no client until it has itself
+reported that ID (this service asks it, so the rule holds without
+C{--health-check=etcd}); it cannot turn an https endpoint into http, nor add
+http endpoints to a cluster configured with https; its addresses pass the
+checks of C{--endpoints} and may not be the gateway's own listen address
+(the self-loop guard's L{etcdgw.selfloop.SelfLoopGuard.refuseLearned}); and
+the endpoints awaiting their check are bounded (L{MembershipSync}).
 
-import ipaddress
+The service proposes endpoint lists to the pool
+(L{etcdgw.pool.UpstreamPool.replaceEndpoints}); it writes no endpoint state.
+"""
 
 import attr
 
@@ -27,10 +30,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from etcdgw.duration import formatDuration
-from etcdgw.endpoint import EndpointError, formatHostPort, parseEndpoint
-from etcdgw.etcdhealth import ClusterIdentity, EtcdHTTPError, describeCheckFailure
+from etcdgw.endpoint import EndpointError, parseEndpoint
+from etcdgw.etcdhealth import EtcdHTTPError, describeCheckFailure
+from etcdgw.monitor import legacyMonitor
 from etcdgw.periodic import PeriodicService
-from etcdgw.selfloop import isLocalAddress
 from etcdgw.sources import IEndpointSource
 
 #: The least number of learned endpoints that may await their cluster ID
@@ -159,54 +162,6 @@ def _short(text, size=200):
     return text if len(text) <= size else text[:size] + "..."
 
 
-def _address(host):
-    """
-    The IP address C{host} is a literal of (IPv4-mapped ones unmapped, the
-    scope ID dropped), or L{None} for a host name.
-    """
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if getattr(address, "ipv4_mapped", None) is not None:
-        address = address.ipv4_mapped
-    return address
-
-
-def ownAddressCheck(listen, isLocal=isLocalAddress):
-    """
-    A check, for member lists, of endpoints that are the gateway's own
-    C{listen} address (a L{etcdgw.listen.ListenAddress}): a callable taking
-    an endpoint and returning why it is refused, or L{None}. Only IP
-    literals are judged (a host name would have to be resolved on the
-    reactor thread; the dial-time guard covers every endpoint): on the
-    listening port, the listen address itself, or, when the gateway listens
-    on every interface, any address of this machine.
-    """
-    if listen is None or not listen.isTCP or not listen.port:
-        return lambda endpoint: None
-    listenAddress = None if listen.wildcard else _address(listen.host)
-
-    def check(endpoint):
-        if endpoint.port != listen.port:
-            return None
-        address = _address(endpoint.host)
-        if address is None:
-            return None
-        if listen.wildcard:
-            own = address.is_loopback or isLocal(str(address))
-        else:
-            own = address == listenAddress
-        if not own:
-            return None
-        return (
-            f"{formatHostPort(endpoint.host, endpoint.port)} is the gateway's own "
-            f"listen address ({listen}): it would forward clients to itself"
-        )
-
-    return check
-
-
 @implementer(IEndpointSource)
 class MembershipSync(PeriodicService):
     """
@@ -219,10 +174,13 @@ class MembershipSync(PeriodicService):
     it is of the gateway's cluster. The endpoint source of
     C{--sync-interval} (an L{etcdgw.sources.IEndpointSource}).
 
-    @param identity: the L{etcdgw.etcdhealth.ClusterIdentity} the cluster
-        IDs go to, shared with the etcd health checks when they run (a new
-        one of C{pool} by default). A member list is used only from a member
-        that reported the pinned cluster ID (in the list's own header).
+    @param monitor: the gateway's L{etcdgw.monitor.Monitor}, to which the
+        cluster IDs read go (its L{etcdgw.monitor.ClusterIdentity} is shared
+        with the etcd health checks). A member list is used only from a
+        member that reported the pinned cluster ID (in the list's own
+        header). Without one (the old wiring), the pool's monitor
+        (L{etcdgw.monitor.legacyMonitor}); C{identity}, if given, must be
+        that monitor's.
     @param seeds: the configured endpoints (default: the pool's at
         construction). When any is https, learned endpoints must be too.
         Their number sets the bound: at most C{max(len(seeds),
@@ -233,7 +191,8 @@ class MembershipSync(PeriodicService):
         two rounds; a hostile list can only ever put that many endpoints in
         the pool that are not of the cluster (none of them gets a client).
     @param refuse: a check of learned endpoints (endpoint -> why it is
-        refused, or L{None}), e.g. L{ownAddressCheck}.
+        refused, or L{None}): the self-loop guard's
+        L{etcdgw.selfloop.SelfLoopGuard.refuseLearned}.
     """
 
     log = Logger()
@@ -242,13 +201,25 @@ class MembershipSync(PeriodicService):
     kind = "member-list"
 
     def __init__(
-        self, pool, reactor, interval, client, identity=None, seeds=None, refuse=None
+        self,
+        pool,
+        reactor,
+        interval,
+        client,
+        identity=None,
+        seeds=None,
+        refuse=None,
+        monitor=None,
     ):
         super().__init__(reactor, interval)
+        if monitor is None:
+            monitor = legacyMonitor(pool, reactor)
+        if identity is not None and identity is not monitor.identity:
+            raise ValueError("the cluster identity is the monitor's: one judge of cluster IDs")
         self.pool = pool
         self.reactor = reactor
         self.client = client
-        self.identity = identity if identity is not None else ClusterIdentity(pool)
+        self.monitor = monitor
         seeds = list(pool.endpoints if seeds is None else seeds)
         self.tlsRequired = any(e.tls for e in seeds)
         self.maxUnproven = max(len(seeds), MIN_UNPROVEN)
@@ -260,6 +231,13 @@ class MembershipSync(PeriodicService):
         self.rounds = 0
         self.failures = 0
         self.lastResult = "no read since start"
+
+    @property
+    def identity(self):
+        """
+        The monitor's L{etcdgw.monitor.ClusterIdentity}.
+        """
+        return self.monitor.identity
 
     def syncNow(self):
         """
@@ -390,7 +368,7 @@ class MembershipSync(PeriodicService):
             self._notProved(Failure(EtcdHTTPError("its status names no cluster ID")), endpoint)
             return
         self._waiting.discard(endpoint.key)
-        self.identity.report(endpoint, str(clusterID))
+        self.monitor.reportClusterID(endpoint, str(clusterID))
 
     def _notProved(self, reason, endpoint):
         if reason.check(defer.CancelledError):
@@ -419,8 +397,8 @@ class MembershipSync(PeriodicService):
             self._ignoredOnce(source, None, why)
             return why
         clusterID = str(clusterID)
-        self.identity.report(source, clusterID)
-        if not self.identity.accepts(source):
+        self.monitor.reportClusterID(source, clusterID)
+        if not self.monitor.accepts(source):
             why = f"cluster {clusterID} is not the gateway's ({self.identity.pinned})"
             self._ignoredOnce(source, clusterID, why)
             return why

@@ -1,14 +1,37 @@
 """
-The upstream pool: the one owner of endpoint state and the pick policy.
+The upstream pool: the endpoints, their decided state, and the pick.
 
-Health checks and discovery only tell it things (L{UpstreamPool.markDown},
-L{UpstreamPool.markUp}, L{UpstreamPool.replaceEndpoints}); the proxy only asks
-it (L{UpstreamPool.pick}) and reports on the connections it opens.
+The pool holds state; it decides nothing about health. Its setters
+(L{UpstreamPool.markDown}, L{UpstreamPool.markUp}, L{UpstreamPool.setHealth},
+L{UpstreamPool.setAnswering}, L{UpstreamPool.setIdentity}) are called by one
+writer, the L{etcdgw.monitor.Monitor}, which turns evidence into decisions;
+each setter logs the change and returns it (L{Change} values) for the
+monitor to announce. (One exception remains until the wiring gives SIGHUP
+the monitor: L{etcdgw.signals.ReloadService} marks endpoints up and down
+itself.) Endpoint sources (static, SRV discovery, member lists)
+propose the endpoint list (L{UpstreamPool.replaceEndpoints}); the proxy asks
+for an endpoint (L{UpstreamPool.pick}) and accounts for the connections it
+opens. Metrics, the status page and signals only read it.
+
+Which endpoints may get a client is defined once, by
+L{EndpointState.eligible} and L{EndpointState.usable}; how one is chosen
+among them is the pick policy's (L{etcdgw.policies}), which owns its own
+cursor, credit and random source.
 """
 
-import random
+import attr
 
 from twisted.logger import Logger
+
+from etcdgw.policies import POLICIES, ZERO_WEIGHT_SHARE, makePolicy
+
+__all__ = [
+    "POLICIES",
+    "ZERO_WEIGHT_SHARE",
+    "Change",
+    "EndpointState",
+    "UpstreamPool",
+]
 
 UP = "up"
 DOWN = "down"
@@ -18,6 +41,35 @@ DOWN = "down"
 UNKNOWN = "unknown"
 HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
+
+#: What a L{Change} is about: the TCP state (L{UP}/L{DOWN}), the etcd health,
+#: whether etcd checks get an answer, whether the member is of another
+#: cluster, whether a learned member proved it is of the gateway's.
+STATE = "state"
+HEALTH = "health"
+ANSWERING = "answering"
+FOREIGN = "foreign"
+PROVEN = "proven"
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class Change:
+    """
+    One decided change of one endpoint's state (what the monitor announces
+    to its subscribers).
+
+    @ivar endpoint: the L{etcdgw.endpoint.Endpoint}.
+    @ivar what: L{STATE}, L{HEALTH}, L{ANSWERING}, L{FOREIGN} or L{PROVEN}.
+    @ivar old: the value before.
+    @ivar new: the value now.
+    @ivar reason: why, in one line.
+    """
+
+    endpoint: object
+    what: str
+    old: object
+    new: object
+    reason: str
 
 
 class ByteCount:
@@ -34,8 +86,10 @@ class ByteCount:
 
 class EndpointState:
     """
-    What the pool knows about one endpoint. Mutable, owned by the pool; other
-    modules read it (metrics, the status page) but never write it.
+    What the pool knows about one endpoint. Mutable, held by the pool and
+    written through its setters (by the monitor) and its connection
+    accounting (for the proxy); other modules read it (metrics, the status
+    page) but never write it.
 
     @ivar endpoint: the L{etcdgw.endpoint.Endpoint}.
     @ivar state: L{UP} or L{DOWN}.
@@ -142,138 +196,50 @@ class EndpointState:
         return not self.foreign and (self.proven or not self.learned)
 
     @property
+    def eligible(self):
+        """
+        Up and trusted: it may get a client at all (L{usable} ones first;
+        when none is, these, unhealthy as they are).
+        """
+        return self.state == UP and self.trusted
+
+    @property
     def usable(self):
         """
-        Up, not known unhealthy, and trusted: preferred by pick.
+        Eligible (up and trusted) and not known unhealthy: where new
+        connections go. The one definition, used by pick, the status page
+        and metrics. (Spelled out rather than through L{eligible}: pick
+        asks it of every endpoint for every client.)
         """
         return self.state == UP and self.health != UNHEALTHY and self.trusted
 
 
-def _roundRobin(pool, tier):
-    """
-    Round-robin in configured order: a shared cursor over the pool's endpoints
-    moves past each pick, so a, b, c, a, b, c with every endpoint up and a, c,
-    a, c with b down.
-    """
-    order = pool._order
-    count = len(order)
-    members = {state.endpoint.key for state in tier}
-    for step in range(count):
-        index = (pool._cursor + step) % count
-        key = order[index]
-        if key in members:
-            pool._cursor = (index + 1) % count
-            return pool._states[key]
-    return tier[0]  # unreachable while tier is drawn from the pool
-
-
-#: The share of picks that weight-0 records get, together, when records of
-#: the same priority have weights (RFC 2782: "a very small chance").
-ZERO_WEIGHT_SHARE = 0.01
-
-
-def _weighted(pool, tier):
-    """
-    RFC 2782 weighted random choice: each endpoint with weight w > 0 is chosen
-    with probability w / sum(w); weight-0 endpoints share L{ZERO_WEIGHT_SHARE}
-    of the picks. When no weight is set, round-robin.
-    """
-    weighted = [state for state in tier if state.endpoint.weight > 0]
-    if not weighted:
-        return _roundRobin(pool, tier)
-    zero = [state for state in tier if state.endpoint.weight <= 0]
-    if zero and pool._random.random() < ZERO_WEIGHT_SHARE:
-        return zero[pool._random.randrange(len(zero))]
-    total = sum(state.endpoint.weight for state in weighted)
-    # A uniform choice in [0, total): the first record whose running sum
-    # exceeds it wins, so each is chosen in proportion to its weight (etcd's
-    # gateway is off by one here and always picks the first of two
-    # weight-1 records).
-    choice = pool._random.random() * total
-    running = 0
-    for state in weighted:
-        running += state.endpoint.weight
-        if choice < running:
-            return state
-    return weighted[-1]
-
-
-def _smoothWeighted(pool, tier):
-    """
-    Smooth weighted round-robin (nginx's): deterministic, in proportion to
-    the weights, and interleaved (weights 5, 1, 1 give a a b a c a a, not
-    a a a a a b c). Each pick adds every endpoint's weight to its running
-    credit, takes the endpoint with the most credit (the first in configured
-    order on a tie) and takes the tier's total weight from it. A weight of 0
-    counts as 1, so endpoints without weights rotate evenly.
-    """
-    credit = pool._credit
-    total = 0
-    best = None
-    for state in tier:
-        weight = max(state.endpoint.weight, 1)
-        total += weight
-        key = state.endpoint.key
-        credit[key] = credit.get(key, 0) + weight
-        if best is None or credit[key] > credit[best.endpoint.key]:
-            best = state
-    credit[best.endpoint.key] -= total
-    return best
-
-
-def _leastConnections(pool, tier):
-    """
-    The endpoint with the fewest active connections; ties are broken in
-    round-robin order, so an idle pool still rotates.
-    """
-    fewest = min(state.active for state in tier)
-    return _roundRobin(pool, [state for state in tier if state.active == fewest])
-
-
-#: Pick policies by C{--policy} name. Every policy first keeps only the
-#: usable endpoints of the lowest priority (RFC 2782), then chooses inside
-#: that tier:
-#:
-#:  - C{round-robin} (the default, as etcd's gateway): the RFC 2782 rule,
-#:    a weighted random choice when SRV records carry weights, a strict
-#:    rotation in configured order when none does (static endpoints).
-#:  - C{weighted}: smooth weighted round-robin, deterministic; weights from
-#:    SRV records (static endpoints have none: 0, which counts as 1).
-#:  - C{least-connections}: the fewest open connections, rotating on ties;
-#:    rebalances long-lived etcd client connections after a member returns.
-POLICIES = {
-    "round-robin": _weighted,
-    "weighted": _smoothWeighted,
-    "least-connections": _leastConnections,
-}
-
-
 class UpstreamPool:
     """
-    The endpoints, which of them are up, and how the next one is picked.
+    The endpoints, their states, and the pick.
 
     @ivar clock: an L{IReactorTime} for state-change times.
+    @ivar policy: the L{etcdgw.policies.Policy} that chooses within a tier.
+    @ivar policyName: its C{--policy} name.
     """
 
     log = Logger()
 
     def __init__(self, endpoints, clock, policy="round-robin", random=None):
+        """
+        @param policy: a C{--policy} name (L{POLICIES}).
+        @param random: the policy's random source (tests give a seeded one).
+        @raise ValueError: for an unknown policy name.
+        """
         self.clock = clock
-        if policy not in POLICIES:
-            raise ValueError(
-                f'unknown policy "{policy}" (expected one of {", ".join(POLICIES)})'
-            )
-        self._policy = POLICIES[policy]
-        self._credit = {}
-        self._degraded = False
+        self.policy = makePolicy(policy, random)
         self.policyName = policy
-        self._random = random if random is not None else _systemRandom
+        self._degraded = False
         self._states = {}
         #: Removed endpoints' states while they still have connections, by
         #: key: see L{replaceEndpoints} and L{connectionClosed}.
         self._retired = {}
         self._order = []
-        self._cursor = 0
         self._observers = []
         self.replaceEndpoints(endpoints, reason="configured")
 
@@ -315,38 +281,41 @@ class UpstreamPool:
 
     def usable(self):
         """
-        The states of the endpoints that are up, not known unhealthy and
-        trusted (L{EndpointState.trusted}), in configured order: where new
-        connections go.
+        The states of the usable endpoints (L{EndpointState.usable}), in
+        configured order: where new connections go.
         """
         return [s for s in self.states() if s.usable]
 
     def pick(self, exclude=()):
         """
-        Choose the endpoint for a new connection: among up endpoints not in
-        C{exclude} and trusted (never one of another cluster, never one
-        learned from a member list before it proved its cluster ID), the
-        healthy ones (or, when none is, the unhealthy ones that still accept
-        TCP, those whose health checks get an answer first), the lowest
-        priority tier, then the policy.
+        Choose the endpoint for a new connection: among endpoints not in
+        C{exclude}, the usable ones (L{EndpointState.usable}), or, when none
+        is, the eligible ones (up and trusted: never one of another cluster,
+        never one learned from a member list before it proved its cluster
+        ID) that are unhealthy, those whose health checks get an answer
+        first; then the lowest priority tier; then the policy.
 
         @param exclude: endpoints (or their keys) already tried for this client.
-        @return: an L{EndpointState}, or L{None} when no endpoint is up.
+        @return: an L{EndpointState}, or L{None} when no endpoint is eligible.
         """
         excluded = {getattr(e, "key", e) for e in exclude}
         candidates = []
         fallback = []
+        states = self._states
         for key in self._order:
-            state = self._states[key]
-            if state.state != UP or not state.trusted or key in excluded:
+            if key in excluded:
                 continue
-            (fallback if state.health == UNHEALTHY else candidates).append(state)
-        best = None
-        tier = []
+            state = states[key]
+            if state.usable:
+                candidates.append(state)
+            elif not candidates and state.eligible:
+                fallback.append(state)
         if not candidates:
             # Without a leader the members answer 503; a frozen one does
             # not answer at all, and a client sent there would hang.
             candidates = [s for s in fallback if s.answering] or fallback
+        best = None
+        tier = []
         for state in candidates:
             priority = state.endpoint.priority
             if best is None or priority < best:
@@ -356,32 +325,29 @@ class UpstreamPool:
                 tier.append(state)
         if not tier:
             return None
-        if len(tier) == 1:
-            self._cursor = (self._order.index(tier[0].endpoint.key) + 1) % len(
-                self._order
-            )
-            return tier[0]
-        return self._policy(self, tier)
+        return self.policy.choose(tier, self._order)
 
-    # Being told
+    # Being told (by the monitor: see the module docstring). Each setter
+    # returns the changes it made, a tuple of Change values (empty for a
+    # repeat or an endpoint not in the pool).
 
     def markDown(self, endpoint, reason):
         """
-        C{endpoint} failed (a dial, a probe): no new connections go to it until
-        it is marked up. Logs the change once; a repeat is ignored.
+        C{endpoint} is down: no new connections go to it until it is marked
+        up. Logs the change once; a repeat is ignored.
         """
-        self._setState(endpoint, DOWN, reason)
+        return self._setState(endpoint, DOWN, reason)
 
     def markUp(self, endpoint, reason):
         """
-        C{endpoint} answered: new connections may go to it again.
+        C{endpoint} is up: new connections may go to it again.
         """
-        self._setState(endpoint, UP, reason)
+        return self._setState(endpoint, UP, reason)
 
     def _setState(self, endpoint, new, reason):
         state = self._states.get(endpoint.key)
         if state is None or state.state == new:
-            return
+            return ()
         old = state.state
         state.state = new
         state.since = self.clock.seconds()
@@ -402,6 +368,7 @@ class UpstreamPool:
             )
         self._checkDegraded()
         self._notify()
+        return (Change(state.endpoint, STATE, old, new, reason),)
 
     def setHealth(self, endpoint, health, reason):
         """
@@ -411,7 +378,7 @@ class UpstreamPool:
         """
         state = self._states.get(endpoint.key)
         if state is None or state.health == health:
-            return
+            return ()
         old = state.health
         state.health = health
         state.healthReason = reason
@@ -428,15 +395,18 @@ class UpstreamPool:
         )
         self._checkDegraded()
         self._notify()
+        return (Change(state.endpoint, HEALTH, old, health, reason),)
 
-    def setAnswering(self, endpoint, answering):
+    def setAnswering(self, endpoint, answering, reason=""):
         """
         Whether C{endpoint}'s last etcd health check got an HTTP answer (see
         L{pick}). Not logged: a change of health is.
         """
         state = self._states.get(endpoint.key)
-        if state is not None:
-            state.answering = answering
+        if state is None or state.answering == answering:
+            return ()
+        state.answering = answering
+        return (Change(state.endpoint, ANSWERING, not answering, answering, reason),)
 
     def setIdentity(self, endpoint, clusterID, foreign, majority=None, proven=None):
         """
@@ -449,15 +419,23 @@ class UpstreamPool:
         """
         state = self._states.get(endpoint.key)
         if state is None:
-            return
+            return ()
         state.clusterID = clusterID
         if proven is None:
             proven = not foreign and majority is not None and clusterID == majority
         wasTrusted = state.trusted
-        changed = (state.foreign, state.proven) != (foreign, proven)
+        reason = f"cluster ID {clusterID} (the gateway's: {majority})"
+        changes = tuple(
+            Change(state.endpoint, what, old, new, reason)
+            for what, old, new in (
+                (FOREIGN, state.foreign, foreign),
+                (PROVEN, state.proven, proven),
+            )
+            if old != new
+        )
         state.foreign, state.proven = foreign, proven
-        if not changed:
-            return
+        if not changes:
+            return ()
         origin = "a member list" if state.learned else "the configuration"
         if foreign:
             self.log.error(
@@ -480,6 +458,7 @@ class UpstreamPool:
             )
         self._checkDegraded()
         self._notify()
+        return changes
 
     def _checkDegraded(self):
         """
@@ -487,7 +466,7 @@ class UpstreamPool:
         ones accept TCP (they get the new connections then), and when that
         ends.
         """
-        alive = [s for s in self.states() if s.up and s.trusted]
+        alive = [s for s in self.states() if s.eligible]
         degraded = bool(alive) and not any(s.usable for s in alive)
         if degraded == self._degraded:
             return
@@ -546,9 +525,7 @@ class UpstreamPool:
                     self._retired[key] = state
         self._states = newStates
         self._order = order
-        for key in [key for key in self._credit if key not in newStates]:
-            del self._credit[key]
-        self._cursor = 0 if not order else self._cursor % len(order)
+        self.policy.endpointsChanged(order)
         if old and (added or removed):
             self.log.info(
                 "endpoints changed ({reason}): added {added}, removed {removed}; "
@@ -563,7 +540,14 @@ class UpstreamPool:
             self._notify()
         return added, removed
 
-    # Connection accounting (by the proxy)
+    # Dial and connection accounting (by the proxy; dial failures by the
+    # monitor, which hears of them as evidence)
+
+    def countDialAttempt(self, state):
+        state.dialAttempts += 1
+
+    def countDialFailure(self, state):
+        state.dialFailures += 1
 
     def _accountable(self, state):
         """
@@ -609,5 +593,3 @@ class UpstreamPool:
             except Exception:
                 self.log.failure("pool observer {observer} failed", observer=observer)
 
-
-_systemRandom = random.SystemRandom()

@@ -1,6 +1,13 @@
 """
 The proxy: accept a client, pick an endpoint, dial it, then join the two
 connections byte for byte.
+
+The proxy decides nothing about endpoints: it asks the pool for one
+(L{etcdgw.pool.UpstreamPool.pick}), reports each dial's outcome to the
+monitor (L{etcdgw.monitor.Monitor.dialFailed},
+L{etcdgw.monitor.Monitor.dialSucceeded}), and counts its dials and
+connections on the pool. Whether a connection reached the gateway itself is
+the self-loop guard's question (L{etcdgw.selfloop.SelfLoopGuard}).
 """
 
 import collections
@@ -11,10 +18,11 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
-from etcdgw.endpoint import formatHostPort
-from etcdgw.selfloop import isLocalAddress
+from etcdgw.monitor import legacyMonitor
+from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
 from etcdgw.transport import join, writerFor
 
 
@@ -143,7 +151,7 @@ class ClientProtocol(_Side):
             factory.refuse(self, self._tried)
             return
         self._tried.append(state.endpoint)
-        state.dialAttempts += 1
+        factory.pool.countDialAttempt(state)
         d = self._dialing = dial(
             factory.reactor,
             state.endpoint,
@@ -175,8 +183,7 @@ class ClientProtocol(_Side):
         if isLocalResourceError(reason):
             self._localFailure(reason, state)
             return
-        state.dialFailures += 1
-        self.factory.pool.markDown(state.endpoint, describeFailure(reason))
+        self.factory.monitor.dialFailed(state, reason)
         self._dial()
 
     def _localFailure(self, reason, state):
@@ -223,19 +230,19 @@ class ClientProtocol(_Side):
         if not self.connected:
             upstream.transport.abortConnection()  # the client left meanwhile
             return
-        loop = self.factory.selfLoop(upstream.transport)
+        factory = self.factory
+        loop = factory.guard.reachedItself(upstream.transport)
         if loop is not None:
             # What the endpoint's address reaches now is the gateway itself
             # (a member list, DNS or SRV answer that changed since start):
             # forwarding there would loop until descriptors run out.
             upstream.transport.abortConnection()
-            state.dialFailures += 1
-            self.factory.pool.markDown(state.endpoint, f"self-loop: {loop}")
-            self._dial()
+            self._dialFailed(Failure(SelfLoopError(f"self-loop: {loop}")), state)
             return
+        factory.monitor.dialSucceeded(state)
         del self._tried
         upstream.state = self.state = state
-        self.factory.pool.connectionOpened(state)
+        factory.pool.connectionOpened(state)
         # Linked first: should what follows raise, closing this client (see
         # _failed) closes the member connection too.
         upstream.peer = self
@@ -270,16 +277,6 @@ class ClientProtocol(_Side):
         self._closePeer(reason)
 
 
-def _unmap(address):
-    """
-    An address without an IPv6 scope ID, an IPv4-mapped IPv6 one unmapped.
-    """
-    address = address.split("%", 1)[0]
-    if address.startswith("::ffff:") and "." in address:
-        return address[len("::ffff:") :]
-    return address
-
-
 def _describePeer(transport):
     try:
         peer = transport.getPeer()
@@ -295,6 +292,10 @@ class GatewayFactory(Factory):
     """
     Accepts client connections and forwards each to an endpoint of C{pool}.
 
+    @ivar pool: the L{etcdgw.pool.UpstreamPool} endpoints are picked from.
+    @ivar monitor: the L{etcdgw.monitor.Monitor} dial outcomes go to.
+    @ivar guard: the L{etcdgw.selfloop.SelfLoopGuard} each member connection
+        passes before it is joined to its client.
     @ivar clients: the client connections open now.
     @ivar accepted: client connections accepted since start.
     @ivar refused: clients closed because no endpoint was up.
@@ -310,10 +311,18 @@ class GatewayFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, pool, reactor, dialTimeout):
+    def __init__(self, pool, reactor, dialTimeout, monitor=None, guard=None):
+        """
+        @param monitor: the gateway's monitor (by default the pool's, for
+            the old wiring: see L{etcdgw.monitor.legacyMonitor}).
+        @param guard: the gateway's self-loop guard (by default one that
+            knows no listener until L{listeners} is set).
+        """
         self.pool = pool
         self.reactor = reactor
         self.dialTimeout = dialTimeout
+        self.monitor = monitor if monitor is not None else legacyMonitor(pool, reactor)
+        self.guard = guard if guard is not None else SelfLoopGuard()
         self.clients = set()
         self.accepted = 0
         self.refused = 0
@@ -348,50 +357,17 @@ class GatewayFactory(Factory):
             self._unloggedRefusals = 0
         client.transport.loseConnection()
 
-    #: The gateway's own listeners (L{etcdgw.listen.ListeningService}s, set
-    #: by whoever builds the gateway): a member connection that reaches one
-    #: of them is a self-loop (see L{selfLoop}).
-    listeners = ()
-    #: Whether an address is this machine's own (for wildcard listeners).
-    isLocalAddress = staticmethod(isLocalAddress)
-    _localAddresses = None
-
-    def selfLoop(self, transport):
+    @property
+    def listeners(self):
         """
-        Why the member connection C{transport} reaches the gateway itself
-        (its peer is one of the gateway's listening addresses: the same
-        port, and the same address or, for a wildcard listener, any address
-        of this machine), or L{None}. Ports are compared first: most calls
-        end there.
+        The listeners of the self-loop guard (L{SelfLoopGuard.listeners}); set
+        by the old wiring, which builds no guard of its own.
         """
-        try:
-            peer = transport.getPeer()
-        except Exception:
-            return None
-        port = getattr(peer, "port", None)
-        if port is None:
-            return None
-        for listener in self.listeners:
-            bound = listener.boundAddress
-            if bound is None or bound[1] != port:
-                continue
-            host, listening = _unmap(peer.host), _unmap(bound[0])
-            if host == listening or (
-                listening in ("0.0.0.0", "::") and self._isLocal(host)
-            ):
-                return (
-                    f"{formatHostPort(peer.host, port)} is the gateway's own "
-                    f"{listener.flag} ({listener.describe()})"
-                )
-        return None
+        return self.guard.listeners
 
-    def _isLocal(self, address):
-        if self._localAddresses is None or len(self._localAddresses) > 1024:
-            self._localAddresses = {}
-        local = self._localAddresses.get(address)
-        if local is None:
-            local = self._localAddresses[address] = self.isLocalAddress(address)
-        return local
+    @listeners.setter
+    def listeners(self, listeners):
+        self.guard.listeners = list(listeners)
 
     def starve(self, client):
         self.starved[client] = None

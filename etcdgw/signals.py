@@ -123,11 +123,13 @@ class ReloadService(Service):
         return d
 
     def _alive(self, result, endpoint):
-        self.pool.markUp(endpoint, "SIGHUP probe connected")
+        self.gateway.monitor.probeSucceeded(endpoint, "SIGHUP probe connected")
         return 1
 
     def _dead(self, reason, endpoint):
-        self.pool.markDown(endpoint, f"SIGHUP probe: {describeFailure(reason)}")
+        self.gateway.monitor.probeFailed(
+            endpoint, reason, f"SIGHUP probe: {describeFailure(reason)}"
+        )
         return 0
 
     def _report(self, result):

@@ -21,13 +21,12 @@ from etcdgw.srv import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import (
     CheckResult,
-    ClusterIdentity,
     EtcdClient,
     EtcdHealthService,
     EtcdHTTPError,
     EtcdProber,
-    majorityClusterID,
 )
+from etcdgw.monitor import Monitor, majorityClusterID
 from etcdgw.pool import DOWN, HEALTHY, UNHEALTHY, UNKNOWN, UP, UpstreamPool
 
 A, B, C = Endpoint("a", 1), Endpoint("b", 1), Endpoint("c", 1)
@@ -61,7 +60,10 @@ class CheckerTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("a:1,b:1,c:1"), self.clock)
         self.probe = FakeProbe()
-        self.service = EtcdHealthService(self.pool, self.clock, 1.0, self.probe, rise=2, fall=3)
+        self.monitor = Monitor(self.pool, self.clock, rise=2, fall=3)
+        self.service = EtcdHealthService(
+            self.pool, self.clock, 1.0, self.probe, monitor=self.monitor
+        )
         self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
         self.service.startService()
         self.addCleanup(self.stop)
@@ -134,8 +136,9 @@ class CheckerTests(SynchronousTestCase):
 
     def test_unknownStartsFromFirstAnswer(self):
         """A member silent from the start is unhealthy after its first check."""
+        pool = UpstreamPool([A, B], self.clock)
         service = EtcdHealthService(
-            UpstreamPool([A, B], self.clock), self.clock, 1.0, self.probe, 2, 3
+            pool, self.clock, 1.0, self.probe, monitor=Monitor(pool, self.clock, 2, 3)
         )
         self.assertEqual(service.pool.stateOf(B).health, UNKNOWN)
         self.probe.answers["b"] = SILENT
@@ -201,7 +204,9 @@ class CheckerTests(SynchronousTestCase):
         """With two members disagreeing and no majority, none is excluded."""
         pool = UpstreamPool([A, B], self.clock)
         self.probe.answers["b"] = CheckResult(True, "ok", "99", answered=True)
-        service = EtcdHealthService(pool, self.clock, 1.0, self.probe)
+        service = EtcdHealthService(
+            pool, self.clock, 1.0, self.probe, monitor=Monitor(pool, self.clock)
+        )
         events = EventLoggingObserver.createWithCleanup(self, service.log.observer)
         service.startService()
         self.addCleanup(service.stopService)
@@ -488,7 +493,7 @@ class IdentityTests(SynchronousTestCase):
 
     def setUp(self):
         self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), MemoryReactorClock())
-        self.identity = ClusterIdentity(self.pool)
+        self.identity = Monitor(self.pool, self.pool.clock).identity
         self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
 
     def learn(self, *names):

@@ -1,10 +1,17 @@
 from twisted.internet import defer, error
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from etcdgw.dial import describeFailure
 from etcdgw.endpoint import Endpoint, parseEndpoints
-from etcdgw.health import HealthService, probeTCP
+from etcdgw.etcdhealth import CheckResult
+from etcdgw.health import HealthService, guardedProbe, probeTCP
+from etcdgw.monitor import Monitor
 from etcdgw.pool import UpstreamPool
+from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
+from tests.test_selfloop import FakeListener
 
 
 class HealthServiceTests(SynchronousTestCase):
@@ -12,7 +19,9 @@ class HealthServiceTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("10.0.0.1:1,10.0.0.2:1"), self.reactor)
         self.probes = []
-        self.service = HealthService(self.pool, self.reactor, 60, 1, probe=self.probe)
+        self.service = HealthService(
+            self.pool, self.reactor, 60, 1, probe=self.probe, monitor=Monitor(self.pool, self.reactor)
+        )
 
     def probe(self, reactor, endpoint, timeout):
         d = defer.Deferred()
@@ -103,3 +112,66 @@ class ProbeTCPTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         self.assertIsNone(self.successResultOf(d))
         self.assertTrue(transport.disconnecting)
+
+
+class SelfLoopProbeTests(SynchronousTestCase):
+    """
+    A probe that reaches the gateway itself is a failure, "self-loop": the
+    endpoint is not marked up again every --retry-delay.
+    """
+
+    def setUp(self):
+        self.reactor = MemoryReactorClock()
+        self.guard = SelfLoopGuard(listeners=[FakeListener("127.0.0.1", 23790)])
+
+    def connect(self, peer):
+        """
+        Complete the last dial, its peer at C{peer}; return the transport.
+        """
+        host, port, factory, timeout, _ = self.reactor.tcpClients[-1]
+        protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", *peer))
+        protocol.makeConnection(transport)
+        return transport
+
+    def test_probeReachingTheGatewayFails(self):
+        """probeTCP through the guard fails with SelfLoopError when its peer is a listener."""
+        d = probeTCP(self.reactor, Endpoint("127.0.0.1", 23790), 2, self.guard)
+        transport = self.connect(("127.0.0.1", 23790))
+        reason = self.failureResultOf(d, SelfLoopError)
+        self.assertTrue(
+            describeFailure(reason).startswith("self-loop: 127.0.0.1:23790 is the gateway's own "),
+            describeFailure(reason),
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_probeElsewhereSucceeds(self):
+        """Through the guard, a probe whose peer is not a listener succeeds."""
+        d = probeTCP(self.reactor, Endpoint("127.0.0.1", 2379), 2, self.guard)
+        self.connect(("127.0.0.1", 2379))
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_loopStaysDown(self):
+        """
+        The health service's probe of a down endpoint that reaches the
+        gateway itself keeps it down, logs "self-loop", and etcd answers
+        (which come through the gateway from another member) do not bring it
+        back either.
+        """
+        loop = Endpoint("gw.example", 23790)
+        pool = UpstreamPool([loop, Endpoint("10.0.0.2", 2379)], self.reactor)
+        monitor = Monitor(pool, self.reactor)
+        service = HealthService(
+            pool, self.reactor, 60, 1, probe=guardedProbe(self.guard), monitor=monitor
+        )
+        events = EventLoggingObserver.createWithCleanup(self, service.log.observer)
+        monitor.probeFailed(loop, Failure(error.ConnectionRefusedError()), "refused")
+        d = service.probeNow()
+        self.connect(("127.0.0.1", 23790))  # the name resolves to the gateway
+        self.successResultOf(d)
+        self.assertFalse(pool.isUp(loop))
+        stillDown = [e for e in events if "still down" in e.get("log_format", "")]
+        self.assertTrue(stillDown[0]["reason"].startswith("self-loop: "), stillDown[0]["reason"])
+        monitor.checked(loop, CheckResult(True, "ok", "7", answered=True))
+        self.assertFalse(pool.isUp(loop))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])

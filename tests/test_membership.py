@@ -9,10 +9,12 @@ from twisted.logger import LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
-from etcdgw.etcdhealth import CheckResult, ClusterIdentity, EtcdHealthService, EtcdHTTPError
+from etcdgw.etcdhealth import CheckResult, EtcdHealthService, EtcdHTTPError
 from etcdgw.listen import parseListenAddress
-from etcdgw.membership import MembershipSync, mergeMembers, ownAddressCheck
+from etcdgw.membership import MembershipSync, mergeMembers
+from etcdgw.monitor import Monitor
 from etcdgw.pool import UNHEALTHY, UpstreamPool
+from etcdgw.selfloop import SelfLoopGuard, ownAddressCheck
 
 
 def member(name, *urls, learner=False):
@@ -211,9 +213,10 @@ class SyncServiceTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), self.clock)
         self.client = FakeClient()
-        self.identity = ClusterIdentity(self.pool)
+        self.monitor = Monitor(self.pool, self.clock)
+        self.identity = self.monitor.identity
         self.service = MembershipSync(
-            self.pool, self.clock, 10.0, self.client, identity=self.identity
+            self.pool, self.clock, 10.0, self.client, monitor=self.monitor
         )
         self.events = EventLoggingObserver.createWithCleanup(self, self.service.log.observer)
         self.addCleanup(self.stop)
@@ -320,7 +323,7 @@ class SyncServiceTests(SynchronousTestCase):
         pool = UpstreamPool([Endpoint("a", 1, tls=True)], self.clock)
         client = FakeClient()
         client.answers["a"] = memberList(member("a", "https://a:1"), member("c", "http://c:1"))
-        service = MembershipSync(pool, self.clock, 10.0, client)
+        service = MembershipSync(pool, self.clock, 10.0, client, monitor=Monitor(pool, self.clock))
         service.startService()
         self.addCleanup(service.stopService)
         self.assertEqual(pool.endpoints, [Endpoint("a", 1, tls=True)])
@@ -333,8 +336,8 @@ class SyncServiceTests(SynchronousTestCase):
             member("a", "http://127.0.0.1:2379"), member("me", "http://127.0.0.1:23790")
         )
         service = MembershipSync(
-            pool, self.clock, 10.0, client,
-            refuse=ownAddressCheck(parseListenAddress("127.0.0.1:23790")),
+            pool, self.clock, 10.0, client, monitor=Monitor(pool, self.clock),
+            refuse=SelfLoopGuard(parseListenAddress("127.0.0.1:23790")).refuseLearned,
         )
         service.startService()
         self.addCleanup(service.stopService)
@@ -387,7 +390,8 @@ class HostileListTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.pool = UpstreamPool(parseEndpoints("g0:1,g1:1"), self.clock)
-        self.identity = ClusterIdentity(self.pool)
+        self.monitor = Monitor(self.pool, self.clock)
+        self.identity = self.monitor.identity
         self.client = FakeClient()
         attackers = [member(f"x{i}", f"http://x{i}:1") for i in range(4)]
         genuine = [member("g0", "http://g0:1"), member("g1", "http://g1:1")]
@@ -395,7 +399,7 @@ class HostileListTests(SynchronousTestCase):
         self.client.answers["g1"] = memberList(*genuine)
         for i in range(4):
             self.client.answers[f"x{i}"] = memberList(*attackers, clusterID="99")
-        self.sync = MembershipSync(self.pool, self.clock, 1.0, self.client, identity=self.identity)
+        self.sync = MembershipSync(self.pool, self.clock, 1.0, self.client, monitor=self.monitor)
         self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
 
     def attack(self, *services):
@@ -425,7 +429,7 @@ class HostileListTests(SynchronousTestCase):
         probe = lambda endpoint: defer.succeed(
             CheckResult(True, "ok", "99" if endpoint.host.startswith("x") else "7", True)
         )
-        health = EtcdHealthService(self.pool, self.clock, 1.0, probe, identity=self.identity)
+        health = EtcdHealthService(self.pool, self.clock, 1.0, probe, monitor=self.monitor)
         self.attack(health, self.sync)
 
 

@@ -75,7 +75,7 @@ class WeightedPolicyTests(SynchronousTestCase):
         pool = weighted(1, 1, policy="weighted")
         picks(pool, 3)
         pool.replaceEndpoints([Endpoint("h0", 1, 0, 1)])
-        self.assertEqual(set(pool._credit) - {("h0", 1)}, set())
+        self.assertEqual(set(pool.policy.credit) - {("h0", 1)}, set())
 
 
 class LeastConnectionsTests(SynchronousTestCase):

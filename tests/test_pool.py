@@ -8,7 +8,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.internet.testing import EventLoggingObserver
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
-from etcdgw.pool import DOWN, UP, ZERO_WEIGHT_SHARE, UpstreamPool
+from etcdgw.pool import DOWN, UNHEALTHY, UNKNOWN, UP, ZERO_WEIGHT_SHARE, Change, UpstreamPool
 
 
 def picks(pool, n):
@@ -130,6 +130,23 @@ class StateTests(SynchronousTestCase):
         self.pool.markDown(Endpoint("z", 9), "x")
         self.assertEqual(self.pool.upCount(), 2)
         self.assertEqual(list(self.events), [])
+
+    def test_settersReturnChanges(self):
+        """Each setter returns the changes it made (for the monitor to announce); a repeat none."""
+        a = Endpoint("a", 1)
+        self.assertEqual(self.pool.markDown(a, "refused"), (Change(a, "state", UP, DOWN, "refused"),))
+        self.assertEqual(self.pool.markDown(a, "refused"), ())
+        self.assertEqual(
+            self.pool.setHealth(a, UNHEALTHY, "503"), (Change(a, "health", UNKNOWN, UNHEALTHY, "503"),)
+        )
+        self.assertEqual(
+            self.pool.setAnswering(a, False, "silent"), (Change(a, "answering", True, False, "silent"),)
+        )
+        self.assertEqual(
+            [(c.what, c.old, c.new) for c in self.pool.setIdentity(a, "9", True, "7")],
+            [("foreign", False, True)],
+        )
+        self.assertEqual(self.pool.markUp(Endpoint("z", 9), "x"), ())
 
     def test_observers(self):
         """Observers hear about every change; one that raises does not stop the others."""

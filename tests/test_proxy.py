@@ -6,8 +6,12 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
+from etcdgw.etcdhealth import CheckResult
+from etcdgw.monitor import Monitor
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import ClientProtocol, GatewayFactory
+from etcdgw.selfloop import SelfLoopGuard
+from tests.test_selfloop import Connected, FakeListener
 
 
 class FakeTCP(StringTransport):
@@ -34,9 +38,21 @@ class FakeTCP(StringTransport):
 class ProxyCase(SynchronousTestCase):
     def setUp(self):
         self.reactor = MemoryReactorClock()
-        self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"), self.reactor)
-        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
+        self.gateway(
+            UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379"), self.reactor)
+        )
         self.events = EventLoggingObserver.createWithCleanup(self, GatewayFactory.log.observer)
+
+    def gateway(self, pool, guard=None):
+        """
+        The gateway factory of C{pool}, with its monitor and self-loop guard.
+        """
+        self.pool = pool
+        self.monitor = Monitor(pool, self.reactor)
+        self.guard = guard if guard is not None else SelfLoopGuard()
+        self.factory = GatewayFactory(
+            pool, self.reactor, dialTimeout=1.5, monitor=self.monitor, guard=self.guard
+        )
 
     def accept(self):
         client = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555))
@@ -278,16 +294,6 @@ class RealConnectors(MemoryReactorClock):
         return StoppingConnector(factory)
 
 
-class FakeListener:
-    flag = "--listen-addr"
-
-    def __init__(self, host, port):
-        self.boundAddress = (host, port)
-
-    def describe(self):
-        return f"{self.boundAddress[0] or '*'}:{self.boundAddress[1]}"
-
-
 class AcceptPathTests(ProxyCase):
     def test_synchronousDialErrorTriesNext(self):
         """
@@ -295,10 +301,11 @@ class AcceptPathTests(ProxyCase):
         reason, and the next one is dialled; the client stays open.
         """
         self.reactor = RaisingFor("fe80::1%nosuchif0")
-        self.pool = UpstreamPool(
-            [Endpoint("fe80::1%nosuchif0", 2379), Endpoint("10.0.0.2", 2379)], self.reactor
+        self.gateway(
+            UpstreamPool(
+                [Endpoint("fe80::1%nosuchif0", 2379), Endpoint("10.0.0.2", 2379)], self.reactor
+            )
         )
-        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
         client, transport = self.accept()
         state = self.pool.stateOf(Endpoint("fe80::1%nosuchif0", 2379))
         self.assertEqual(state.state, "down")
@@ -314,8 +321,7 @@ class AcceptPathTests(ProxyCase):
         dial, though a real connector reports UserError when stopped.
         """
         self.reactor = RealConnectors()
-        self.pool = UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379"), self.reactor)
-        self.factory = GatewayFactory(self.pool, self.reactor, dialTimeout=1.5)
+        self.gateway(UpstreamPool(parseEndpoints("10.0.0.1:2379,10.0.0.2:2379"), self.reactor))
         client, transport = self.accept()
         transport.lose(error.ConnectionLost())
         self.assertEqual(self.pool.upCount(), 2)
@@ -364,7 +370,7 @@ class AcceptPathTests(ProxyCase):
         A member connection whose peer is the gateway's own listening address
         is closed, the member marked down ("self-loop"), and the next dialled.
         """
-        self.factory.listeners = [FakeListener("127.0.0.1", 23790)]
+        self.guard.listeners = [FakeListener("127.0.0.1", 23790)]
         self.pool.replaceEndpoints([Endpoint("127.0.0.1", 23790), Endpoint("10.0.0.2", 2379)])
         client, transport = self.accept()
         upstream, utransport = self.connectUpstream()
@@ -381,22 +387,41 @@ class AcceptPathTests(ProxyCase):
         With a wildcard listener, any local address on the listening port is
         a self-loop; another port, or a non-local address, is not.
         """
-        self.factory.listeners = [FakeListener("::", 23790)]
-        local = {"127.0.0.2"}
-        self.factory.isLocalAddress = local.__contains__
+        local = {"127.0.0.2", "10.1.2.3"}
+        guard = SelfLoopGuard(listeners=[FakeListener("::", 23790)], isLocal=local.__contains__)
+        T = Connected
+        self.assertIsNotNone(guard.reachedItself(T("127.0.0.2", 23790)))
+        self.assertIsNotNone(guard.reachedItself(T("::ffff:127.0.0.2", 23790)))
+        self.assertIsNotNone(guard.reachedItself(T("10.1.2.3", 23790)))
+        self.assertIsNone(guard.reachedItself(T("127.0.0.2", 2379)))
+        self.assertIsNone(guard.reachedItself(T("10.9.9.9", 23790)))
 
-        class Peer:
-            def __init__(self, host, port):
-                self.host, self.port = host, port
-
-        class T:
-            def __init__(self, host, port):
-                self.peer = Peer(host, port)
-
-            def getPeer(self):
-                return self.peer
-
-        self.assertIsNotNone(self.factory.selfLoop(T("127.0.0.2", 23790)))
-        self.assertIsNotNone(self.factory.selfLoop(T("::ffff:127.0.0.2", 23790)))
-        self.assertIsNone(self.factory.selfLoop(T("127.0.0.2", 2379)))
-        self.assertIsNone(self.factory.selfLoop(T("10.9.9.9", 23790)))
+    def test_dialOutcomesGoToTheMonitor(self):
+        """
+        The proxy decides nothing: each failed dial, a self-loop included,
+        goes to the monitor, which marks the member down and announces it;
+        dials and failures are counted.
+        """
+        changes = []
+        self.monitor.subscribe(changes.append)
+        self.guard.listeners = [FakeListener("127.0.0.1", 23790)]
+        loop = Endpoint("127.0.0.1", 23790)
+        self.pool.replaceEndpoints([loop, Endpoint("10.0.0.2", 2379), Endpoint("10.0.0.3", 2379)])
+        client, transport = self.accept()
+        self.connectUpstream()  # the gateway itself
+        self.failDial(error.ConnectionRefusedError())
+        self.connectUpstream()
+        self.assertEqual(
+            [(str(c.endpoint), c.what, c.new) for c in changes],
+            [("127.0.0.1:23790", "state", "down"), ("10.0.0.2:2379", "state", "down")],
+        )
+        self.assertTrue(changes[0].reason.startswith("self-loop: 127.0.0.1:23790"))
+        self.assertEqual(changes[1].reason, "connection refused")
+        self.assertEqual(
+            [(s.dialAttempts, s.dialFailures) for s in self.pool.states()],
+            [(1, 1), (1, 1), (1, 0)],
+        )
+        # An etcd answer (which would come through the gateway) does not
+        # bring the self-loop back.
+        self.monitor.checked(loop, CheckResult(True, "ok", answered=True))
+        self.assertFalse(self.pool.isUp(loop))

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint
 from etcdgw.gateway import Gateway
+from etcdgw.monitor import Monitor
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.shutdown import DrainService
@@ -252,7 +253,9 @@ class ReloadServiceTests(SynchronousTestCase):
         self.pool = UpstreamPool([self.a, self.b], self.clock)
         self.pool.markDown(self.b, "refused")
         self.probes = {}
-        self.gateway = Gateway(reactor=self.clock, pool=self.pool, factory=None)
+        self.gateway = Gateway(
+            reactor=self.clock, pool=self.pool, factory=None, monitor=Monitor(self.pool, self.clock)
+        )
         self.handlers = {}
 
     def probe(self, reactor, endpoint, timeout):
