@@ -7,9 +7,8 @@ Evidence, and where it comes from:
   - dial results, from the proxy: L{Monitor.dialFailed} (with the reason),
     L{Monitor.dialSucceeded};
   - TCP probe results, from the retry probes (L{etcdgw.health}):
-    L{Monitor.probeSucceeded}, L{Monitor.probeFailed} (SIGHUP's re-probes
-    are to report here too, once the wiring gives them the monitor; until
-    then L{etcdgw.signals} writes the pool itself);
+    L{Monitor.probeSucceeded}, L{Monitor.probeFailed}, and SIGHUP's
+    re-probes (L{etcdgw.signals}) the same way;
   - etcd check results (L{etcdgw.etcdhealth}: healthy or not, answered,
     refused, cluster ID): L{Monitor.checked};
   - identity reports, the cluster IDs members report to the etcd checks and
