@@ -25,6 +25,7 @@ from service_identity.hazmat import DNS_ID
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
 
 from etcdgw.endpoint import formatHostPort
+from etcdgw.fast.gate import verifyErrorText
 
 
 class ValidationError(Exception):
@@ -85,12 +86,10 @@ def _sslError(error):
 
 
 def _verifyErrorString(code):
-    try:
-        from OpenSSL._util import ffi, lib
-
-        return ffi.string(lib.X509_verify_cert_error_string(code)).decode()
-    except Exception:  # a private API: fall back to the number
-        return f"verify error {code}"
+    # OpenSSL's text for the code comes through pyOpenSSL's private binding
+    # (no public API gives it): etcdgw.fast.gate keeps that use, and its
+    # fallback, with the gateway's other uses of private names.
+    return verifyErrorText(code)
 
 
 def validateTLS(address, port, name, trust, timeout, context=None):

@@ -1,13 +1,14 @@
 """
 The fast path's gate (L{etcdgw.fast.gate}): a Twisted of another version, or
 missing what the fast path uses, gives Twisted's own transports and
-dispatch and one warning line.
+dispatch and one warning line; and the private uses the gate keeps or
+replaced outside Twisted.
 """
 
 import importlib
 import types
 
-from twisted.internet import abstract, tcp
+from twisted.internet import abstract, defer, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -16,6 +17,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import twisted
 from etcdgw import fast
+from etcdgw.endpoint import Endpoint
+from etcdgw.etcdhealth import EtcdClient
 from etcdgw.fast import gate, transport
 from etcdgw.fast.transport import FastTransport, GatewayServer
 from etcdgw.listen import GatewayPort, GatewayTCPEndpoint
@@ -230,3 +233,28 @@ class StartTests(SynchronousTestCase):
         self.assertTrue(fast.enabled())
         self.assertTrue(fast.enabled())
         self.assertEqual(calls, [1])
+
+
+class PrivateUsesTests(SynchronousTestCase):
+    def test_verifyErrorText(self):
+        """OpenSSL's own text for a verify error code."""
+        self.assertEqual(gate.verifyErrorText(20), "unable to get local issuer certificate")
+
+    def test_verifyErrorTextFallback(self):
+        """Without pyOpenSSL's private binding: the code's public name, else the number."""
+        importModule = fakeTwisted(OpenSSL___util=None)
+        text = gate.verifyErrorText(20, importModule)
+        self.assertTrue(text.endswith("(verify error 20)") or text == "verify error 20", text)
+        self.assertEqual(gate.verifyErrorText(123456, importModule), "verify error 123456")
+
+    def test_healthChecksQuiet(self):
+        """An etcd health check's connection logs no "Starting factory" line."""
+        reactor = MemoryReactorClock()
+        d = EtcdClient(reactor, timeout=2.0).request(Endpoint("127.0.0.1", 2379), b"GET", "/health")
+        factory = reactor.tcpClients[0][2]
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        factory.doStart()
+        factory.doStop()
+        self.assertEqual([e for e in events if "Starting factory" in e.get("log_format", "")], [])
+        reactor.advance(2.0)
+        self.failureResultOf(d, defer.TimeoutError)

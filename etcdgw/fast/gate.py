@@ -18,9 +18,10 @@ the reactor's part, where nothing called L{start}: tests, tools).
 
 The gateway's accept loop (L{etcdgw.listen.GatewayPort}) is not part of the
 fast path: it is there for behaviour (EMFILE back-off, connection caps) and
-runs with either kind of transport. Its Twisted internals
-(C{_fromListeningDescriptor}, for sockets from systemd; C{_realPortNumber})
-are checked and named here too.
+runs with either kind of transport. Its one Twisted internal
+(C{_fromListeningDescriptor}, for sockets from systemd) is checked and named
+here too, as are the two private uses outside Twisted, with their
+fallbacks (L{verifyErrorText}).
 
 This module owns the decision (C{_decision}); nothing else writes it.
 """
@@ -306,3 +307,28 @@ def start(reactor, verdict=None):
             twistedVersion=verdict.version,
         )
     return verdict
+
+
+def verifyErrorText(code, importModule=importlib.import_module):
+    """
+    OpenSSL's text for certificate verify error C{code} (as a pyOpenSSL
+    verify callback gets it), for L{etcdgw.verify}'s messages.
+
+    No public API maps a code to OpenSSL's text (pyOpenSSL builds it only
+    inside C{X509StoreContextError}), so this reads OpenSSL's
+    C{X509_verify_cert_error_string} through pyOpenSSL's private binding,
+    C{OpenSSL._util}. Where that is gone or fails: the code's public name in
+    pyOpenSSL (C{SSL.X509VerificationCodes}), else the number.
+    """
+    text = _lookup(importModule, "OpenSSL._util", "lib.X509_verify_cert_error_string")
+    ffi = _lookup(importModule, "OpenSSL._util", "ffi")
+    if text is not None and ffi is not None:
+        try:
+            return ffi.string(text(code)).decode()
+        except Exception:
+            pass
+    codes = _lookup(importModule, "OpenSSL.SSL", "X509VerificationCodes")
+    for name in dir(codes) if codes is not None else ():
+        if name.startswith("ERR_") and getattr(codes, name) == code:
+            return f"{name[4:].lower().replace('_', ' ')} (verify error {code})"
+    return f"verify error {code}"
