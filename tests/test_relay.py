@@ -167,14 +167,21 @@ class PythonRelayTests(RelayTestsMixin, TestCase):
 class CRelayTests(RelayTestsMixin, TestCase):
     def setUp(self):
         try:
-            from _etcdgw_relay import relay
+            import _etcdgw_relay
         except ImportError:
-            message = "_etcdgw_relay was not built (no C compiler or Python headers?)"
-            if os.environ.get("CI"):
-                raise RuntimeError("CI is set and " + message)
-            raise SkipTest(message)
-        self.relay = relay
+            self.unusable("_etcdgw_relay was not built (no C compiler or Python headers?)")
+        if getattr(_etcdgw_relay, "CONTRACT", None) != relayModule.CONTRACT:
+            self.unusable(
+                f"_etcdgw_relay ({_etcdgw_relay.__file__}) was built from older sources "
+                "(its CONTRACT differs): reinstall the project"
+            )
+        self.relay = _etcdgw_relay.relay
         super().setUp()
+
+    def unusable(self, message):
+        if os.environ.get("CI"):
+            raise RuntimeError("CI is set and " + message)
+        raise SkipTest(message)
 
     def test_usedWhenBuilt(self):
         """Where it was built, the gateway forwards with it."""
