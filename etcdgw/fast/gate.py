@@ -66,7 +66,7 @@ NEEDS = (
     ("twisted.internet.epollreactor", "EPollReactor._doReadOrWrite"),
     ("twisted.internet.epollreactor", "EPollReactor._disconnectSelectable"),
     # The accept loop (etcdgw.listen): sockets passed by systemd; the port
-    # number in its log lines.
+    # number in its log lines (tcp.Server's own __init__ reads it too).
     ("twisted.internet.tcp", "Port._fromListeningDescriptor"),
     ("twisted.internet.unix", "Port._fromListeningDescriptor"),
     ("twisted.internet.tcp", "Port._realPortNumber"),
