@@ -4,7 +4,6 @@ Go's duration syntax (C{time.ParseDuration}), as etcd's flags use it.
 C{parseDuration("1m30s") == 90.0}; C{formatDuration(60.0) == "1m0s"}.
 """
 
-import math
 import re
 
 _UNITS = {

@@ -19,21 +19,27 @@ import attr
 from zope.interface import implementer
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS
+from twisted.web.client import (  # what a failed request's reasons are wrapped in
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 
 from etcdgw.dial import describeFailure
 from etcdgw.endpoint import formatHostPort
 from etcdgw.periodic import PeriodicService
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN
+from etcdgw.tls import ClientTLS, TLSClientEndpoint, describeTLSError
 
 #: Largest answer body read from a member (a member list of hundreds of
 #: members fits easily): past it the answer is refused, whether or not its
@@ -45,52 +51,6 @@ class EtcdHTTPError(Exception):
     """
     A member's answer could not be used; the message says why, in one line.
     """
-
-
-@implementer(IPolicyForHTTPS)
-class TLSPolicy:
-    """
-    How HTTPS endpoints are verified: against C{trustRoot} (the
-    C{--trusted-ca-file} CA; the platform's when L{None}) and for the
-    endpoint's L{server name<etcdgw.endpoint.Endpoint.serverName>} (its host
-    name or IP; for an SRV-discovered endpoint, the SRV target), presenting
-    C{clientCertificate} if given.
-    """
-
-    def __init__(self, trustRoot=None, clientCertificate=None):
-        self.trustRoot = trustRoot
-        self.clientCertificate = clientCertificate
-
-    def creatorForNetloc(self, hostname, port):
-        return optionsForClientTLS(
-            hostname.decode("ascii"),
-            trustRoot=self.trustRoot,
-            clientCertificate=self.clientCertificate,
-        )
-
-
-def tlsPolicyFromFiles(caCertificates=None, certFile=None, keyFile=None):
-    """
-    A L{TLSPolicy} from the CA certificates (C{cryptography} objects, as
-    C{tap.Options} loads them) and an optional client certificate and key
-    file (PEM).
-    """
-    from cryptography.hazmat.primitives.serialization import Encoding
-    from twisted.internet.ssl import Certificate, PrivateCertificate, trustRootFromCertificates
-
-    trustRoot = None
-    if caCertificates:
-        trustRoot = trustRootFromCertificates(
-            [Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in caCertificates]
-        )
-    client = None
-    if certFile is not None:
-        with open(certFile, "rb") as f:
-            cert = f.read()
-        with open(keyFile, "rb") as f:
-            key = f.read()
-        client = PrivateCertificate.loadPEM(cert + b"\n" + key)
-    return TLSPolicy(trustRoot, client)
 
 
 @implementer(IStreamClientEndpoint)
@@ -135,7 +95,7 @@ class _MemberEndpoints:
         creator = self.tlsPolicy.creatorForNetloc(
             endpoint.serverName.encode("ascii"), endpoint.port
         )
-        return _Quiet(wrapClientTLS(creator, connect))
+        return _Quiet(TLSClientEndpoint(self.reactor, connect, creator))
 
 
 class EtcdClient:
@@ -144,12 +104,17 @@ class EtcdClient:
     reactor: one short-lived connection per request, each request (connect,
     TLS, answer, body) bounded by C{timeout} seconds, each answer body by
     L{MAX_BODY} bytes.
+
+    @param tlsPolicy: the L{IPolicyForHTTPS} of https endpoints, asked for
+        each endpoint's server name: an L{etcdgw.tls.ClientTLS} (by
+        default one that trusts the platform's CAs and presents no
+        certificate).
     """
 
     def __init__(self, reactor, timeout, tlsPolicy=None):
         self.reactor = reactor
         self.timeout = timeout
-        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else TLSPolicy()
+        self.tlsPolicy = tlsPolicy if tlsPolicy is not None else ClientTLS()
         self._pool = HTTPConnectionPool(reactor, persistent=False)
 
     @staticmethod
@@ -419,11 +384,38 @@ class EtcdProber:
         )
 
 
+#: What the HTTP client wraps the reasons of a failed request in (each
+#: holds a list of Failures in C{reasons}).
+_WRAPPED = (
+    ResponseNeverReceived,
+    ResponseFailed,
+    RequestTransmissionFailed,
+    RequestGenerationFailed,
+)
+
+
 def describeCheckFailure(reason):
+    """
+    One line saying why a request to a member (an L{EtcdClient} request:
+    a health check, a member list, a cluster ID) failed: the one place
+    that describes them. The reasons the HTTP client wraps in a list are
+    each described (a TLS failure as C{"TLS handshake failed: ..."}), not
+    printed as a list of Failure objects.
+    """
     if reason.check(defer.TimeoutError, error.TimeoutError):
         return "no answer in time"
     if reason.check(EtcdHTTPError):
         return str(reason.value)
+    if reason.check(*_WRAPPED):
+        parts = []
+        for inner in reason.value.reasons:
+            text = describeCheckFailure(inner)
+            if text not in parts:
+                parts.append(text)
+        return "; ".join(parts) or reason.type.__name__
+    tls = describeTLSError(reason.value)
+    if tls is not None:
+        return tls
     return describeFailure(reason)
 
 

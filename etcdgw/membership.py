@@ -24,11 +24,14 @@ import attr
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from etcdgw.duration import formatDuration
 from etcdgw.endpoint import EndpointError, formatHostPort, parseEndpoint
 from etcdgw.etcdhealth import ClusterIdentity, EtcdHTTPError, describeCheckFailure
 from etcdgw.periodic import PeriodicService
 from etcdgw.selfloop import isLocalAddress
+from etcdgw.sources import IEndpointSource
 
 #: The least number of learned endpoints that may await their cluster ID
 #: check at once (see L{MembershipSync}).
@@ -204,14 +207,17 @@ def ownAddressCheck(listen, isLocal=isLocalAddress):
     return check
 
 
+@implementer(IEndpointSource)
 class MembershipSync(PeriodicService):
     """
     Every C{interval} seconds, read the member list from a usable member
-    through C{client} (an L{etcdgw.etcdhealth.EtcdClient}) and replace the
-    pool's endpoints to match; then ask each endpoint added from a member
-    list that has not reported its cluster ID yet for it (C{POST
-    /v3/maintenance/status}), so it gets clients once it proves it is of
-    the gateway's cluster.
+    through C{client} (an L{etcdgw.etcdhealth.EtcdClient}) and propose to
+    the pool the endpoints that match it (learned data: see
+    L{etcdgw.pool.UpstreamPool.replaceEndpoints}); then ask each endpoint
+    added from a member list that has not reported its cluster ID yet for
+    it (C{POST /v3/maintenance/status}), so it gets clients once it proves
+    it is of the gateway's cluster. The endpoint source of
+    C{--sync-interval} (an L{etcdgw.sources.IEndpointSource}).
 
     @param identity: the L{etcdgw.etcdhealth.ClusterIdentity} the cluster
         IDs go to, shared with the etcd health checks when they run (a new
@@ -233,6 +239,7 @@ class MembershipSync(PeriodicService):
     log = Logger()
     runAtStart = True
     roundName = "membership sync"
+    kind = "member-list"
 
     def __init__(
         self, pool, reactor, interval, client, identity=None, seeds=None, refuse=None
@@ -250,6 +257,9 @@ class MembershipSync(PeriodicService):
         self._lastHeldBack = ()
         self._ignored = set()
         self._waiting = set()
+        self.rounds = 0
+        self.failures = 0
+        self.lastResult = "no read since start"
 
     def syncNow(self):
         """
@@ -259,8 +269,63 @@ class MembershipSync(PeriodicService):
         """
         return self.runNow()
 
+    def refreshNow(self):
+        """
+        Read the member list now (SIGHUP); while a read runs, wait for it.
+
+        @return: a Deferred firing, never failing, with one line saying what
+            the round did.
+        """
+        summary = defer.Deferred()
+
+        def done(_):
+            summary.callback(f"membership sync: {self.lastResult}")
+
+        # The round's own Deferred is shared (the loop waits on it): only
+        # observe it, its result stays None.
+        self.runNow().addBoth(done)
+        return summary
+
+    def describe(self):
+        """
+        One line for the status page: how often the list is read, and what
+        the last read did.
+        """
+        return (
+            f"member list read every {formatDuration(self.interval)}: {self.lastResult}"
+        )
+
     def runRound(self):
-        return self._sync()
+        d = self._sync()
+
+        def failed(reason):
+            if not reason.check(defer.CancelledError):
+                self._failed(f"round failed ({describeCheckFailure(reason)})")
+            return reason  # logged by PeriodicService
+
+        def counted(result):
+            if not (isinstance(result, Failure) and result.check(defer.CancelledError)):
+                self.rounds += 1
+            return result
+
+        return d.addErrback(failed).addBoth(counted)
+
+    def _failed(self, lastResult):
+        """
+        This round found no member list it could use: counted, and said by
+        L{refreshNow} and L{describe}.
+        """
+        self.failures += 1
+        self.lastResult = lastResult
+
+    def _propose(self, endpoints, reason):
+        """
+        The one way this source changes the pool: propose a whole list, as
+        learned data.
+
+        @return: C{(added, removed)}, as the pool says.
+        """
+        return self.pool.replaceEndpoints(list(endpoints), reason=reason, learned=True)
 
     @defer.inlineCallbacks
     def _sync(self):
@@ -274,6 +339,7 @@ class MembershipSync(PeriodicService):
     def _readMembers(self):
         candidates = [s.endpoint for s in self.pool.usable()]
         if not candidates:
+            self._failed("skipped: no usable endpoint to ask")
             self.log.warn("membership sync skipped: no usable endpoint to ask")
             return
         errors = []
@@ -291,6 +357,7 @@ class MembershipSync(PeriodicService):
             if why is None:
                 return
             errors.append(f"{endpoint}: {why}")
+        self._failed(f"no member list could be used: {'; '.join(errors)}")
         self.log.warn(
             "membership sync: no member list could be used: {errors}",
             errors="; ".join(errors),
@@ -359,6 +426,7 @@ class MembershipSync(PeriodicService):
             return why
         members = answer.get("members")
         if not isinstance(members, list):
+            self._failed(f"{source} answered no member list")
             self.log.warn(
                 "membership sync: {source} answered no member list", source=str(source)
             )
@@ -381,6 +449,7 @@ class MembershipSync(PeriodicService):
                     "membership sync: member {member} skipped: {why}", member=name, why=why
                 )
         if merge.endpoints is None:
+            self._failed(f"member list from {source} ignored: {merge.refusal}")
             self.log.error(
                 "membership sync: member list from {source} ignored: {why}",
                 source=str(source),
@@ -397,9 +466,13 @@ class MembershipSync(PeriodicService):
                 endpoints=[str(e) for e in merge.heldBack],
             )
         self._lastHeldBack = merge.heldBack
-        self.pool.replaceEndpoints(
-            list(merge.endpoints), reason=f"member list from {source}", learned=True
+        added, removed = self._propose(merge.endpoints, reason=f"member list from {source}")
+        self.lastResult = (
+            f"member list from {source}: {len(self.pool.endpoints)} endpoints, "
+            f"{len(added)} added, {len(removed)} removed"
         )
+        if merge.heldBack:
+            self.lastResult += f", {len(merge.heldBack)} held back"
         return None
 
     def _ignoredOnce(self, source, clusterID, why):

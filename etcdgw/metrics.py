@@ -21,42 +21,27 @@ PREFIX = "etcd_gateway"
 HEALTH_VALUES = ("healthy", "unhealthy", "unknown")
 
 
-def _findService(root, name):
-    if root is None:
-        return None
-    try:
-        return root.getServiceNamed(name)
-    except KeyError:
-        return None
-
-
 class GatewayCollector:
     """
     A prometheus_client collector over the gateway's live state.
 
-    @param pool: the L{etcdgw.pool.UpstreamPool}.
-    @param factory: the L{etcdgw.proxy.GatewayFactory}.
-    @param clock: an L{IReactorTime}, for the age of endpoint states.
-    @param root: the gateway's L{MultiService}, or L{None}; its
-        C{"discovery"} child (refreshes, failures) is read when it exists.
-    @param listeners: the gateway's listeners
-        (L{etcdgw.listen.ListeningService}), read for their ports' counters.
+    @param gateway: the L{etcdgw.gateway.Gateway}, read at each scrape: its
+        C{pool} and C{factory} (the counters), C{reactor} (the clock, for
+        the age of endpoint states), C{allListeners} (their ports'
+        counters) and C{discovery} (its C{rounds} and C{failures}, when the
+        gateway has SRV discovery).
     """
 
-    def __init__(self, pool, factory, clock, root=None, listeners=()):
-        self.pool = pool
-        self.factory = factory
-        self.clock = clock
-        self.root = root
-        self.listeners = listeners
+    def __init__(self, gateway):
+        self.gateway = gateway
 
     def describe(self):
-        # Collected metrics depend on runtime state (discovery may appear);
+        # Collected metrics depend on runtime state (discovery appears at start);
         # returning nothing tells the registry not to call collect() early.
         return []
 
     def collect(self):
-        factory = self.factory
+        factory = self.gateway.factory
         active = len(factory.clients)
         yield CounterMetricFamily(
             f"{PREFIX}_connections_accepted",
@@ -83,7 +68,7 @@ class GatewayCollector:
         yield from self._discovery()
 
     def _endpoints(self):
-        now = self.clock.seconds()
+        now = self.gateway.reactor.seconds()
         families = {
             "up": GaugeMetricFamily(
                 f"{PREFIX}_endpoint_up",
@@ -138,7 +123,7 @@ class GatewayCollector:
                 labels=["endpoint", "health"],
             ),
         }
-        for state in self.pool.states():
+        for state in self.gateway.pool.states():
             label = [str(state.endpoint)]
             families["up"].add_metric(label, 1 if state.up else 0)
             families["age"].add_metric(label, max(0.0, now - state.since))
@@ -148,11 +133,9 @@ class GatewayCollector:
             families["failures"].add_metric(label, state.dialFailures)
             families["sent"].add_metric(label, state.bytesToUpstream)
             families["received"].add_metric(label, state.bytesFromUpstream)
-            families["usable"].add_metric(label, 1 if getattr(state, "usable", state.up) else 0)
-            health = getattr(state, "health", None)
-            if health is not None:
-                for value in HEALTH_VALUES:
-                    families["health"].add_metric(label + [value], 1 if health == value else 0)
+            families["usable"].add_metric(label, 1 if state.usable else 0)
+            for value in HEALTH_VALUES:
+                families["health"].add_metric(label + [value], 1 if state.health == value else 0)
         yield from families.values()
 
     def _listener(self):
@@ -188,7 +171,7 @@ class GatewayCollector:
                 labels=["listener"],
             ),
         }
-        for listener in self.listeners:
+        for listener in self.gateway.allListeners:
             port = listener.port
             if port is None:
                 continue
@@ -206,27 +189,46 @@ class GatewayCollector:
                 yield family
 
     def _discovery(self):
-        discovery = _findService(self.root, "discovery")
-        if discovery is None:
+        source = self.gateway.source
+        if source.kind == "static":
             return
-        for attributes, name, doc in (
-            (("refreshes", "rounds"), "discovery_refreshes", "DNS SRV discovery refreshes."),
-            (("failures",), "discovery_failures", "DNS SRV discovery refreshes that failed."),
-        ):
-            value = next(
-                (getattr(discovery, a) for a in attributes if hasattr(discovery, a)), None
+        rounds = CounterMetricFamily(
+            f"{PREFIX}_source_rounds",
+            "Rounds of the endpoint source (SRV look-ups, member-list reads).",
+            labels=["source"],
+        )
+        rounds.add_metric([source.kind], source.rounds)
+        failures = CounterMetricFamily(
+            f"{PREFIX}_source_failures",
+            "Rounds of the endpoint source that failed or found nothing usable.",
+            labels=["source"],
+        )
+        failures.add_metric([source.kind], source.failures)
+        yield rounds
+        yield failures
+        if source.kind == "srv":
+            # The names of the first release, kept for existing dashboards.
+            yield CounterMetricFamily(
+                f"{PREFIX}_discovery_refreshes",
+                "DNS SRV discovery refreshes.",
+                value=source.rounds,
             )
-            if isinstance(value, (int, float)):
-                yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+            yield CounterMetricFamily(
+                f"{PREFIX}_discovery_failures",
+                "DNS SRV discovery refreshes that failed.",
+                value=source.failures,
+            )
 
 
-def gatewayRegistry(pool, factory, clock, root=None, process=True, listeners=()):
+def gatewayRegistry(gateway, process=True):
     """
-    A registry holding the gateway's metrics (and, with C{process}, the
-    standard C{process_*} metrics: CPU, memory, open file descriptors).
+    A registry holding the metrics of C{gateway} (an
+    L{etcdgw.gateway.Gateway}; see L{GatewayCollector}) and, with
+    C{process}, the standard C{process_*} metrics: CPU, memory, open file
+    descriptors.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(pool, factory, clock, root, listeners))
+    registry.register(GatewayCollector(gateway))
     if process:
         ProcessCollector(registry=registry)
     return registry

@@ -1,11 +1,15 @@
 """
 Moved: the lean epoll dispatch is the fast path's, in
 L{etcdgw.fast.dispatch}, applied by the gate at start (L{etcdgw.fast.start}).
-L{leanDispatch} stays importable from here only until the plugin's start
-calls L{etcdgw.fast.start} itself.
+These names stay importable from here only until the gateway's start
+(L{etcdgw.gateway}) calls L{etcdgw.fast.start} itself and its test looks
+for L{etcdgw.fast.dispatch._doPoll}.
 """
 
 from etcdgw.fast import start
+from etcdgw.fast.dispatch import _doPoll
+
+__all__ = ["_doPoll", "leanDispatch"]
 
 
 def leanDispatch(reactor):

@@ -1,7 +1,7 @@
 """
 SIGHUP: look again now. Every endpoint is probed at once (an up endpoint
 that does not answer is marked down, a down one that answers is marked up),
-and, when the gateway has a discovery service, DNS is queried again now.
+and, when the gateway has SRV discovery, DNS is queried again now.
 The result is logged as one line. With C{--workers}, the supervisor also
 passes the signal on to every worker, which does the same for its own
 endpoints. (SIGTERM and SIGINT are twistd's: they stop the reactor, see
@@ -22,32 +22,28 @@ class ReloadService(Service):
     """
     Re-probes every endpoint, and refreshes discovery, on SIGHUP.
 
-    @param root: the gateway's L{MultiService}; a child named C{"discovery"},
-        if any, has its C{refreshNow()} called.
-    @param pool: the L{etcdgw.pool.UpstreamPool}.
-    @param reactor: provides L{IReactorTCP}, L{IReactorTime} and
-        C{callFromThread} (the signal handler hands over to the reactor).
+    @param gateway: the L{etcdgw.gateway.Gateway}: its C{pool} is probed,
+        its C{discovery} (when not L{None}) has its C{refreshNow()} called,
+        and its C{workers} (when not L{None}, this process supervises
+        C{--workers}) are told first. Its C{reactor} provides
+        L{IReactorTCP}, L{IReactorTime} and C{callFromThread} (the signal
+        handler hands over to the reactor).
     @param timeout: seconds each probe may take (C{--dial-timeout}).
     @param probe: C{probe(reactor, endpoint, timeout)} -> Deferred.
     @param installSignal: C{signal.signal} to handle SIGHUP while the service
         runs, or L{None} to handle none (an injected reactor: the process's
         signals are not the caller's to take), as L{etcdgw.shutdown.DrainService}.
-    @param workers: the L{etcdgw.workers.WorkersService} when this process
-        supervises C{--workers}, else L{None}.
     """
 
     log = Logger()
 
-    def __init__(
-        self, root, pool, reactor, timeout, probe=probeTCP, installSignal=None, workers=None
-    ):
-        self.root = root
-        self.pool = pool
-        self.reactor = reactor
+    def __init__(self, gateway, timeout, probe=probeTCP, installSignal=None):
+        self.gateway = gateway
+        self.pool = gateway.pool
+        self.reactor = gateway.reactor
         self.timeout = timeout
         self._probe = probe
         self._installSignal = installSignal
-        self.workers = workers
         self._previous = None
         self._running = None
 
@@ -75,8 +71,9 @@ class ReloadService(Service):
             asked has answered. A reload already running is not doubled
             (the workers are still told: each has its own).
         """
-        if self.workers is not None:
-            self.workers.reload()
+        workers = self.gateway.workers
+        if workers is not None:
+            workers.reload()
         if self._running is not None:
             self.log.info("SIGHUP: a reload is already running")
             return self._running
@@ -99,18 +96,11 @@ class ReloadService(Service):
         return d
 
     def _refreshDiscovery(self):
-        try:
-            discovery = self.root.getServiceNamed("discovery")
-        except KeyError:
-            return defer.succeed("no discovery (static --endpoints)")
-        refresh = getattr(discovery, "refreshNow", None) or getattr(
-            discovery, "refresh", None
-        )
-        if refresh is None:
-            return defer.succeed("discovery cannot refresh")
-        d = defer.maybeDeferred(refresh)
+        # The gateway's one endpoint source (etcdgw.sources.IEndpointSource):
+        # static endpoints say so, SRV discovery and the member list look again.
+        d = defer.maybeDeferred(self.gateway.source.refreshNow)
         d.addCallbacks(
-            # A discovery that describes its round (a string) is quoted.
+            # A source that describes its round (a string) is quoted.
             lambda result: result if isinstance(result, str) else "discovery refreshed",
             lambda f: f"discovery refresh failed: {describeFailure(f)}",
         )

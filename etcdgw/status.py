@@ -2,9 +2,12 @@
 The operator's HTTP address (C{--metrics-addr}): C{/metrics} for
 Prometheus, C{/health} for load balancers and Kubernetes probes, C{/livez}
 for liveness (the gateway accepts clients), C{/} a status page a person
-reads at a glance, and C{/status.json} that the page polls to refresh
-itself in place.
+reads at a glance, C{/status.html} the part of it that the page fetches to
+refresh itself in place (one renderer, L{renderFragment}, makes both), and
+C{/status.json}, the same data for programs.
 
+L{statusSite} is served by the gateway's operator listener
+(L{etcdgw.gateway}), and reads the L{etcdgw.gateway.Gateway} it is given.
 The address is an operator's, not a client's: its connections are capped
 (see L{etcdgw.listen}), each request must arrive whole within
 L{HEADER_TIMEOUT} (absolute: a byte now and then does not extend it), and
@@ -15,16 +18,17 @@ import datetime
 import html
 import json
 
-from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from etcdgw.listen import ListeningService
 from etcdgw.metrics import MetricsResource, gatewayRegistry
 
 #: How often the status page refreshes itself, in milliseconds.
 REFRESH_MS = 2000
+#: What the status page fetches to refresh itself: its endpoints' part,
+#: rendered as in the page (L{renderFragment}).
+FRAGMENT_PATH = "status.html"
 #: How long a request (line, headers and body) may take to arrive, counted
 #: from the connection's start or the end of the previous response.
 HEADER_TIMEOUT = 10.0
@@ -40,12 +44,14 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, listeners=()):
+def gatewayStatus(pool, factory, clock, listeners=(), source=None):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
 
     @param listeners: the client listeners (L{etcdgw.listen.ListeningService}).
+    @param source: the endpoint source (L{etcdgw.sources.IEndpointSource}),
+        whose one-line description is shown, or L{None}.
     """
     now = clock.seconds()
     endpoints = []
@@ -63,11 +69,11 @@ def gatewayStatus(pool, factory, clock, listeners=()):
                 "dialFailures": state.dialFailures,
                 "bytesToUpstream": state.bytesToUpstream,
                 "bytesFromUpstream": state.bytesFromUpstream,
-                "health": getattr(state, "health", None),
-                "healthReason": getattr(state, "healthReason", None),
-                "foreign": getattr(state, "foreign", False),
-                "answering": getattr(state, "answering", True),
-                "usable": getattr(state, "usable", state.up),
+                "health": state.health,
+                "healthReason": state.healthReason,
+                "foreign": state.foreign,
+                "answering": state.answering,
+                "usable": state.usable,
                 "priority": state.endpoint.priority,
                 "weight": state.endpoint.weight,
             }
@@ -76,7 +82,8 @@ def gatewayStatus(pool, factory, clock, listeners=()):
     return {
         "now": _iso(now),
         "listen": listen,
-        "policy": getattr(pool, "policyName", None),
+        "source": source.describe() if source is not None else None,
+        "policy": pool.policyName,
         "up": pool.upCount(),
         "total": len(endpoints),
         "clients": {
@@ -230,79 +237,25 @@ td.state {{ font-weight: bold; color: #fff; }}
 tr.unusable td.health {{ color: #c0392b; font-weight: bold; }}
 tr.up td.state {{ background: #2e8b3d; }}
 tr.down td.state {{ background: #c0392b; }}
-#refreshed {{ color: #888; font-size: .9em; }}
+#refreshed, #refreshing {{ color: #888; font-size: .9em; }}
 </style>
 </head>
 <body>
 <h1>etcd-gateway</h1>
-<p class="summary" id="summary">{summary}</p>
-<table>
-<thead><tr>
-<th class="left">endpoint</th><th>state</th><th class="left">since</th>
-<th class="left">reason</th><th>etcd health</th><th>active</th><th>connections</th><th>dial failures</th>
-<th>bytes to member</th><th>bytes from member</th>
-</tr></thead>
-<tbody id="endpoints">
-{rows}
-</tbody>
-</table>
-<p id="refreshed" data-source="server">as of {now}</p>
+<div id="status">
+{fragment}
+</div>
+<p id="refreshing" hidden>refreshes every {every}</p>
 <script>
 "use strict";
+// The page is rendered by the gateway only (renderFragment): this script
+// just swaps in a freshly rendered #status.
 const REFRESH_MS = {refresh};
-function human(n) {{
-  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {{ n /= 1024; i++; }}
-  return (i ? n.toFixed(1) : String(n)) + " " + units[i];
-}}
-function ago(s) {{
-  if (s < 60) return Math.round(s) + "s ago";
-  if (s < 3600) return Math.round(s / 60) + "m ago";
-  if (s < 86400) return (s / 3600).toFixed(1) + "h ago";
-  return (s / 86400).toFixed(1) + "d ago";
-}}
-function health(e) {{
-  if (e.foreign) return "other cluster";
-  return e.health || "-";
-}}
-function cell(row, cls, text, title) {{
-  const td = row.insertCell();
-  td.className = cls;
-  td.textContent = text;
-  if (title) td.title = title;
-}}
-function render(s) {{
-  document.getElementById("summary").textContent = summary(s);
-  const body = document.getElementById("endpoints");
-  body.textContent = "";
-  for (const e of s.endpoints) {{
-    const row = body.insertRow();
-    row.className = e.state + (e.usable ? "" : " unusable");
-    row.dataset.endpoint = e.endpoint;
-    cell(row, "endpoint", e.endpoint);
-    cell(row, "state", e.state);
-    cell(row, "since", ago(e.sinceSeconds), e.since);
-    cell(row, "reason", e.reason);
-    cell(row, "health", health(e), e.healthReason || "");
-    cell(row, "active", String(e.active));
-    cell(row, "connections", String(e.connections));
-    cell(row, "dialFailures", String(e.dialFailures));
-    cell(row, "bytesToUpstream", human(e.bytesToUpstream), e.bytesToUpstream + " bytes");
-    cell(row, "bytesFromUpstream", human(e.bytesFromUpstream), e.bytesFromUpstream + " bytes");
-  }}
-  const refreshed = document.getElementById("refreshed");
-  refreshed.textContent = "as of " + s.now + " (refreshes every " + REFRESH_MS / 1000 + "s)";
-  refreshed.dataset.source = "status.json";
-}}
-function summary(s) {{
-  return s.up + "/" + s.total + " endpoints up; " + s.clients.active +
-    " client connections open, " + s.clients.accepted + " accepted, " +
-    s.clients.refused + " refused" + (s.listen ? "; listening on " + s.listen : "");
-}}
+document.getElementById("refreshing").hidden = false;
 function refresh() {{
-  fetch("status.json", {{cache: "no-store"}})
-    .then(r => r.json()).then(render)
+  fetch("{fragmentPath}", {{cache: "no-store"}})
+    .then(r => r.ok ? r.text() : Promise.reject(new Error("HTTP " + r.status)))
+    .then(fragment => {{ document.getElementById("status").innerHTML = fragment; }})
     .catch(err => {{
       const refreshed = document.getElementById("refreshed");
       refreshed.textContent = "cannot reach the gateway: " + err;
@@ -310,19 +263,47 @@ function refresh() {{
     }})
     .finally(() => setTimeout(refresh, REFRESH_MS));
 }}
-refresh();
+setTimeout(refresh, REFRESH_MS);
 </script>
 </body>
 </html>
 """
 
+_TABLE_HEAD = """<table>
+<thead><tr>
+<th class="left">endpoint</th><th>state</th><th class="left">since</th>
+<th class="left">reason</th><th>etcd health</th><th>active</th><th>connections</th><th>dial failures</th>
+<th>bytes to member</th><th>bytes from member</th>
+</tr></thead>
+<tbody id="endpoints">
+"""
+
+
+def _ago(seconds):
+    """
+    How long ago C{seconds} (at least 0) is, as a person reads it:
+    C{42s ago}, C{3m ago}, C{5.2h ago}, C{1.5d ago}; whole units rounded
+    half up.
+    """
+    if seconds < 60:
+        return f"{int(seconds + 0.5)}s ago"
+    if seconds < 3600:
+        return f"{int(seconds / 60 + 0.5)}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h ago"
+    return f"{seconds / 86400:.1f}d ago"
+
 
 def _humanBytes(n):
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+    """
+    A byte count in binary units: C{777 B}, C{2.0 KiB}, ... C{1.5 TiB}.
+    """
+    value, unit = n, "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
 def _health(e):
@@ -339,49 +320,96 @@ def _summary(status):
     )
     if status["listen"]:
         text += f"; listening on {status['listen']}"
+    if status.get("source"):
+        text += f"; endpoints from {status['source']}"
     return text
+
+
+def _row(e):
+    cells = [
+        ("endpoint", e["endpoint"], None),
+        ("state", e["state"], None),
+        ("since", _ago(e["sinceSeconds"]), e["since"]),
+        ("reason", e["reason"], None),
+        ("health", _health(e), e["healthReason"]),
+        ("active", e["active"], None),
+        ("connections", e["connections"], None),
+        ("dialFailures", e["dialFailures"], None),
+        ("bytesToUpstream", _humanBytes(e["bytesToUpstream"]), f"{e['bytesToUpstream']} bytes"),
+        (
+            "bytesFromUpstream",
+            _humanBytes(e["bytesFromUpstream"]),
+            f"{e['bytesFromUpstream']} bytes",
+        ),
+    ]
+    return (
+        f'<tr class="{html.escape(e["state"])}{"" if e["usable"] else " unusable"}" '
+        f'data-endpoint="{html.escape(e["endpoint"])}">'
+        + "".join(
+            f'<td class="{cls}"'
+            + (f' title="{html.escape(str(title))}"' if title else "")
+            + f'>{html.escape("" if text is None else str(text))}</td>'
+            for cls, text, title in cells
+        )
+        + "</tr>"
+    )
+
+
+def renderFragment(status, source=FRAGMENT_PATH):
+    """
+    The part of the status page that shows C{status} (a L{gatewayStatus}
+    dict): the summary, the endpoints' table and when it was taken. The one
+    place where the page's texts, units and formats are made: the page
+    embeds it as served, and its script swaps in the one served at
+    L{FRAGMENT_PATH}.
+
+    @param source: where it came from, for C{#refreshed}'s C{data-source}:
+        C{"server"} in the page as served, else the fragment's path.
+    """
+    return (
+        f'<p class="summary" id="summary">{html.escape(_summary(status))}</p>\n'
+        + _TABLE_HEAD
+        + "\n".join(_row(e) for e in status["endpoints"])
+        + "\n</tbody>\n</table>\n"
+        f'<p id="refreshed" data-source="{html.escape(source)}">'
+        f'as of {html.escape(status["now"])}</p>'
+    )
 
 
 def renderPage(status):
     """
     The status page for C{status} (a L{gatewayStatus} dict): complete
-    without JavaScript; its script then refreshes it from C{status.json}.
+    without JavaScript (L{renderFragment}); its script then swaps in a fresh
+    fragment every L{REFRESH_MS}.
     """
-    rows = []
-    for e in status["endpoints"]:
-        cells = [
-            ("endpoint", e["endpoint"], None),
-            ("state", e["state"], None),
-            ("since", e["since"], None),
-            ("reason", e["reason"], None),
-            ("health", _health(e), None),
-            ("active", e["active"], None),
-            ("connections", e["connections"], None),
-            ("dialFailures", e["dialFailures"], None),
-            ("bytesToUpstream", _humanBytes(e["bytesToUpstream"]), e["bytesToUpstream"]),
-            (
-                "bytesFromUpstream",
-                _humanBytes(e["bytesFromUpstream"]),
-                e["bytesFromUpstream"],
-            ),
-        ]
-        rows.append(
-            f'<tr class="{html.escape(e["state"])}{"" if e["usable"] else " unusable"}" '
-            f'data-endpoint="{html.escape(e["endpoint"])}">'
-            + "".join(
-                f'<td class="{cls}"'
-                + (f' title="{title} bytes"' if title is not None else "")
-                + f">{html.escape(str(text))}</td>"
-                for cls, text, title in cells
-            )
-            + "</tr>"
-        )
     return _PAGE.format(
-        summary=html.escape(_summary(status)),
-        rows="\n".join(rows),
-        now=html.escape(status["now"]),
+        fragment=renderFragment(status, source="server"),
+        every=f"{REFRESH_MS / 1000:g}s",
         refresh=REFRESH_MS,
+        fragmentPath=FRAGMENT_PATH,
     ).encode("utf-8")
+
+
+def _html(request, body):
+    request.setHeader("content-type", "text/html; charset=utf-8")
+    request.setHeader("cache-control", "no-store")
+    return body
+
+
+class StatusFragment(Resource):
+    """
+    C{/status.html}: L{renderFragment}, what the status page swaps in to
+    refresh itself.
+    """
+
+    isLeaf = True
+
+    def __init__(self, status):
+        super().__init__()
+        self._status = status
+
+    def render_GET(self, request):
+        return _html(request, renderFragment(self._status()).encode("utf-8"))
 
 
 class StatusPage(Resource):
@@ -399,58 +427,37 @@ class StatusPage(Resource):
         return Resource.getChild(self, path, request)
 
     def render_GET(self, request):
-        request.setHeader("content-type", "text/html; charset=utf-8")
-        request.setHeader("cache-control", "no-store")
-        return renderPage(self._status())
+        return _html(request, renderPage(self._status()))
 
 
-def statusSite(pool, factory, clock, root=None, registry=None, listeners=(), operator=()):
+def statusSite(gateway, registry=None):
     """
-    The L{Site} for C{--metrics-addr}: C{/}, C{/status.json}, C{/health},
-    C{/livez}, C{/metrics}.
+    The L{Site} for C{--metrics-addr}: C{/}, C{/status.html},
+    C{/status.json}, C{/health}, C{/livez}, C{/metrics}.
 
-    @param clock: the reactor: its timers bound each connection.
-    @param listeners: the client listeners (L{etcdgw.listen.ListeningService}):
-        C{/livez} checks each; the metrics count their connections.
-    @param operator: the metrics address's own listener(s), counted too.
+    @param gateway: the L{etcdgw.gateway.Gateway} whose state is served:
+        its C{pool}, C{factory}, C{reactor} (whose timers also bound each
+        connection) and C{listeners} (the clients', each checked by
+        C{/livez}).
+    @param registry: the metrics registry; by default the gateway's
+        (L{gatewayRegistry}).
     """
-    listeners = list(listeners)
 
     def status():
-        return gatewayStatus(pool, factory, clock, listeners)
+        return gatewayStatus(
+            gateway.pool, gateway.factory, gateway.reactor, gateway.listeners, gateway.source
+        )
 
     if registry is None:
-        registry = gatewayRegistry(
-            pool, factory, clock, root, listeners=listeners + list(operator)
-        )
+        registry = gatewayRegistry(gateway)
     top = StatusPage(status)
     top.putChild(b"status.json", StatusJSON(status))
-    top.putChild(b"health", Health(pool))
-    top.putChild(b"livez", Livez(listeners))
+    top.putChild(FRAGMENT_PATH.encode("ascii"), StatusFragment(status))
+    top.putChild(b"health", Health(gateway.pool))
+    top.putChild(b"livez", Livez(gateway.listeners))
     top.putChild(b"metrics", MetricsResource(registry))
-    site = Site(top, timeout=IDLE_TIMEOUT, reactor=clock)
+    site = Site(top, timeout=IDLE_TIMEOUT, reactor=gateway.reactor)
     site.protocol = OperatorChannel
     site.noisy = False
     site.log = lambda request: None  # no access log line per scrape
     return site
-
-
-class StatusService(ListeningService):
-    """
-    Serves L{statusSite} on C{--metrics-addr}; logs where once listening.
-
-    @param listeners: the client listeners, for C{/livez} and the metrics.
-    """
-
-    log = Logger()
-
-    def __init__(self, endpoint, address, pool, factory, clock, root=None, listeners=()):
-        site = statusSite(pool, factory, clock, root, listeners=listeners, operator=[self])
-        super().__init__(endpoint, site, address, flag="--metrics-addr")
-
-    def listening(self, port):
-        self.log.info(
-            "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
-            "status page on /",
-            where=self.describe(),
-        )

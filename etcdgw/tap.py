@@ -1,36 +1,40 @@
 """
-The twistd plugin's body: C{etcd-gateway}'s flags and its service tree.
+The twistd plugin's body: C{etcd-gateway}'s flags (L{Options}) and
+L{makeService}.
+
+L{Options} parses and checks the flags into one frozen configuration value,
+C{options.config} (L{etcdgw.config.GatewayConfig}), and does nothing else:
+no name is resolved, no socket opened, no DNS asked (the listen address's
+host name, the self-loop check's names and SRV discovery are the start's
+business, L{etcdgw.gateway}). It reads and checks the PEM files the flags
+name (bounded, L{etcdgw.tlsfiles}) and keeps their bytes in the
+configuration. A bad value is a L{usage.UsageError} naming the flag; run by
+twistd, one line and exit status 1.
 """
 
-import os
-import signal
+import ipaddress
+import sys
 
-from twisted.application.service import MultiService
-from twisted.logger import Logger
 from twisted.python import usage
 
-from etcdgw.duration import DurationError, formatDuration, parseDuration
-from etcdgw.endpoint import EndpointError, parseEndpoints
-from etcdgw.health import HealthService
-from etcdgw.listen import (
-    ListenError,
-    ListeningService,
-    descriptorBudget,
-    listenEndpoint,
-    parseListenAddress,
-    parseMode,
+from etcdgw.config import (
+    ClientCertificate,
+    GatewayConfig,
+    HealthConfig,
+    ListenConfig,
+    PEMFile,
+    SourceConfig,
+    TLSFiles,
+    WorkersConfig,
 )
-from etcdgw.reactor import leanDispatch
-from etcdgw.transport import RELAY_IN_C
-from etcdgw.pool import POLICIES, UpstreamPool
-from etcdgw.proxy import GatewayFactory
+from etcdgw.duration import DurationError, parseDuration
+from etcdgw.endpoint import EndpointError, parseEndpoints, splitHostPort
+from etcdgw.gateway import buildGateway, isResolved
+from etcdgw.listen import ENDPOINT_TYPES, ListenAddress, ListenError, parseListenAddress, parseMode
+from etcdgw.pool import POLICIES
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
-from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
-from etcdgw.shutdown import DrainService
-from etcdgw.signals import ReloadService
-from etcdgw.tlsfiles import TLSFileError, checkKeyPair, loadCertificates
-
-log = Logger(namespace="etcdgw")
+from etcdgw.tlsfiles import TLSFileError, checkKeyPair, loadCertificates, readPEMFile
+from etcdgw.transport import RELAY_IN_C
 
 DEFAULT_ENDPOINTS = "127.0.0.1:2379"
 DEFAULT_LISTEN = "127.0.0.1:23790"
@@ -40,6 +44,8 @@ ZERO_RETRY_DELAY = 300.0
 MAX_RISE_FALL = 1000
 #: The largest --workers.
 MAX_WORKERS = 256
+#: The flags that only mean something with --discovery-srv.
+DISCOVERY_FLAGS = ("discovery-dns", "discovery-refresh", "discovery-cert-file", "discovery-key-file")
 
 
 def _quoted(text, limit=80):
@@ -86,10 +92,16 @@ def _shortened(message, arguments, limit=80):
     return message
 
 
-def _duration(name, allowZero=True):
+# The converters of the flags (the fifth column of optParameters): each
+# turns the text given into the flag's value, or raises a UsageError naming
+# the flag.
+
+
+def _duration(name, allowZero=True, zeroMeans=None):
     """
     The converter of the duration flag C{--name}: Go syntax, not negative
-    (nor zero unless C{allowZero}), at most Go's longest duration.
+    (nor zero unless C{allowZero}), at most Go's longest duration; zero is
+    C{zeroMeans} when given.
     """
 
     def convert(text):
@@ -101,6 +113,8 @@ def _duration(name, allowZero=True):
             raise usage.UsageError(
                 f'--{name}: {_quoted(text)} must be {"zero or " if allowZero else ""}positive'
             )
+        if seconds == 0 and zeroMeans is not None:
+            return zeroMeans
         return seconds
 
     return convert
@@ -113,8 +127,6 @@ def _integer(name, text, low, high):
 
     @raise usage.UsageError: naming the flag and the value.
     """
-    if isinstance(text, int):
-        text = str(text)
     value = None
     if text.isascii() and text.isdigit() and len(text.lstrip("0")) <= len(str(high)):
         value = int(text)
@@ -124,52 +136,142 @@ def _integer(name, text, low, high):
     return value
 
 
-def _loadCertificates(path, flag):
+def _number(name, low, high):
     """
-    The PEM certificates in C{path} (at least one), read by
-    L{etcdgw.tlsfiles}: a regular file of bounded size.
+    The converter of the number flag C{--name} (L{_integer}).
+    """
+    return lambda text: _integer(name, text, low, high)
+
+
+def _maxConnections(text):
+    """
+    The converter of C{--max-connections}: a number from 1 to 999999999.
+    """
+    digits = text.strip()
+    if not digits.isascii() or not digits.isdigit() or len(digits.lstrip("0")) > 9:
+        raise usage.UsageError(
+            f'--max-connections: "{text[:40]}" is not a number from 1 to 999999999'
+        )
+    if int(digits) < 1:
+        raise usage.UsageError(f'--max-connections: "{text}" must be at least 1')
+    return int(digits)
+
+
+def _listenMode(text):
+    """
+    The converter of C{--listen-mode}: an octal permission mode.
+    """
+    try:
+        return parseMode(text, "--listen-mode:")
+    except ListenError as e:
+        raise usage.UsageError(str(e)) from None
+
+
+def _unresolvedListenAddress(text):
+    """
+    L{parseListenAddress} without its look-up: the host of C{host:port}, if
+    a name (or a scoped IPv6 literal), is kept as given, once checked to be
+    one DNS can hold; the listener resolves it when it starts
+    (L{etcdgw.gateway.ListenerService}).
+
+    @raise ValueError: L{ListenError} naming C{text}, or idna's
+        C{UnicodeError} for a name no DNS can hold.
+    """
+    text = text.strip()
+    if text.split(":", 1)[0] not in ENDPOINT_TYPES:
+        try:
+            host, port = splitHostPort(
+                text[1:] if text.startswith("*:") else text,
+                what="listen address",
+                allowEmptyHost=True,
+                allowPortZero=True,
+            )
+        except EndpointError:
+            pass  # parseListenAddress says why, before any look-up
+        else:
+            address = ListenAddress(text, host, port)
+            if not isResolved(address):
+                host.encode("idna")  # a label over 63 bytes, an empty one
+                return address
+    return parseListenAddress(text)
+
+
+def _listenAddress(name):
+    """
+    The converter of the listen address flag C{--name}
+    (L{_unresolvedListenAddress}).
+    """
+
+    def convert(text):
+        try:
+            address = _unresolvedListenAddress(text)
+        except ValueError as e:  # ListenError, and idna's UnicodeError for a long name
+            message = str(e) if isinstance(e, ListenError) else f"{_quoted(text)}: {e}"
+            raise usage.UsageError(f"--{name}: {message}") from None
+        if address.isTCP and not 0 <= address.port <= 65535:
+            raise usage.UsageError(
+                f"--{name}: {_quoted(text)}: port {address.port} is not in 0-65535"
+            )
+        return address
+
+    return convert
+
+
+# Checks and values that read several flags (postOptions).
+
+
+def _pemFile(path, flag):
+    """
+    The L{PEMFile} of C{--flag}, read by L{etcdgw.tlsfiles} (a regular file
+    of bounded size).
 
     @raise usage.UsageError: naming the flag and the file.
     """
     try:
-        return loadCertificates(path, flag)
+        return PEMFile(flag, path, readPEMFile(path, flag))
     except TLSFileError as e:
         raise usage.UsageError(str(e)) from None
 
 
-def _checkKeyPair(options, certFlag, keyFlag):
+def _trustedCA(path):
     """
-    Check C{--certFlag} and C{--keyFlag} as a client certificate and its key
-    (the key read from the certificate file when C{--keyFlag} is not given).
+    C{--trusted-ca-file}: its L{PEMFile} and its certificates (at least
+    one), or C{(None, ())} without it.
+
+    @raise usage.UsageError: naming the flag and the file.
+    """
+    if path is None:
+        return None, ()
+    try:
+        certificates = tuple(loadCertificates(path, "--trusted-ca-file"))
+    except TLSFileError as e:
+        raise usage.UsageError(str(e)) from None
+    # Its bytes are kept too (read again, still while parsing).
+    return _pemFile(path, "--trusted-ca-file"), certificates
+
+
+def _clientCertificate(options, certFlag, keyFlag):
+    """
+    C{--certFlag} and C{--keyFlag}, checked as a client certificate and its
+    key (the key read from the certificate file when C{--keyFlag} is not
+    given): a L{ClientCertificate}, or L{None} when neither is given.
 
     @raise usage.UsageError: naming the flag and the file at fault.
     """
     if options[keyFlag] is not None and options[certFlag] is None:
         raise usage.UsageError(f"--{keyFlag} needs --{certFlag}")
     if options[certFlag] is None:
-        return
+        return None
     try:
         checkKeyPair(options[certFlag], options[keyFlag], f"--{certFlag}", f"--{keyFlag}")
     except TLSFileError as e:
         raise usage.UsageError(str(e)) from None
-
-
-def _listenAddress(name, text):
-    """
-    Parse the listen address flag C{--name}.
-
-    @raise usage.UsageError: naming the flag and the value.
-    """
-    try:
-        address = parseListenAddress(text)
-    except ValueError as e:  # ListenError, and idna's UnicodeError for a long name
-        message = str(e) if isinstance(e, ListenError) else f"{_quoted(text)}: {e}"
-        raise usage.UsageError(f"--{name}: {message}") from None
-    if address.isTCP and not 0 <= address.port <= 65535:
-        raise usage.UsageError(
-            f"--{name}: {_quoted(text)}: port {address.port} is not in 0-65535"
-        )
-    return address
+    # tlsfiles checked the pair; their bytes are kept (read again, still
+    # while parsing) so that nothing reads the files later.
+    certificate = _pemFile(options[certFlag], f"--{certFlag}")
+    if options[keyFlag] is None:
+        return ClientCertificate(certificate, certificate)
+    return ClientCertificate(certificate, _pemFile(options[keyFlag], f"--{keyFlag}"))
 
 
 def _checkDomain(domain, serviceName):
@@ -180,10 +282,11 @@ def _checkDomain(domain, serviceName):
 
     @raise usage.UsageError: naming the flag and the value.
     """
+    # Optional and heavy (dnspython, pyOpenSSL): only with --discovery-srv.
     import dns.exception
     import dns.name
 
-    from etcdgw.discovery import serviceNames
+    from etcdgw.srv import serviceNames
 
     if not domain.strip("."):
         raise usage.UsageError(f"--discovery-srv: {_quoted(domain)} is not a DNS domain")
@@ -202,112 +305,53 @@ def _checkDomain(domain, serviceName):
             ) from None
 
 
-def _checkHealthOptions(options):
+def _literalAddresses(host, port):
     """
-    Check and complete the flags of etcd-aware health, membership sync and
-    balancing (L{etcdgw.etcdhealth}, L{etcdgw.membership}).
-
-    @raise usage.UsageError: naming the bad flag.
+    L{etcdgw.selfloop.resolve} for IP literals only, with no look-up: the
+    address C{host} is (IPv4-mapped ones unmapped, the scope dropped), or
+    nothing for a host name.
     """
-    for name, default in (
-        ("health-interval", "5s"),
-        ("health-timeout", "2s"),
-        ("sync-interval", "0s"),
-    ):
-        if isinstance(options[name], str):  # the default, given as text
-            options[name] = _duration(name)(options[name] or default)
-    if options["policy"] not in POLICIES:
-        raise usage.UsageError(
-            f'--policy: "{options["policy"]}" is not one of {", ".join(POLICIES)}'
-        )
-    if options["health-check"] not in ("tcp", "etcd"):
-        raise usage.UsageError(
-            f'--health-check: "{options["health-check"]}" is not tcp or etcd'
-        )
-    for name in ("health-rise", "health-fall"):
-        options[name] = _integer(name, options[name], 1, MAX_RISE_FALL)
-    _checkKeyPair(options, "health-cert-file", "health-key-file")
-
-
-def _etcdClient(options, reactor):
-    """
-    The HTTP client of etcd health checks and membership sync, with the TLS
-    trust of --trusted-ca-file and the client certificate of
-    --health-cert-file (or --discovery-cert-file).
-    """
-    from etcdgw.etcdhealth import EtcdClient, tlsPolicyFromFiles
-
-    cert, key = options.get("health-cert-file"), options.get("health-key-file")
-    if cert is None:
-        cert, key = options.get("discovery-cert-file"), options.get("discovery-key-file")
-    # The key is read from the certificate file when not given (checked at
-    # parse time by tlsfiles.checkKeyPair).
-    policy = tlsPolicyFromFiles(options.get("trusted-ca-certificates"), cert, key or cert)
-    return EtcdClient(reactor, options["health-timeout"], policy)
-
-
-def _checkListenerOptions(options):
-    """
-    Check --listen-mode and --max-connections against --listen-addr.
-
-    @raise usage.UsageError: naming the flag and the value.
-    """
-    mode = options["listen-mode"]
-    if mode is not None and not isinstance(mode, int):
-        try:
-            mode = parseMode(mode, "--listen-mode:")
-        except ListenError as e:
-            raise usage.UsageError(str(e)) from None
-        if not options["listen-addr"].isUNIX:
-            raise usage.UsageError(
-                "--listen-mode needs a unix: --listen-addr (it sets the socket file's "
-                "permissions)"
-            )
-        if options["listen-addr"].mode is not None:
-            raise usage.UsageError(
-                "--listen-mode: the --listen-addr string gives mode= already; give it once"
-            )
-        options["listen-mode"] = mode
-    cap = options["max-connections"]
-    if cap is not None and not isinstance(cap, int):
-        text = cap.strip()
-        if not text.isascii() or not text.isdigit() or len(text.lstrip("0")) > 9:
-            raise usage.UsageError(
-                f'--max-connections: "{cap[:40]}" is not a number from 1 to 999999999'
-            )
-        if int(text) < 1:
-            raise usage.UsageError(f'--max-connections: "{cap}" must be at least 1')
-        options["max-connections"] = int(text)
-
-
-def _connectionCaps(options):
-    """
-    The caps on open connections, C{(clients, metrics)}: --max-connections
-    or what the open-files limit allows (L{descriptorBudget}).
-    """
-    import resource
-
     try:
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (OSError, ValueError):
-        limit = None
-    clients, metrics = descriptorBudget(limit)
-    given = options.get("max-connections")
-    if given is not None and given > clients:
-        log.warn(
-            "--max-connections={given} is above what the open-files limit ({limit}) "
-            "leaves for clients ({clients}): past that, accepting pauses for lack of "
-            "descriptors instead",
-            given=given,
-            limit=limit,
-            clients=clients,
-        )
-    return (given if given is not None else clients), metrics
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return set()
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return {str(address)}
+
+
+def _isLoopback(address):
+    """
+    Whether the literal C{address} is one of this machine's own without
+    asking the kernel: a loopback address.
+    """
+    return ipaddress.ip_address(address).is_loopback
+
+
+def _checkLiteralSelfLoop(listen, endpoints):
+    """
+    The self-loop check on what the flags say literally: an endpoint that is
+    the listen address, or a loopback address when the gateway listens on
+    every interface. (Names, and the other addresses of this machine, are
+    checked when the gateway starts.)
+
+    @raise usage.UsageError: naming the two flags.
+    """
+    try:
+        checkSelfLoop(listen, endpoints, resolve=_literalAddresses, isLocal=_isLoopback)
+    except SelfLoopError as e:
+        raise usage.UsageError(f"--endpoints and --listen-addr: {e}") from None
 
 
 class Options(usage.Options):
     """
     etcd's C{etcd gateway start} flags, with its defaults, and ours.
+
+    @ivar config: the L{GatewayConfig} the flags make, once parsed.
+    @ivar arguments: the command line, as given (what C{--workers} passes
+        on to the workers).
+    @ivar explicit: the flags given whose default matters when absent
+        (C{"endpoints"}: the SRV discovery fallback).
     """
 
     synopsis = "[options]"
@@ -342,6 +386,7 @@ class Options(usage.Options):
             DEFAULT_LISTEN,
             "Where clients connect: host:port, [v6addr]:port, :port (all interfaces), "
             "or a Twisted endpoint (tcp:..., unix:/path, systemd:domain=INET:index=0).",
+            _listenAddress("listen-addr"),
         ],
         [
             "listen-mode",
@@ -349,6 +394,7 @@ class Options(usage.Options):
             None,
             "Permissions of the socket file of a unix: --listen-addr (octal) "
             "[default: 0660: its owner and group may connect, nobody else].",
+            _listenMode,
         ],
         [
             "max-connections",
@@ -359,6 +405,7 @@ class Options(usage.Options):
             "ulimit -n: (limit - 32 - metrics cap) / 2, two descriptors per client, "
             "the rest kept for probes and the metrics address; 464 at 1024, 32720 "
             "at 65536].",
+            _maxConnections,
         ],
         [
             "retry-delay",
@@ -366,7 +413,7 @@ class Options(usage.Options):
             "1m0s",
             "How often endpoints that are down are probed (Go duration: 300ms, 1m0s, "
             "1.5h; 0 means 5m, as etcd).",
-            _duration("retry-delay"),
+            _duration("retry-delay", zeroMeans=ZERO_RETRY_DELAY),
         ],
         [
             "dial-timeout",
@@ -411,12 +458,14 @@ class Options(usage.Options):
             None,
             "2",
             f"Good answers in a row that make a member healthy (1 to {MAX_RISE_FALL}).",
+            _number("health-rise", 1, MAX_RISE_FALL),
         ],
         [
             "health-fall",
             None,
             "3",
             f"Bad answers in a row that make a member unhealthy (1 to {MAX_RISE_FALL}).",
+            _number("health-fall", 1, MAX_RISE_FALL),
         ],
         [
             "health-cert-file",
@@ -455,6 +504,7 @@ class Options(usage.Options):
             "Serve Prometheus /metrics, /health, /livez and a status page / on this "
             "address (same syntax as --listen-addr, e.g. 127.0.0.1:23791; at most 64 "
             "connections, each request whole within 10s); off by default.",
+            _listenAddress("metrics-addr"),
         ],
         ["discovery-srv", None, None, "DNS domain for SRV discovery of the endpoints."],
         [
@@ -504,11 +554,17 @@ class Options(usage.Options):
         super().__init__()
         self.explicit = set()
         self.arguments = []
+        self.config = None
+        self["workers"] = 1
+        self["worker-of"] = None
+        # Each default given as text is converted once, here, by its flag's
+        # own converter: a flag's value is typed whether given or not.
+        for name, _, default, _, *convert in self.optParameters:
+            if convert and isinstance(default, str):
+                self[name] = convert[0](default)
 
     def parseOptions(self, options=None):
         if options is None:
-            import sys
-
             options = sys.argv[1:]
         self.arguments = list(options)  # what --workers passes on to workers
         try:
@@ -519,8 +575,6 @@ class Options(usage.Options):
                 raise e from None
             # Run by twistd, which would print its whole help text before
             # the error: say just what is wrong, on one line, and exit 1.
-            import sys
-
             sys.stderr.write(
                 f"etcd-gateway: error: {_oneLine(str(e))} (see: twistd etcd-gateway --help)\n"
             )
@@ -530,8 +584,6 @@ class Options(usage.Options):
                 raise
             # A parser bug (the flag fuzzer hunts them): still one line and
             # status 1, not a traceback, but saying it is a bug.
-            import sys
-
             sys.stderr.write(
                 "etcd-gateway: error: the flags could not be parsed (a bug: please "
                 f"report it with the command line): {_oneLine(_shortened(repr(e), self.arguments))}\n"
@@ -574,71 +626,103 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self):
-        self.setdefault("workers", 1)
-        self.setdefault("worker-of", None)
-        if self["retry-delay"] is None:
-            self["retry-delay"] = parseDuration("1m0s")
-        for name in ("retry-delay", "dial-timeout", "shutdown-grace"):
-            if isinstance(self[name], str):  # the default, given as text
-                self[name] = _duration(name)(self[name])
-        if self["retry-delay"] == 0:
-            self["retry-delay"] = ZERO_RETRY_DELAY
+        """
+        Check what needs several flags, and make L{config}. The checks run
+        in the order they always did (the PEM files before the discovery
+        flags); none looks anything up.
+        """
         try:
-            self["endpoints"] = parseEndpoints(self["endpoints"])
+            endpoints = tuple(parseEndpoints(self["endpoints"]))
         except EndpointError as e:
             raise usage.UsageError(f"--endpoints: {e}") from None
-        self["listen-addr"] = _listenAddress("listen-addr", self["listen-addr"])
-        if self["metrics-addr"] is not None:
-            self["metrics-addr"] = _listenAddress("metrics-addr", self["metrics-addr"])
-        _checkListenerOptions(self)
-        if self["trusted-ca-file"] is not None:
-            self["trusted-ca-certificates"] = _loadCertificates(
-                self["trusted-ca-file"], "--trusted-ca-file"
-            )
-        if self["discovery-srv"] is not None and self["sync-interval"] not in (None, "0s", 0):
+        listen = self._listen()
+        trustedCA, caCertificates = _trustedCA(self["trusted-ca-file"])
+        if self["discovery-srv"] is not None and self["sync-interval"]:
             raise usage.UsageError(
                 "--sync-interval and --discovery-srv both set the endpoints: use one or "
                 "the other"
             )
         if self["discovery-srv-name"] is not None and self["discovery-srv"] is None:
             raise usage.UsageError("--discovery-srv-name needs --discovery-srv")
-        # Every file and value is checked before discovery asks the network.
-        _checkHealthOptions(self)
-        if self["discovery-srv"] is not None:
-            self._discover()
-        else:
-            for flag in (
-                "discovery-dns",
-                "discovery-refresh",
-                "discovery-cert-file",
-                "discovery-key-file",
-            ):
+        health = self._health()
+        healthClient = _clientCertificate(self, "health-cert-file", "health-key-file")
+        discoveryClient, discovery = self._discovery(trustedCA)
+        workers = self._workers(listen.address)
+        source = SourceConfig(
+            endpoints,
+            explicit="endpoints" in self.explicit,
+            discovery=discovery,
+            syncInterval=self["sync-interval"],
+        )
+        if discovery is None:  # discovered endpoints are checked when found
+            _checkLiteralSelfLoop(listen.address, endpoints)
+        self.config = GatewayConfig(
+            source=source,
+            listen=listen,
+            health=health,
+            metrics=self["metrics-addr"],
+            dialTimeout=self["dial-timeout"],
+            policy=self["policy"],
+            tls=TLSFiles(trustedCA, caCertificates, healthClient, discoveryClient),
+            shutdownGrace=self["shutdown-grace"],
+            workers=workers,
+        )
+
+    def _listen(self):
+        """
+        The L{ListenConfig}: C{--listen-addr} with C{--listen-mode} and
+        C{--max-connections}.
+        """
+        address = self["listen-addr"]
+        mode = self["listen-mode"]
+        if mode is not None:
+            if not address.isUNIX:
+                raise usage.UsageError(
+                    "--listen-mode needs a unix: --listen-addr (it sets the socket file's "
+                    "permissions)"
+                )
+            if address.mode is not None:
+                raise usage.UsageError(
+                    "--listen-mode: the --listen-addr string gives mode= already; give it once"
+                )
+        return ListenConfig(address, mode, self["max-connections"])
+
+    def _health(self):
+        """
+        The L{HealthConfig}: --retry-delay, --health-check and its timing,
+        and the pick --policy.
+        """
+        if self["policy"] not in POLICIES:
+            raise usage.UsageError(
+                f'--policy: "{self["policy"]}" is not one of {", ".join(POLICIES)}'
+            )
+        if self["health-check"] not in ("tcp", "etcd"):
+            raise usage.UsageError(
+                f'--health-check: "{self["health-check"]}" is not tcp or etcd'
+            )
+        return HealthConfig(
+            retryDelay=self["retry-delay"],
+            check=self["health-check"],
+            interval=self["health-interval"],
+            timeout=self["health-timeout"],
+            rise=self["health-rise"],
+            fall=self["health-fall"],
+        )
+
+    def _discovery(self, trustedCA):
+        """
+        C{--discovery-srv} and its flags: C{(client certificate,
+        L{etcdgw.srv.DiscoveryConfig})}, or C{(None, None)} without
+        it. Nothing is looked up: the first round runs when the gateway
+        starts.
+        """
+        if self["discovery-srv"] is None:
+            for flag in DISCOVERY_FLAGS:
                 if self[flag] is not None:
                     raise usage.UsageError(f"--{flag} needs --discovery-srv")
-        if self["workers"] > 1 and not (self["listen-addr"].isTCP and self["listen-addr"].port):
-            raise usage.UsageError(
-                "--workers above 1 needs a TCP --listen-addr with a fixed port "
-                "(the workers share it with SO_REUSEPORT)"
-            )
-        try:
-            checkSelfLoop(self["listen-addr"], self["endpoints"])
-        except SelfLoopError as e:
-            raise usage.UsageError(f"--endpoints and --listen-addr: {e}") from None
-
-
-    def _discover(self):
-        """
-        SRV discovery at start (blocking, bounded by timeouts; the reactor is
-        not running yet): C{self["endpoints"]} becomes what was found, and
-        C{self["discovery"]} the L{DiscoveryConfig} for re-resolution.
-        """
-        from etcdgw.discovery import (
-            DiscoveryConfig,
-            DiscoveryError,
-            discoverAtStart,
-            parseNameserver,
-        )
-        from etcdgw.verify import TLSTrust
+            return None, None
+        # Optional and heavy (pyOpenSSL): only with --discovery-srv.
+        from etcdgw.srv import DiscoveryConfig, parseNameserver
 
         _checkDomain(self["discovery-srv"], self["discovery-srv-name"])
         nameserver = None
@@ -650,225 +734,40 @@ class Options(usage.Options):
                 if "--discovery-dns" not in message:
                     message = f"--discovery-dns: {_quoted(self['discovery-dns'])}: {message}"
                 raise usage.UsageError(message) from None
-        _checkKeyPair(self, "discovery-cert-file", "discovery-key-file")
-        cert = self["discovery-cert-file"]
-        config = DiscoveryConfig(
+        client = _clientCertificate(self, "discovery-cert-file", "discovery-key-file")
+        # What the validation handshakes trust and present, from the bytes
+        # read here: nothing re-reads the files.
+        trust = TLSFiles(trustedCA).clientTLS(client)
+        return client, DiscoveryConfig(
             domain=self["discovery-srv"],
             serviceName=self["discovery-srv-name"],
             insecure=bool(self["insecure-discovery"]),
-            trust=TLSTrust(self["trusted-ca-file"], cert, self["discovery-key-file"] or cert),
+            trust=trust,
             nameserver=nameserver,
             refresh=self["discovery-refresh"],
         )
-        fallback = self["endpoints"] if "endpoints" in self.explicit else None
-        try:
-            endpoints, first = discoverAtStart(config, fallback)
-        except DiscoveryError as e:
-            raise usage.UsageError(str(e)) from None
-        self["endpoints"] = endpoints
-        self["discovery"] = config
-        self["discovery-first"] = first
 
-
-class ListenerService(ListeningService):
-    """
-    Listens for clients; logs etcd's "ready" line once the port is open.
-    """
-
-    def __init__(self, endpoint, factory, address, pool):
-        super().__init__(endpoint, factory, address, flag="--listen-addr")
-        self.pool = pool
-
-    def listening(self, port):
-        log.info(
-            "ready to proxy client requests to [{endpoints}] on {listen}",
-            endpoints=" ".join(str(e) for e in self.pool.endpoints),
-            listen=self.describe(),
-        )
+    def _workers(self, listen):
+        """
+        The L{WorkersConfig}: --workers above 1 needs a TCP --listen-addr
+        with a fixed port.
+        """
+        if self["workers"] > 1 and not (listen.isTCP and listen.port):
+            raise usage.UsageError(
+                "--workers above 1 needs a TCP --listen-addr with a fixed port "
+                "(the workers share it with SO_REUSEPORT)"
+            )
+        return WorkersConfig(self["workers"], self["worker-of"], tuple(self.arguments))
 
 
 def makeService(options, reactor=None):
     """
-    Build the gateway: a listener, the upstream pool, and the health checks.
+    The gateway's service tree, built from the parsed flags
+    (L{etcdgw.gateway.buildGateway}).
+
+    @param reactor: the reactor to use; by default the process's own, whose
+        signals and event dispatch the gateway then takes over when it
+        starts.
     """
-    # Only the process's own reactor (twistd's call) takes over SIGTERM/SIGINT.
-    takeSignals = reactor is None
-    if reactor is None:
-        from twisted.internet import reactor
-
-        leanDispatch(reactor)
-        if not RELAY_IN_C:
-            log.warn(
-                "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "
-                "was not built at install (no C compiler or Python headers?); the "
-                "gateway works, with about 10% more CPU per request; reinstall with "
-                "gcc and the Python headers to get it"
-            )
-    endpoints = options["endpoints"]
-    defaulted = [str(e) for e in endpoints if getattr(e, "portDefaulted", False)]
-    if defaulted:
-        log.info(
-            "endpoints given without a port use etcd's client port 2379: {endpoints}",
-            endpoints=defaulted,
-        )
-    for endpoint in endpoints:
-        if endpoint.tls:
-            log.info(
-                "endpoint {endpoint} is https: TLS passes through the gateway end to "
-                "end, untouched; clients speak TLS to the gateway as to the member",
-                endpoint=str(endpoint),
-            )
-    pool = UpstreamPool(endpoints, reactor, policy=options.get("policy", "round-robin"))
-    factory = GatewayFactory(pool, reactor, options["dial-timeout"])
-
-    root = MultiService()
-    root.pool = pool
-    root.factory = factory
-
-    workers = options.get("workers", 1)
-    workerOf = options.get("worker-of")
-    maxClients, maxOperator = _connectionCaps(options)
-    listener = ListenerService(
-        listenEndpoint(
-            reactor,
-            options["listen-addr"],
-            reusePort=workers > 1 or workerOf is not None,
-            maxConnections=maxClients,
-            mode=options.get("listen-mode"),
-        ),
-        factory,
-        options["listen-addr"],
-        pool,
-    )
-    listener.setName("listener")
-    listener.setServiceParent(root)
-    root.listener = listener
-    # A member connection that reaches one of these is a self-loop.
-    factory.listeners = [listener]
-
-    health = HealthService(pool, reactor, options["retry-delay"], options["dial-timeout"])
-    health.setName("health")
-    health.setServiceParent(root)
-
-    if options.get("health-check") == "etcd" or options.get("sync-interval"):
-        from etcdgw.etcdhealth import ClusterIdentity
-
-        client = _etcdClient(options, reactor)
-        # The one judge of cluster IDs, whoever reads them.
-        identity = ClusterIdentity(pool)
-    if options.get("health-check") == "etcd":
-        from etcdgw.etcdhealth import EtcdHealthService, EtcdProber
-
-        etcdHealth = EtcdHealthService(
-            pool,
-            reactor,
-            options["health-interval"],
-            EtcdProber(client),
-            rise=options["health-rise"],
-            fall=options["health-fall"],
-            identity=identity,
-        )
-        etcdHealth.setName("etcd-health")
-        etcdHealth.setServiceParent(root)
-        log.info(
-            "etcd health: every member asked every {interval} (timeout {timeout}, "
-            "rise {rise}, fall {fall}); policy {policy}",
-            interval=formatDuration(options["health-interval"]),
-            timeout=formatDuration(options["health-timeout"]),
-            rise=options["health-rise"],
-            fall=options["health-fall"],
-            policy=pool.policyName,
-        )
-    if options.get("sync-interval"):
-        from etcdgw.membership import MembershipSync, ownAddressCheck
-
-        membership = MembershipSync(
-            pool,
-            reactor,
-            options["sync-interval"],
-            client,
-            identity=identity,
-            seeds=endpoints,
-            refuse=ownAddressCheck(options["listen-addr"]),
-        )
-        membership.setName("membership")
-        membership.setServiceParent(root)
-        log.info(
-            "endpoints follow the cluster's member list, read every {interval}",
-            interval=formatDuration(options["sync-interval"]),
-        )
-
-    # After the listener: MultiService stops children in reverse order, so
-    # the port stops accepting in the same turn as the drain begins.
-    drain = DrainService(
-        factory,
-        reactor,
-        options["shutdown-grace"],
-        installSignal=signal.signal if takeSignals else None,
-    )
-    drain.setName("shutdown")
-    drain.setServiceParent(root)
-
-    reload = ReloadService(
-        root, pool, reactor, options["dial-timeout"],
-        installSignal=signal.signal if takeSignals else None,
-    )
-    reload.setName("signals")
-    reload.setServiceParent(root)
-
-    if workers > 1:
-        from etcdgw.workers import WorkersService
-
-        supervisor = WorkersService(
-            workers - 1, options.arguments, reactor, options["shutdown-grace"] + 5
-        )
-        supervisor.setName("workers")
-        supervisor.setServiceParent(root)
-        reload.workers = supervisor  # SIGHUP is passed on to every worker
-    if workerOf is not None:
-        from etcdgw.workers import SupervisorWatch
-
-        watch = SupervisorWatch(workerOf, reactor, reactor.stop)
-        watch.setName("supervisor-watch")
-        watch.setServiceParent(root)
-
-    notifier = SystemdNotifier.fromEnvironment() if workerOf is None else None
-    if notifier is not None:
-        notify = SystemdNotifyService(
-            notifier, pool, listener, reactor, watchdogInterval(), listeners=[listener]
-        )
-        notify.setName("sdnotify")
-        notify.setServiceParent(root)
-
-    if options["metrics-addr"] is not None and workerOf is None:
-        from etcdgw.status import StatusService
-
-        web = StatusService(
-            listenEndpoint(reactor, options["metrics-addr"], maxConnections=maxOperator),
-            options["metrics-addr"],
-            pool,
-            factory,
-            reactor,
-            root,
-            listeners=[listener],
-        )
-        web.setName("metrics")
-        web.setServiceParent(root)
-        factory.listeners = [listener, web]
-
-    if options.get("discovery") is not None:
-        from etcdgw.discovery import DiscoveryService
-
-        discovery = DiscoveryService(
-            pool, reactor, options["discovery"], options["discovery-first"]
-        )
-        discovery.setName("discovery")
-        discovery.setServiceParent(root)
-    log.info(
-        "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
-        "pid {pid}",
-        retryDelay=formatDuration(options["retry-delay"]),
-        dialTimeout=formatDuration(options["dial-timeout"]),
-        pid=os.getpid(),
-    )
-    return root
+    gateway = buildGateway(options.config, reactor)
+    return gateway.service

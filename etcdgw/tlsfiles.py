@@ -9,10 +9,16 @@ A certificate and its key are checked as a pair (L{checkKeyPair}): both
 parse, the key is not encrypted (nothing could ask for its passphrase) and
 it is the certificate's. Every failure is a L{TLSFileError} whose message is
 one line naming the flag, the file and the reason.
+
+What is read is kept as bytes (L{readCertificates}, L{readKeyPair}): the
+configuration holds them, and L{etcdgw.tls} builds every TLS context from
+them, so no file is opened again after the start.
 """
 
 import os
 import stat
+
+import attr
 
 #: The largest PEM file read: a CA bundle of a thousand certificates fits.
 MAX_BYTES = 1 << 20
@@ -125,6 +131,41 @@ def _certificates(data, path, flag):
     return certificates
 
 
+def readCertificates(path, flag):
+    """
+    The PEM certificates in C{path} (at least one), as PEM bytes holding
+    nothing else (no key, no text between them), e.g. C{--trusted-ca-file}'s
+    CA bundle for L{etcdgw.tls.ClientTLS}.
+
+    @raise TLSFileError: naming C{flag} and C{path}.
+    """
+    return certificatesPEM(loadCertificates(path, flag))
+
+
+def certificatesPEM(certificates):
+    """
+    PEM bytes of C{cryptography} certificates, in order.
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return b"".join(c.public_bytes(Encoding.PEM) for c in certificates)
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True)
+class KeyPair:
+    """
+    A client certificate and its private key, as read and checked by
+    L{readKeyPair}.
+
+    @ivar certificate: PEM bytes: the certificate presented first, then the
+        rest of its file's certificates (its chain), in file order.
+    @ivar key: PEM bytes (PKCS#8, unencrypted) of its private key.
+    """
+
+    certificate: bytes = attr.ib(repr=False)
+    key: bytes = attr.ib(repr=False)
+
+
 def checkKeyPair(certPath, keyPath, certFlag, keyFlag):
     """
     Check a client certificate and its private key: C{certPath} holds a PEM
@@ -137,11 +178,27 @@ def checkKeyPair(certPath, keyPath, certFlag, keyFlag):
     @return: the key's path: C{keyPath}, or C{certPath} when that is L{None}.
     @raise TLSFileError: naming the flag and the file at fault.
     """
+    return _readKeyPair(certPath, keyPath, certFlag, keyFlag)[0]
+
+
+def readKeyPair(certPath, keyPath, certFlag, keyFlag):
+    """
+    Read and check a client certificate and its key as L{checkKeyPair}
+    does.
+
+    @rtype: L{KeyPair}
+    @raise TLSFileError: naming the flag and the file at fault.
+    """
+    return _readKeyPair(certPath, keyPath, certFlag, keyFlag)[1]
+
+
+def _readKeyPair(certPath, keyPath, certFlag, keyFlag):
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
     certData = readPEMFile(certPath, certFlag)
-    certificate = _certificates(certData, certPath, certFlag)[0]
+    certificates = _certificates(certData, certPath, certFlag)
+    certificate = certificates[0]
     if keyPath is None:
         keyPath, keyData = certPath, certData
         where = f"{certFlag}: {_quoted(certPath)}"
@@ -179,4 +236,9 @@ def checkKeyPair(certPath, keyPath, certFlag, keyFlag):
             f"{where}: the private key is not the one of the certificate in "
             f"{certFlag} {_quoted(certPath)}"
         )
-    return keyPath
+    pem = (
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return keyPath, KeyPair(certificatesPEM(certificates), key.private_bytes(*pem))

@@ -1,10 +1,16 @@
 """
-Proving one discovered TLS endpoint: a real TLS handshake whose certificate
-chains to the trusted CAs and names the SRV target.
+How the gateway checks a member's certificate, and proving one discovered
+TLS endpoint with a real handshake.
 
-This is blocking code (a plain socket, bounded by a timeout): discovery runs
-it off the reactor thread (see L{etcdgw.discovery}). etcd's own gateway only
-makes a TCP connection here and never reads the CA file.
+L{peerVerifier} is the one check of a peer certificate, on every TLS
+connection the gateway makes as a client (the validation handshakes here
+and, through L{etcdgw.tls}, the etcd HTTP client's): the chain to the
+trusted CAs (OpenSSL's verdict at each depth) and the name the leaf must
+carry (RFC 6125, by service_identity), each refusal one line.
+
+L{validateTLS} is blocking code (a plain socket, bounded by a timeout):
+discovery runs it off the reactor thread (see L{etcdgw.srvround}). etcd's
+own gateway only makes a TCP connection here and never reads the CA file.
 
 Every way a proof can fail is a L{ValidationError} with a one-line reason:
 a certificate that service_identity cannot even check (no subject
@@ -18,14 +24,19 @@ import select
 import socket
 import time
 
-import attr
 from OpenSSL import SSL
 from service_identity import CertificateError, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from service_identity.hazmat import DNS_ID
-from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from twisted.logger import Logger
 
 from etcdgw.endpoint import formatHostPort
 from etcdgw.fast.gate import verifyErrorText
+
+_log = Logger()
 
 
 class ValidationError(Exception):
@@ -34,47 +45,14 @@ class ValidationError(Exception):
     """
 
 
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class TLSTrust:
+class CertificateRefused(Exception):
     """
-    What a validation handshake trusts and presents.
-
-    @ivar caFile: a PEM CA bundle, or L{None} for the system trust store.
-    @ivar certFile: a PEM client certificate presented to members that ask
-        for one (etcd's C{--client-cert-auth}), or L{None}.
-    @ivar keyFile: its private key.
+    L{peerVerifier} refused a peer's certificate during a handshake; the
+    message says why, in one line.
     """
 
-    caFile: object = None
-    certFile: object = None
-    keyFile: object = None
 
-    def context(self):
-        """
-        A fresh pyOpenSSL context that verifies the peer against the trust.
-
-        @raise ValidationError: if a file cannot be loaded.
-        """
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-        try:
-            if self.caFile is not None:
-                ctx.load_verify_locations(_fs(self.caFile))
-            else:
-                ctx.set_default_verify_paths()
-            if self.certFile is not None:
-                ctx.use_certificate_chain_file(_fs(self.certFile))
-                ctx.use_privatekey_file(_fs(self.keyFile or self.certFile))
-        except SSL.Error as e:
-            raise ValidationError(f"cannot load TLS files: {_sslError(e)}") from None
-        return ctx
-
-
-def _fs(path):
-    return path.encode() if isinstance(path, str) else path
-
-
-def _sslError(error):
+def sslErrorText(error):
     """
     One line from an C{SSL.Error} (a list of OpenSSL error tuples).
     """
@@ -95,16 +73,17 @@ def _verifyErrorString(code):
 def validateTLS(address, port, name, trust, timeout, context=None):
     """
     Connect to C{address}:C{port} (an IP), make a TLS handshake, and check
-    that the certificate chains to C{trust} and names C{name} (RFC 6125, by
-    service_identity).
+    the certificate with L{peerVerifier}: it chains to C{trust} and names
+    C{name} (RFC 6125, by service_identity).
 
     C{name} is a host name (sent as SNI, matched against the certificate's
     DNS names) or an IP literal (an SRV target may be one, as in etcd,
     which dials it as an address): then no SNI is sent (RFC 6066 forbids an
     address there) and it must be one of the certificate's IP addresses.
 
-    @param context: a context from L{TLSTrust.context}, to reuse; built
-        from C{trust} when L{None}.
+    @param trust: what makes the context when C{context} is not given: an
+        L{etcdgw.tls.ClientTLS}.
+    @param context: a context from C{trust.context()}, to reuse.
     @return: L{None} once proven.
     @raise ValidationError: with a one-line reason otherwise.
     """
@@ -126,15 +105,7 @@ def validateTLS(address, port, name, trust, timeout, context=None):
     except OSError as e:
         raise ValidationError(f"cannot open a socket to {where}: {e.strerror or e}") from None
     failures = []
-
-    def verify(conn, cert, errnum, depth, ok):
-        if not ok and not failures:
-            subject = cert.get_subject().CN or str(cert.get_subject())
-            failures.append(
-                f"certificate verify failed: {_verifyErrorString(errnum)} "
-                f"(depth {depth}, subject CN={subject})"
-            )
-        return ok
+    verifier = peerVerifier(name, where, failures.append)
 
     try:
         sock.settimeout(max(timeout, 0.001))
@@ -146,7 +117,7 @@ def validateTLS(address, port, name, trust, timeout, context=None):
             raise ValidationError(f"connect to {where}: {e.strerror or e}") from None
         sock.setblocking(False)
         conn = SSL.Connection(context, sock)
-        conn.set_verify(SSL.VERIFY_PEER, verify)
+        conn.set_verify(SSL.VERIFY_PEER, verifier)
         if not isAddress:
             try:
                 conn.set_tlsext_host_name(name.encode("idna"))
@@ -172,32 +143,108 @@ def validateTLS(address, port, name, trust, timeout, context=None):
                 if failures:
                     raise ValidationError(failures[0]) from None
                 raise ValidationError(
-                    f"TLS handshake with {where} failed: {_sslError(e)}"
+                    f"TLS handshake with {where} failed: {sslErrorText(e)}"
                 ) from None
         if failures:  # pragma: no cover - OpenSSL fails the handshake first
             raise ValidationError(failures[0])
-        try:
-            if isAddress:
-                verify_ip_address(conn, name)
-            else:
-                verify_hostname(conn, name)
-        except VerificationError as e:
-            names = _certificateNames(conn)
-            raise ValidationError(
-                f"certificate does not name {name} (it names {names}): {e}"
-            ) from None
-        except (CertificateError, ValueError) as e:
-            # No subject alternative name, or one service_identity refuses
-            # to match (a "*" alone): the certificate cannot name anything.
-            raise ValidationError(
-                f"certificate of {where} cannot be checked against {name}: {_oneLine(e)}"
-            ) from None
+        if not verifier.leafChecked:  # pragma: no cover - OpenSSL always asks
+            raise ValidationError(f"certificate of {where} was not checked against {name}")
         try:
             conn.shutdown()
         except SSL.Error:
             pass
     finally:
         sock.close()
+
+
+def peerVerifier(name, where, refuse):
+    """
+    A pyOpenSSL verify callback (for C{Connection.set_verify}) that accepts
+    the peer's certificate only if it chains to the context's trust
+    (OpenSSL's verdict, at every depth) and the leaf names C{name}: a host
+    name, matched against its DNS names, or an IP literal, against its IP
+    addresses (an SRV target may be one, as in etcd, which dials it as an
+    address). Nothing escapes it: any error refuses.
+
+    @param where: C{host:port} (or the name) of the peer, for messages.
+    @param refuse: called once, with the one-line reason, at the first
+        refusal; the handshake then fails.
+    @return: the callback; its C{leafChecked} says whether the leaf's name
+        was checked (and passed).
+    """
+    return _PeerVerifier(name, where, refuse)
+
+
+class _PeerVerifier:
+    """
+    See L{peerVerifier}.
+    """
+
+    def __init__(self, name, where, refuse):
+        self.name = name
+        self.where = where
+        self.refuse = refuse
+        self.refused = None
+        self.leafChecked = False
+
+    def __call__(self, connection, certificate, errnum, depth, ok):
+        if self.refused is not None:
+            return False
+        try:
+            if not ok:
+                reason = (
+                    f"certificate verify failed: {_verifyErrorString(errnum)} "
+                    f"(depth {depth}, subject CN={_commonName(certificate)})"
+                )
+            elif depth == 0:
+                reason = self._nameProblem(certificate.to_cryptography())
+                self.leafChecked = reason is None
+            else:
+                reason = None
+        except Exception as e:  # an OpenSSL callback must not raise
+            reason = (
+                f"certificate of {self.where} cannot be checked against {self.name}: "
+                f"{type(e).__name__}: {_oneLine(e)}"
+            )
+        if reason is None:
+            return True
+        self.refused = reason
+        try:
+            self.refuse(reason)
+        except Exception:  # the handshake fails all the same
+            _log.failure("while refusing the certificate of {where}", where=self.where)
+        return False
+
+    def _nameProblem(self, certificate):
+        """
+        Why C{certificate} does not name C{self.name}, or L{None}.
+        """
+        try:
+            if _isAddress(self.name):
+                verify_certificate_ip_address(certificate, self.name)
+            else:
+                verify_certificate_hostname(certificate, self.name)
+        except VerificationError as e:
+            return (
+                f"certificate does not name {self.name} (it names "
+                f"{_certificateNames(certificate)}): {e}"
+            )
+        except (CertificateError, ValueError) as e:
+            # No subject alternative name, or one service_identity refuses
+            # to match (a "*" alone): the certificate cannot name anything.
+            return (
+                f"certificate of {self.where} cannot be checked against {self.name}: "
+                f"{_oneLine(e)}"
+            )
+        return None
+
+
+def _commonName(certificate):
+    from cryptography.x509.oid import NameOID
+
+    subject = certificate.to_cryptography().subject
+    names = subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value if names else subject.rfc4514_string()
 
 
 def _isAddress(name):
@@ -230,13 +277,12 @@ def _wait(sock, deadline, where, read):
         raise ValidationError(f"TLS handshake with {where} timed out")
 
 
-def _certificateNames(conn):
+def _certificateNames(cert):
+    """
+    The DNS names and IP addresses a (C{cryptography}) certificate names.
+    """
     from cryptography import x509
 
-    cert = conn.get_peer_certificate()
-    if cert is None:
-        return "nothing"
-    cert = cert.to_cryptography()
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:

@@ -5,20 +5,24 @@ One Python process forwards on one core. With C{--workers N} the gateway
 starts N-1 more copies of itself (the same flags) that listen on the same TCP
 port with C{SO_REUSEPORT}, so the kernel spreads new connections over N
 processes, each with its own reactor and its own endpoint health. The first
-process supervises the others: it logs their output with their name, restarts
-one that dies (after a growing delay), passes SIGHUP on to each (which
-re-probes its own endpoints), and on stop sends each SIGTERM (so it drains as
-usual) and waits for it to exit before exiting itself. A worker whose
-supervisor disappears stops by itself.
+process supervises the others (L{WorkersService}, Twisted's procmon plus what
+it lacks): it logs their output with their name, restarts one that dies
+(after a growing delay), passes SIGHUP on to each (which re-probes its own
+endpoints), and on stop sends each SIGTERM (so it drains as usual) and waits
+for it to exit before exiting itself. A worker whose supervisor disappears
+stops by itself (L{SupervisorWatch}, in the worker).
 """
 
 import os
 import signal
 import sys
 
-from twisted.application.service import Service
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
+from twisted.runner.procmon import ProcessMonitor
+from zope.interface import implementer
 
 from etcdgw.periodic import PeriodicService
 
@@ -57,29 +61,86 @@ def workerArguments(pluginArguments, supervisor):
 
 
 class _Worker(protocol.ProcessProtocol):
+    """
+    Stands between one worker process and ProcessMonitor's protocol for it,
+    for what procmon cannot do: procmon's C{LoggingProtocol} raises on an
+    output line over 16 KiB (its line logger's transport has no
+    C{loseConnection}) and cannot say whether the worker has written
+    anything yet, so this logs the output itself; procmon's protocol still
+    gets the connection (procmon signals the process through its
+    C{transport}) and the end (procmon restarts it, or not).
+
+    @ivar ended: fires with the exit status (C{ProcessDone} or
+        C{ProcessTerminated}) after procmon has handled the end.
+    @ivar talked: whether the worker wrote anything yet: then it runs
+        L{TWISTD} and ignores SIGHUP, or handles it (see
+        L{WorkersService.reload}).
+    """
+
     log = Logger()
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, monitored):
+        self.monitored = monitored
+        self.name = monitored.name
         self.ended = defer.Deferred()
-        #: Whether it wrote anything yet: then it runs TWISTD and ignores
-        #: SIGHUP, or handles it (see L{WorkersService.reload}).
         self.talked = False
         self._partial = b""
+
+    def makeConnection(self, transport):
+        self.monitored.makeConnection(transport)
+        super().makeConnection(transport)
 
     def outReceived(self, data):
         self.talked = True
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            self.log.info("[{worker}] {line}", worker=self.name,
-                          line=line.decode("utf-8", "replace"))
+            self._logLine(line)
 
     errReceived = outReceived
 
+    def _logLine(self, line):
+        self.log.info("[{worker}] {line}", worker=self.name,
+                      line=line.decode("utf-8", "replace"))
+
     def processEnded(self, reason):
-        # ProcessDone or ProcessTerminated: exitCode, or the signal's number.
-        self.ended.callback(reason.value)
+        if self._partial:
+            self._logLine(self._partial)
+            self._partial = b""
+        try:
+            self.monitored.processEnded(reason)
+        finally:
+            # ProcessDone or ProcessTerminated: exitCode, or the signal's number.
+            self.ended.callback(reason.value)
+
+
+@implementer(IReactorProcess, IReactorTime)
+class _Spawner:
+    """
+    The reactor as L{WorkersService}'s ProcessMonitor sees it: the same
+    reactor, except that each process spawned gets a L{_Worker} in front of
+    procmon's protocol (procmon builds that protocol itself and offers no
+    hook to replace or extend it), and C{spawned(worker)} is told.
+    """
+
+    def __init__(self, reactor, spawned):
+        self._reactor = reactor
+        self._spawned = spawned
+
+    def spawnProcess(self, processProtocol, executable, args=(), env=None, **kwargs):
+        worker = _Worker(processProtocol)
+        transport = self._reactor.spawnProcess(worker, executable, args, env=env, **kwargs)
+        self._spawned(worker)
+        return transport
+
+    def callLater(self, delay, f, *args, **kwargs):
+        return self._reactor.callLater(delay, f, *args, **kwargs)
+
+    def seconds(self):
+        return self._reactor.seconds()
+
+    def getDelayedCalls(self):
+        return self._reactor.getDelayedCalls()
 
 
 def _signalName(signum):
@@ -89,62 +150,76 @@ def _signalName(signum):
         return f"signal {signum}"
 
 
-class WorkersService(Service):
+class WorkersService(ProcessMonitor):
     """
-    Runs and supervises C{count} worker processes.
+    Runs and supervises C{count} worker processes, named C{worker-1} to
+    C{worker-N}.
+
+    Twisted's L{ProcessMonitor} owns the processes: it spawns them, restarts
+    one that dies (at once after a run longer than L{threshold}, else after
+    a delay from L{minRestartDelay}, doubled at each quick death up to
+    L{maxRestartDelay}), and on stop sends each SIGTERM (so it drains as
+    usual) and SIGKILL after C{killTime} (C{stopTimeout}). This class adds
+    only what procmon does not do: the workers' command line, built at start
+    (it names this process's pid) with an environment without systemd's
+    variables; their output logged with their name (L{_Worker}); each exit
+    logged, with the signal's name when killed, and the restart delay
+    (procmon logs nothing for a process that exits or is killed); SIGHUP
+    passed on (L{reload}); and a L{stopService} whose Deferred fires when
+    every worker has exited (procmon's returns nothing).
 
     @param count: how many workers (besides this process).
     @param pluginArguments: this gateway's own flags, which each worker gets
         (see L{workerArguments}).
     @param stopTimeout: how long a worker may take to drain after SIGTERM
         before it is killed.
+
+    @ivar workers: the worker processes running now, by name (each a
+        L{_Worker}); procmon's own tables (C{protocols}, C{restart}, ...)
+        are read, never written, here.
     """
 
     log = Logger()
-    restartDelay = 1.0
+    threshold = 10.0
+    minRestartDelay = 2.0
     maxRestartDelay = 30.0
 
     def __init__(self, count, pluginArguments, reactor, stopTimeout, env=None):
+        super().__init__(_Spawner(reactor, self._spawned))
         self.count = count
         self.pluginArguments = pluginArguments
         self.argv = None
         self.reactor = reactor
-        self.stopTimeout = stopTimeout
+        self.killTime = stopTimeout
         env = dict(os.environ if env is None else env)
         for name in PRIVATE_ENVIRONMENT:
             env.pop(name, None)
         self.env = env
         self.workers = {}
-        self._delays = {}
-        self._restarts = {}
 
     def startService(self):
+        if self.argv is None:
+            # Only now: the pid must be the running (maybe daemonized) process's.
+            self.argv = workerCommand(self.pluginArguments, os.getpid())
+            for i in range(1, self.count + 1):
+                self.addProcess(f"worker-{i}", self.argv, env=self.env)
         super().startService()
-        # Only now: the pid must be the running (maybe daemonized) process's.
-        self.argv = workerCommand(self.pluginArguments, os.getpid())
-        for i in range(1, self.count + 1):
-            self._start(f"worker-{i}")
 
-    def _start(self, name):
-        self._restarts.pop(name, None)
-        worker = _Worker(name)
-        self.workers[name] = worker
-        worker.transport = self.reactor.spawnProcess(
-            worker, self.argv[0], self.argv, env=self.env
-        )
-        worker.started = self.reactor.seconds()
-        self.log.info("started {worker} (pid {pid})", worker=name, pid=worker.transport.pid)
-        worker.ended.addCallback(self._ended, name, worker)
+    def _spawned(self, worker):
+        self.workers[worker.name] = worker
+        self.log.info("started {worker} (pid {pid})", worker=worker.name, pid=worker.transport.pid)
+        worker.ended.addCallback(self._ended, worker)
 
-    def _ended(self, status, name, worker):
+    def _ended(self, status, worker):
+        name = worker.name
         if self.workers.get(name) is worker:
             del self.workers[name]
-        if not self.running:
+        restart = self.restart.get(name)
+        if not self.running or restart is None or not restart.active():
             return status
-        ranFor = self.reactor.seconds() - worker.started
-        delay = self._delays.get(name, self.restartDelay)
-        delay = self.restartDelay if ranFor > 10 else min(self.maxRestartDelay, delay * 2)
-        self._delays[name] = delay
+        # What procmon has just scheduled, to the millisecond (the reactor's
+        # clock moved on a little since).
+        delay = round(max(0.0, restart.getTime() - self.reactor.seconds()), 3)
         if status.signal is not None:
             self.log.error(
                 "{worker} was killed by {signal}; restarting it in {delay}s",
@@ -155,7 +230,6 @@ class WorkersService(Service):
                 "{worker} exited with status {code}; restarting it in {delay}s",
                 worker=name, code=status.exitCode, delay=delay,
             )
-        self._restarts[name] = self.reactor.callLater(delay, self._start, name)
         return status
 
     def reload(self):
@@ -168,7 +242,10 @@ class WorkersService(Service):
         told, starting = [], []
         for name, worker in sorted(self.workers.items()):
             if worker.talked:
-                self._signal(worker, signal.SIGHUP)
+                try:
+                    worker.transport.signalProcess(signal.SIGHUP)
+                except ProcessExitedAlready:
+                    pass
                 told.append(name)
             else:
                 starting.append(name)
@@ -178,24 +255,15 @@ class WorkersService(Service):
         )
 
     def stopService(self):
-        super().stopService()
-        for call in self._restarts.values():
-            if call.active():
-                call.cancel()
-        self._restarts.clear()
-        ended = []
-        for name, worker in list(self.workers.items()):
-            self._signal(worker, signal.SIGTERM)
-            kill = self.reactor.callLater(self.stopTimeout, self._signal, worker, signal.SIGKILL)
-            worker.ended.addBoth(lambda result, kill=kill: kill.active() and kill.cancel())
-            ended.append(worker.ended)
-        return defer.DeferredList(ended)
+        """
+        Stop restarting; SIGTERM each worker, SIGKILL one still there after
+        C{killTime} (procmon's stop).
 
-    def _signal(self, worker, signum):
-        try:
-            worker.transport.signalProcess(signum)
-        except Exception:
-            pass  # already gone
+        @return: a Deferred that fires once every worker has exited.
+        """
+        ended = [worker.ended for worker in self.workers.values()]
+        super().stopService()
+        return defer.DeferredList(ended)
 
 
 class SupervisorWatch(PeriodicService):

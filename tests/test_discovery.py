@@ -1,478 +1,29 @@
 """
-Tests for L{etcdgw.discovery}: record names, parsing, TTL clamping, one round
-against a fake resolver, and the merge into the pool on a MemoryReactorClock.
+Tests for L{etcdgw.discovery}: the round at start, and the service that
+schedules rounds and merges them into the pool, on a MemoryReactorClock
+with rounds answered by the test.
 """
 
-import threading
-
-import dns.name
-import dns.rdata
-import dns.rdataclass
-import dns.rdatatype
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python import failure, usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from etcdgw.discovery import (
-    MAX_REFRESH,
+from etcdgw.discovery import DiscoveryService, discoverAtStart
+from etcdgw.endpoint import Endpoint
+from etcdgw.pool import UpstreamPool
+from etcdgw.srv import (
     MIN_REFRESH,
     PLAIN_REFUSED,
     DiscoveredEndpoint,
     DiscoveryConfig,
     DiscoveryError,
     DiscoveryResult,
-    DiscoveryService,
-    LookupFailed,
     SRVRecord,
-    _parallel,
-    clampTTL,
-    discover,
-    discoverAtStart,
-    nextInterval,
-    parseNameserver,
-    parseSRV,
-    serviceNames,
 )
-from etcdgw.endpoint import Endpoint
-from etcdgw.pool import UpstreamPool
-from etcdgw.verify import ValidationError
-
-SSL = "_etcd-client-ssl._tcp.etcd.test"
-PLAIN = "_etcd-client._tcp.etcd.test"
-
-
-def srvRdata(priority, weight, port, target):
-    return dns.rdata.from_text(
-        dns.rdataclass.IN, dns.rdatatype.SRV, f"{priority} {weight} {port} {target}"
-    )
-
-
-class _A:
-    def __init__(self, address):
-        self.address = address
-
-
-class FakeResolver:
-    """
-    A zone in a dict: C{{(name, rdtype): (rdatas, ttl) or LookupFailed}}.
-    """
-
-    def __init__(self, zone):
-        self.zone = zone
-        self.asked = []
-
-    def lookup(self, name, rdtype):
-        self.asked.append((name, rdtype))
-        answer = self.zone.get((name, rdtype), ([], None))
-        if isinstance(answer, Exception):
-            raise answer
-        return answer
-
-
-def zone(ssl=(), plain=(), ttl=30, hosts=None):
-    """
-    SRV records as C{(priority, weight, port, target)}; every target resolves
-    to the address in C{hosts} (default 127.0.0.N in order of appearance).
-    """
-    result = {}
-    if ssl:
-        result[(SSL, "SRV")] = ([srvRdata(*r) for r in ssl], ttl)
-    if plain:
-        result[(PLAIN, "SRV")] = ([srvRdata(*r) for r in plain], ttl)
-    hosts = dict(hosts or {})
-    for index, record in enumerate(list(ssl) + list(plain)):
-        target = record[3].rstrip(".")
-        address = hosts.setdefault(target, f"127.0.0.{index + 1}")
-        if address is not None:
-            result[(target, "A")] = ([_A(address)], ttl)
-    return result
-
-
-class FakeValidator:
-    """
-    Records each validation; refuses targets listed in C{refuse}.
-    """
-
-    def __init__(self, refuse=(), raises=None):
-        self.refuse = dict.fromkeys(refuse, "certificate verify failed: rogue")
-        self.raises = dict(raises or {})
-        self.calls = []
-
-    def __call__(self, address, port, name, trust, timeout, context=None):
-        self.calls.append((address, port, name))
-        if name in self.refuse:
-            raise ValidationError(self.refuse[name])
-        if name in self.raises:
-            raise self.raises[name]
-
-
-class NamesTests(SynchronousTestCase):
-    def test_names(self):
-        """
-        The TLS name first, then the plain one, as etcd.
-        """
-        self.assertEqual(
-            serviceNames("example.com."),
-            [("_etcd-client-ssl._tcp.example.com", True), ("_etcd-client._tcp.example.com", False)],
-        )
-
-    def test_serviceName(self):
-        """
-        --discovery-srv-name adds -NAME to both service labels.
-        """
-        self.assertEqual(
-            [n for n, _ in serviceNames("example.com", "prod")],
-            ["_etcd-client-ssl-prod._tcp.example.com", "_etcd-client-prod._tcp.example.com"],
-        )
-
-    def test_nameserver(self):
-        """
-        --discovery-dns takes IP:PORT, [v6]:PORT or an IP alone; a name is refused.
-        """
-        self.assertEqual(parseNameserver("127.0.0.1:8600"), ("127.0.0.1", 8600))
-        self.assertEqual(parseNameserver("[::1]:53"), ("::1", 53))
-        self.assertEqual(parseNameserver("10.0.0.2"), ("10.0.0.2", 53))
-        e = self.assertRaises(ValueError, parseNameserver, "dns.example:53")
-        self.assertIn('"dns.example" must be an IP address', str(e))
-
-
-class ParseTests(SynchronousTestCase):
-    def test_records(self):
-        """
-        Priority, weight, port and target (lower case, no trailing dot) are kept.
-        """
-        records, refused = parseSRV(
-            SSL, True, [srvRdata(10, 5, 2379, "M1.Etcd.Test."), srvRdata(20, 0, 2380, "m2.etcd.test.")], 42
-        )
-        self.assertEqual(refused, [])
-        self.assertEqual(
-            [(r.target, r.port, r.priority, r.weight, r.ttl, r.tls) for r in records],
-            [("m1.etcd.test", 2379, 10, 5, 42, True), ("m2.etcd.test", 2380, 20, 0, 42, True)],
-        )
-
-    def test_dotTarget(self):
-        """
-        A target of "." (no service, RFC 2782) is skipped.
-        """
-        records, refused = parseSRV(SSL, True, [srvRdata(0, 0, 2379, ".")], 5)
-        self.assertEqual((records, refused), ([], []))
-
-    def test_portZero(self):
-        """
-        Port 0 is refused, naming the record.
-        """
-        records, refused = parseSRV(PLAIN, False, [srvRdata(0, 0, 0, "m1.etcd.test.")], 5)
-        self.assertEqual(records, [])
-        self.assertEqual(refused, [(f"{PLAIN} m1.etcd.test:0", "port 0 is not in 1-65535")])
-
-
-class TTLTests(SynchronousTestCase):
-    def test_clamp(self):
-        """
-        The TTL is clamped to [5s, 5m]; no TTL means the lower bound.
-        """
-        self.assertEqual(clampTTL(1), MIN_REFRESH)
-        self.assertEqual(clampTTL(0), MIN_REFRESH)
-        self.assertEqual(clampTTL(42), 42.0)
-        self.assertEqual(clampTTL(86400), MAX_REFRESH)
-        self.assertEqual(clampTTL(None), MIN_REFRESH)
-
-    def test_nextInterval(self):
-        """
-        --discovery-refresh wins over the TTL; 0 turns re-resolution off; a
-        failed round retries at the lower bound.
-        """
-        found = DiscoveryResult(records=("r",), ttl=3600)
-        self.assertEqual(nextInterval(DiscoveryConfig("d"), found), MAX_REFRESH)
-        self.assertEqual(nextInterval(DiscoveryConfig("d", refresh=2.0), found), 2.0)
-        self.assertIsNone(nextInterval(DiscoveryConfig("d", refresh=0), found))
-        failed = DiscoveryResult(errors=(("x", "timed out"),))
-        self.assertEqual(nextInterval(DiscoveryConfig("d"), failed), MIN_REFRESH)
-
-
-class DiscoverTests(SynchronousTestCase):
-    def test_tlsVerified(self):
-        """
-        TLS records become endpoints at the target's address, carrying the
-        name, priority and weight, after validation against the target name.
-        """
-        validator = FakeValidator()
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[(0, 1, 2379, "m1.etcd.test."), (1, 2, 2380, "m2.etcd.test.")], ttl=17)),
-            validator,
-        )
-        self.assertEqual(
-            list(result.endpoints),
-            [
-                DiscoveredEndpoint("127.0.0.1", 2379, 0, 1, True, name="m1.etcd.test", verified=True),
-                DiscoveredEndpoint("127.0.0.2", 2380, 1, 2, True, name="m2.etcd.test", verified=True),
-            ],
-        )
-        self.assertEqual(
-            sorted(validator.calls),
-            [("127.0.0.1", 2379, "m1.etcd.test"), ("127.0.0.2", 2380, "m2.etcd.test")],
-        )
-        self.assertEqual(result.ttl, 17)
-        self.assertEqual(str(result.endpoints[0]), "m1.etcd.test:2379 (127.0.0.1)")
-        self.assertEqual(result.endpoints[0].key, ("127.0.0.1", 2379))
-
-    def test_plainRefused(self):
-        """
-        Without --insecure-discovery a plain record is refused with the
-        documented reason and never validated.
-        """
-        validator = FakeValidator()
-        result = discover(
-            DiscoveryConfig("etcd.test"), FakeResolver(zone(plain=[(0, 0, 2379, "m1.etcd.test.")])), validator
-        )
-        self.assertEqual(result.endpoints, ())
-        self.assertEqual(result.refused, ((f"{PLAIN} m1.etcd.test:2379", PLAIN_REFUSED),))
-        self.assertEqual(validator.calls, [])
-        self.assertIn("--insecure-discovery accepts it", result.describe())
-
-    def test_insecure(self):
-        """
-        With --insecure-discovery every record is accepted, unverified, without
-        a handshake.
-        """
-        validator = FakeValidator()
-        result = discover(
-            DiscoveryConfig("etcd.test", insecure=True),
-            FakeResolver(zone(ssl=[(0, 0, 2379, "m1.etcd.test.")], plain=[(0, 0, 2380, "m2.etcd.test.")])),
-            validator,
-        )
-        self.assertEqual([(e.port, e.tls, e.verified) for e in result.endpoints],
-                         [(2379, True, False), (2380, False, False)])
-        self.assertEqual(validator.calls, [])
-
-    def test_validationRefused(self):
-        """
-        A TLS endpoint that fails validation is refused with the reason; the
-        others are kept.
-        """
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[(0, 0, 2379, "rogue.etcd.test."), (0, 0, 2380, "m1.etcd.test.")])),
-            FakeValidator(refuse=["rogue.etcd.test"]),
-        )
-        self.assertEqual([e.name for e in result.endpoints], ["m1.etcd.test"])
-        self.assertEqual(
-            result.refused,
-            ((f"{SSL} rogue.etcd.test:2379", "certificate verify failed: rogue"),),
-        )
-
-    def test_unresolvedTarget(self):
-        """
-        A target without an address is refused, saying so.
-        """
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[(0, 0, 2379, "gone.etcd.test.")], hosts={"gone.etcd.test": None})),
-            FakeValidator(),
-        )
-        self.assertEqual(result.endpoints, ())
-        self.assertIn("target gone.etcd.test has no A or AAAA record", result.describe())
-
-    def test_knownNotValidatedAgain(self):
-        """
-        An endpoint already proven (same name, address, port) is accepted
-        without a new handshake.
-        """
-        validator = FakeValidator()
-        known = {("m1.etcd.test", "127.0.0.1", 2379, True)}
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[(0, 0, 2379, "m1.etcd.test.")])),
-            validator,
-            known=frozenset(known),
-        )
-        self.assertEqual(len(result.endpoints), 1)
-        self.assertEqual(validator.calls, [])
-
-    def test_dnsFailure(self):
-        """
-        A failed look-up (not NXDOMAIN) marks the round failed.
-        """
-        resolver = FakeResolver({(SSL, "SRV"): LookupFailed("SRV look-up of x failed: timed out")})
-        result = discover(DiscoveryConfig("etcd.test"), resolver, FakeValidator())
-        self.assertTrue(result.dnsFailed)
-        self.assertIn("timed out", result.describe())
-
-
-class BadRecordTests(SynchronousTestCase):
-    """
-    Issue 11 item 5: one bad record refuses that record only, whatever it
-    raises; one look-up that raises fails that look-up only.
-    """
-
-    def test_anyExceptionRefusesThatRecord(self):
-        """
-        Exceptions other than ValidationError from a proof (service_identity's
-        CertificateError, a ValueError, anything) refuse that record with a
-        one-line reason and are kept for logging; the good record is accepted.
-        """
-        from service_identity import CertificateError
-
-        validator = FakeValidator(raises={
-            "nosan.etcd.test": CertificateError("Certificate does not contain any `subjectAltName`s."),
-            "ip.etcd.test": ValueError("Invalid DNS-ID."),
-            "boom.etcd.test": RuntimeError("boom\nwith a second line"),
-        })
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[
-                (0, 0, 2379, "nosan.etcd.test."), (0, 0, 2379, "ip.etcd.test."),
-                (0, 0, 2379, "boom.etcd.test."), (1, 0, 2379, "m1.etcd.test."),
-            ])),
-            validator,
-        )
-        self.assertEqual([e.name for e in result.endpoints], ["m1.etcd.test"])
-        reasons = dict(result.refused)
-        self.assertEqual(
-            reasons[f"{SSL} nosan.etcd.test:2379"],
-            "unexpected error: CertificateError: Certificate does not contain any `subjectAltName`s.",
-        )
-        self.assertEqual(reasons[f"{SSL} ip.etcd.test:2379"], "unexpected error: ValueError: Invalid DNS-ID.")
-        self.assertEqual(
-            reasons[f"{SSL} boom.etcd.test:2379"], "unexpected error: RuntimeError: boom with a second line"
-        )
-        self.assertEqual(
-            sorted(type(f.value).__name__ for _, f in result.failures),
-            ["CertificateError", "RuntimeError", "ValueError"],
-        )
-
-    def test_singleRecordException(self):
-        """
-        A round with one record whose proof raises is a refusal, not an
-        exception out of discover().
-        """
-        result = discover(
-            DiscoveryConfig("etcd.test"),
-            FakeResolver(zone(ssl=[(0, 0, 2379, "m1.etcd.test.")])),
-            FakeValidator(raises={"m1.etcd.test": KeyError("x")}),
-        )
-        self.assertEqual(result.endpoints, ())
-        self.assertEqual(result.refused, ((f"{SSL} m1.etcd.test:2379", "unexpected error: KeyError: 'x'"),))
-
-    def test_lookupException(self):
-        """
-        A look-up that raises something unexpected fails that name only: the
-        other name's records are used.
-        """
-        records = zone(plain=[(0, 0, 2379, "m1.etcd.test.")])
-        records[(SSL, "SRV")] = AttributeError("resolver bug")
-        result = discover(DiscoveryConfig("etcd.test", insecure=True), FakeResolver(records), FakeValidator())
-        self.assertEqual([e.name for e in result.endpoints], ["m1.etcd.test"])
-        self.assertEqual(result.errors, ((SSL, f"SRV look-up of {SSL} failed: AttributeError: resolver bug"),))
-        self.assertEqual(len(result.failures), 1)
-        self.assertFalse(result.allFailed)
-
-    def test_unusableAddressRefused(self):
-        """
-        An address from an A/AAAA answer passes the same check as flags: a
-        target at 0.0.0.0 or a multicast address is refused, with the reason,
-        and never dialled; a target with also a good address uses that one.
-        """
-        records = zone(ssl=[(0, 0, 2379, "zero.etcd.test."), (0, 0, 2379, "multi.etcd.test."),
-                            (0, 0, 2379, "mixed.etcd.test.")],
-                       hosts={"zero.etcd.test": "0.0.0.0", "multi.etcd.test": "224.0.0.1",
-                              "mixed.etcd.test": None})
-        records[("mixed.etcd.test", "A")] = ([_A("0.0.0.0"), _A("127.0.0.5")], 30)
-        validator = FakeValidator()
-        result = discover(DiscoveryConfig("etcd.test"), FakeResolver(records), validator)
-        self.assertEqual([(e.name, e.host) for e in result.endpoints], [("mixed.etcd.test", "127.0.0.5")])
-        reasons = dict(result.refused)
-        self.assertIn("0.0.0.0 is an unspecified address", reasons[f"{SSL} zero.etcd.test:2379"])
-        self.assertIn("224.0.0.1 is a multicast", reasons[f"{SSL} multi.etcd.test:2379"])
-        self.assertEqual(validator.calls, [("127.0.0.5", 2379, "mixed.etcd.test")])
-
-    def test_unusableAddressRefusedInsecure(self):
-        """
-        With --insecure-discovery too, an unusable address is refused.
-        """
-        result = discover(
-            DiscoveryConfig("etcd.test", insecure=True),
-            FakeResolver(zone(plain=[(0, 0, 2379, "zero.etcd.test.")], hosts={"zero.etcd.test": "0.0.0.0"})),
-            FakeValidator(),
-        )
-        self.assertEqual(result.endpoints, ())
-        self.assertIn("unspecified address", result.describe())
-
-    def test_ipLiteralTarget(self):
-        """
-        An IP-literal target is that address (no A look-up), proven against
-        the IP; an unusable one (0.0.0.0) is refused.
-        """
-        resolver = FakeResolver({(SSL, "SRV"): ([srvRdata(0, 0, 2379, "127.0.0.9."),
-                                                 srvRdata(0, 0, 2380, "0.0.0.0.")], 30)})
-        validator = FakeValidator()
-        result = discover(DiscoveryConfig("etcd.test"), resolver, validator)
-        self.assertEqual(
-            list(result.endpoints),
-            [DiscoveredEndpoint("127.0.0.9", 2379, 0, 0, True, name="127.0.0.9", verified=True)],
-        )
-        self.assertEqual(validator.calls, [("127.0.0.9", 2379, "127.0.0.9")])
-        self.assertEqual(resolver.asked, [(SSL, "SRV"), (PLAIN, "SRV")])
-        self.assertIn("0.0.0.0 is an unspecified address", dict(result.refused)[f"{SSL} 0.0.0.0:2380"])
-
-    def test_targetLookupFailed(self):
-        """
-        A target whose address look-up failed (not "no address") is refused
-        and marked unresolved, so the service can keep its last endpoint.
-        """
-        records = zone(ssl=[(0, 0, 2379, "m1.etcd.test."), (0, 0, 2379, "m2.etcd.test.")])
-        records[("m2.etcd.test", "A")] = LookupFailed("A look-up of m2.etcd.test failed: timed out")
-        result = discover(DiscoveryConfig("etcd.test"), FakeResolver(records), FakeValidator())
-        self.assertEqual([e.name for e in result.endpoints], ["m1.etcd.test"])
-        self.assertEqual([r.target for r in result.unresolved], ["m2.etcd.test"])
-        self.assertIn("timed out", dict(result.refused)[f"{SSL} m2.etcd.test:2379"])
-
-
-class ParallelTests(SynchronousTestCase):
-    """
-    The worker helper of a round: bounded, and it never loses an exception.
-    """
-
-    def test_exceptionIsFailure(self):
-        """
-        An item whose call raises gets a Failure in its place; the others
-        get their results, in order.
-        """
-
-        def f(item):
-            if item == 2:
-                raise ValueError("two")
-            return item * 10
-
-        results = _parallel(f, [1, 2, 3])
-        self.assertEqual((results[0], results[2]), (10, 30))
-        self.assertIsInstance(results[1], failure.Failure)
-        self.assertEqual(results[1].getErrorMessage(), "two")
-
-    def test_bounded(self):
-        """
-        No more than the limit run at once, however many items there are.
-        """
-        lock = threading.Lock()
-        running = [0, 0]  # now, most
-        barrier = threading.Barrier(3)
-
-        def f(item):
-            with lock:
-                running[0] += 1
-                running[1] = max(running[1], running[0])
-            try:
-                barrier.wait(timeout=10)  # three at a time, all the way
-            finally:
-                with lock:
-                    running[0] -= 1
-            return item
-
-        self.assertEqual(_parallel(f, list(range(12)), limit=3), list(range(12)))
-        self.assertEqual(running[1], 3)
+from etcdgw.srvround import LookupFailed, discover
+from tests.srvzone import PLAIN, SSL, FakeResolver, FakeValidator, zone
 
 
 class StartTests(SynchronousTestCase):
@@ -592,10 +143,9 @@ def record(n, priority=0, weight=0, tls=True):
     return SRVRecord(SSL if tls else PLAIN, tls, f"m{n}.etcd.test", 2379, priority, weight, 60)
 
 
-class ServiceTests(SynchronousTestCase):
+class _Rounds:
     """
-    The refresh loop and the merge, on a MemoryReactorClock, with rounds
-    answered by the test.
+    A service on a MemoryReactorClock whose rounds the test answers.
     """
 
     def setUp(self):
@@ -628,6 +178,13 @@ class ServiceTests(SynchronousTestCase):
     def messages(self, text):
         from twisted.logger import formatEvent
         return [formatEvent(e) for e in self.events if text in formatEvent(e)]
+
+
+class ServiceTests(_Rounds, SynchronousTestCase):
+    """
+    The refresh loop and the merge, on a MemoryReactorClock, with rounds
+    answered by the test.
+    """
 
     def test_refreshAtTTL(self):
         """
@@ -1001,6 +558,168 @@ class ServiceTests(SynchronousTestCase):
             self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60,
                                         failures=((f"{SSL} bad:2379", reason),)))
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class SourceTests(_Rounds, SynchronousTestCase):
+    """
+    The service as the gateway's endpoint source: the interface the wiring,
+    SIGHUP, metrics and the status page use; the round at start run by the
+    service itself; the list it owns.
+    """
+
+    def test_interface(self):
+        """DiscoveryService provides IEndpointSource, kind "srv"."""
+        from zope.interface.verify import verifyObject
+
+        from etcdgw.sources import IEndpointSource
+
+        service = self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        self.assertTrue(verifyObject(IEndpointSource, service))
+        self.assertEqual((service.kind, service.rounds, service.failures), ("srv", 0, 0))
+
+    def test_describe(self):
+        """
+        One line for the status page: the domain, the last round, when the
+        next look-up comes.
+        """
+        service = self.makeService(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+        self.assertEqual(
+            service.describe(),
+            "SRV discovery of etcd.test: no look-up since start; next look-up in 1m0s",
+        )
+        self.clock.advance(45)
+        self.assertTrue(service.describe().endswith("; next look-up in 15s"))
+        self.clock.advance(15)
+        self.assertTrue(service.describe().endswith("; a look-up is running"))
+        self.answer(DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=30))
+        self.assertEqual(
+            service.describe(),
+            "SRV discovery of etcd.test: 2 endpoints, 1 added, 0 removed; next look-up in 30s",
+        )
+
+    def test_describeRefreshOff(self):
+        """With --discovery-refresh=0 the line says re-resolution is off."""
+        service = self.makeService(
+            DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60),
+            DiscoveryConfig("etcd.test", refresh=0),
+        )
+        self.assertTrue(service.describe().endswith("re-resolution is off (--discovery-refresh=0)"))
+
+    def startedBySelf(self, result, fallback=()):
+        """
+        A service given no first round: it runs C{result} as that round
+        when it starts, into an empty pool.
+        """
+        self.pool = UpstreamPool([], self.clock)
+        asked = []
+
+        def discover(config, known):
+            asked.append(known)
+            return result
+
+        service = DiscoveryService(
+            self.pool, self.clock, DiscoveryConfig("etcd.test"), discover=discover,
+            runInThread=self.runRound, fallback=fallback,
+        )
+        self.addCleanup(self.assertEqual, self.clock.getDelayedCalls(), [])
+        self.addCleanup(service.stopService)
+        return service, asked
+
+    def test_firstRoundAtStart(self):
+        """
+        Without a first round given, the service runs it in
+        privilegedStartService (before the reactor runs) and proposes what
+        it proved; startService logs it as when given, and runs no second one.
+        """
+        service, asked = self.startedBySelf(
+            DiscoveryResult(endpoints=(ep(1), ep(2)), records=("r",), ttl=60)
+        )
+        service.privilegedStartService()
+        self.assertEqual(asked, [frozenset()])
+        self.assertEqual(self.pool.endpoints, [ep(1), ep(2)])
+        service.startService()
+        self.assertEqual(asked, [frozenset()])
+        self.assertEqual(len(self.messages("discovered cluster from SRV etcd.test")), 1)
+        self.clock.advance(60)
+        self.assertEqual(self.rounds[0][0], frozenset({ep(1).identity, ep(2).identity}))
+        self.answer(DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60))
+
+    def test_firstRoundFails(self):
+        """
+        Nothing usable and no --endpoints: the round at start raises
+        DiscoveryError (the gateway must not start); the pool is untouched.
+        """
+        service, _ = self.startedBySelf(
+            DiscoveryResult(lookups=((SSL, "no records"),), records=())
+        )
+        e = self.assertRaises(DiscoveryError, service.privilegedStartService)
+        self.assertIn("--discovery-srv=etcd.test: no usable endpoint found", str(e))
+        self.assertEqual(self.pool.endpoints, [])
+
+    def test_firstRoundFallsBack(self):
+        """
+        Nothing usable with --endpoints: the pool gets those (logged at
+        error level), and they are not discovery's: a later round where one
+        name fails does not keep them as that name's last good endpoints.
+        """
+        fallback = (Endpoint("10.0.0.1", 2379, tls=True), Endpoint("10.0.0.2", 2379))
+        service, _ = self.startedBySelf(
+            DiscoveryResult(lookups=((SSL, "no records"),), records=()), fallback
+        )
+        service.startService()
+        self.assertEqual(self.pool.endpoints, list(fallback))
+        self.assertEqual(len(self.messages("falling back to --endpoints")), 1)
+        self.clock.advance(MIN_REFRESH)
+        self.answer(DiscoveryResult(
+            endpoints=(plain(3),), records=("r",), lookups=((PLAIN, "1 record"),),
+            errors=((SSL, f"SRV look-up of {SSL} failed: timed out"),), ttl=60,
+        ))
+        self.assertEqual(self.pool.endpoints, [plain(3)])
+
+    def test_oneWriter(self):
+        """
+        Every change the service makes to the pool goes through one
+        method, with a whole list.
+        """
+        service = self.makeService(
+            DiscoveryResult(endpoints=(ep(1),), records=("r",), ttl=60,
+                            fallback=(Endpoint("10.0.0.1", 2379),))
+        )
+        proposed = []
+        real = self.pool.replaceEndpoints
+        self.pool.replaceEndpoints = lambda endpoints, **kw: (
+            proposed.append([str(e) for e in endpoints]) or real(endpoints, **kw)
+        )
+        for result in [
+            DiscoveryResult(endpoints=(ep(2),), records=("r",), ttl=60),
+            DiscoveryResult(records=("r",), refused=(("x", "rogue"),), ttl=60),
+        ]:
+            service.refresh()
+            self.answer(result)
+        self.assertEqual(proposed, [["m2.etcd.test:2379 (127.0.0.2)"], ["10.0.0.1:2379"]])
+
+
+class StaticTests(SynchronousTestCase):
+    """
+    The static --endpoints source.
+    """
+
+    def test_interface(self):
+        """
+        StaticEndpoints provides IEndpointSource: nothing to refresh, no
+        rounds, its list described.
+        """
+        from zope.interface.verify import verifyObject
+
+        from etcdgw.sources import IEndpointSource, StaticEndpoints
+
+        source = StaticEndpoints([Endpoint("10.0.0.1", 2379), Endpoint("::1", 2379)])
+        self.assertTrue(verifyObject(IEndpointSource, source))
+        self.assertEqual((source.kind, source.rounds, source.failures), ("static", 0, 0))
+        self.assertEqual(
+            self.successResultOf(source.refreshNow()), "no discovery (static --endpoints)"
+        )
+        self.assertEqual(source.describe(), "static --endpoints: 10.0.0.1:2379, [::1]:2379")
 
 
 class OptionsTests(SynchronousTestCase):

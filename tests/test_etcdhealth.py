@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IPolicyForHTTPS
 
 from etcdgw import etcdhealth
-from etcdgw.discovery import DiscoveredEndpoint
+from etcdgw.srv import DiscoveredEndpoint
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import (
     CheckResult,
@@ -585,20 +585,23 @@ class FlagTests(SynchronousTestCase):
 
     def test_wiring(self):
         """--health-check=etcd and --sync-interval add named children; --policy reaches the pool."""
-        from etcdgw.tap import makeService
+        from etcdgw.gateway import buildGateway
 
         reactor = MemoryReactorClock()
         o = self.parse(
             "--health-check=etcd", "--sync-interval=30s", "--policy=least-connections",
             "--health-interval=1s", "--health-fall=4",
         )
-        root = makeService(o, reactor=reactor)
+        gateway = buildGateway(o.config, reactor)
+        root = gateway.service
         names = {s.name for s in root}
         self.assertTrue({"etcd-health", "membership"} <= names, names)
-        self.assertEqual(root.pool.policyName, "least-connections")
+        self.assertEqual(gateway.pool.policyName, "least-connections")
         checker = root.getServiceNamed("etcd-health")
+        self.assertIs(checker, gateway.etcdHealth)
         self.assertEqual((checker.interval, checker.fall), (1.0, 4))
         self.assertEqual(root.getServiceNamed("membership").interval, 30.0)
+        self.assertIs(root.getServiceNamed("membership"), gateway.membership)
 
     def test_syncWithDiscoveryRefused(self):
         """--sync-interval with --discovery-srv: one line, before any DNS look-up."""
@@ -617,16 +620,16 @@ class FlagTests(SynchronousTestCase):
 
     def test_sharedIdentity(self):
         """The etcd checks and sync report cluster IDs to one ClusterIdentity."""
-        from etcdgw.tap import makeService
+        from etcdgw.gateway import buildGateway
 
-        root = makeService(
-            self.parse("--health-check=etcd", "--sync-interval=30s"),
-            reactor=MemoryReactorClock(),
+        gateway = buildGateway(
+            self.parse("--health-check=etcd", "--sync-interval=30s").config,
+            MemoryReactorClock(),
         )
-        checker = root.getServiceNamed("etcd-health")
-        sync = root.getServiceNamed("membership")
+        checker = gateway.etcdHealth
+        sync = gateway.membership
         self.assertIs(checker.identity, sync.identity)
-        self.assertIs(checker.identity.pool, root.pool)
+        self.assertIs(checker.identity.pool, gateway.pool)
 
     def test_offByDefault(self):
         """Without the flags, neither child exists."""

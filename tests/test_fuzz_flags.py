@@ -11,15 +11,13 @@ PEM size limit) as PEM files, certificates without their key, keys of
 another certificate, encrypted and garbage keys, non-UTF-8 bytes (lone
 surrogates), NUL bytes, control characters, very long strings.
 
-Nothing leaves the machine: host names are never resolved (C{getaddrinfo}
-answers only for IP literals) and SRV discovery is replaced by a failure.
-The examples are the same on every run (C{derandomize}); C{ETCDGW_LONG=1}
+Nothing is patched: parsing resolves no name and asks no DNS (the gateway
+does that when it starts), so nothing leaves the machine. The examples are the same on every run (C{derandomize}); C{ETCDGW_LONG=1}
 runs ten times as many, random ones.
 """
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +29,6 @@ from hypothesis import strategies as st
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-import etcdgw.discovery
 from etcdgw.tap import Options
 from etcdgw.tlsfiles import MAX_BYTES
 from tests.certs import CertificateAuthority
@@ -168,31 +165,6 @@ def namesFlagOrValue(message, argv):
     return False
 
 
-def _numericOnly(host, port, *args, **kwargs):
-    """
-    C{getaddrinfo} that never asks DNS: IP literals only.
-    """
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, host)
-            break
-        except (OSError, TypeError, ValueError):
-            pass
-    else:
-        raise socket.gaierror(socket.EAI_NONAME, "fuzz: no DNS here")
-    return _realGetaddrinfo(host, port, *args, **kwargs)
-
-
-_realGetaddrinfo = socket.getaddrinfo
-
-
-def _noDiscovery(config, *args, **kwargs):
-    # As the real one, the message names the flag.
-    raise etcdgw.discovery.DiscoveryError(
-        f"--discovery-srv={config.domain}: fuzz: no SRV discovery here"
-    )
-
-
 def makeFiles(directory):
     """
     One file of each of L{FILE_KINDS} in C{directory}: C{{kind: path}}.
@@ -225,8 +197,6 @@ def makeFiles(directory):
 
 class FlagFuzzTests(SynchronousTestCase):
     def setUp(self):
-        self.patch(socket, "getaddrinfo", _numericOnly)
-        self.patch(etcdgw.discovery, "discoverAtStart", _noDiscovery)
         directory = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, directory)
         FILES.clear()
@@ -335,21 +305,24 @@ class FlagFuzzTests(SynchronousTestCase):
 _TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
 
-def runTwistd(*args):
+def runTwistd(*args, directory=None):
     """
-    Run C{twistd -n etcd-gateway ARGS} from the checkout; return
-    C{(exit code, stdout, stderr)}.
+    Run C{twistd -n etcd-gateway ARGS} from the checkout, with its pidfile
+    in C{directory} (by default, a temporary one); return C{(exit code,
+    stdout, stderr)}.
     """
-    with tempfile.TemporaryDirectory() as directory:
-        result = subprocess.run(
-            [sys.executable, "-c", _TWISTD, "-n",
-             "--pidfile=" + os.path.join(directory, "twistd.pid"), "etcd-gateway", *args],
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+    if directory is None:
+        with tempfile.TemporaryDirectory() as directory:
+            return runTwistd(*args, directory=directory)
+    result = subprocess.run(
+        [sys.executable, "-c", _TWISTD, "-n",
+         "--pidfile=" + os.path.join(directory, "twistd.pid"), "etcd-gateway", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     return result.returncode, result.stdout, result.stderr
 
 

@@ -427,3 +427,96 @@ class HostileListTests(SynchronousTestCase):
         )
         health = EtcdHealthService(self.pool, self.clock, 1.0, probe, identity=self.identity)
         self.attack(health, self.sync)
+
+
+class SourceTests(SynchronousTestCase):
+    """
+    MembershipSync as the gateway's endpoint source: the interface SIGHUP,
+    metrics and the status page use.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1"), self.clock)
+        self.client = FakeClient()
+        self.service = MembershipSync(self.pool, self.clock, 10.0, self.client)
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+
+    def test_interface(self):
+        """It provides IEndpointSource, kind "member-list"."""
+        from zope.interface.verify import verifyObject
+
+        from etcdgw.sources import IEndpointSource
+
+        self.assertTrue(verifyObject(IEndpointSource, self.service))
+        self.assertEqual(self.service.kind, "member-list")
+        self.assertEqual(
+            self.service.describe(), "member list read every 10s: no read since start"
+        )
+
+    def test_refreshNow(self):
+        """
+        SIGHUP reads the list now and says what it did, in one line; the
+        rounds and failures are counted.
+        """
+        self.client.answers["a"] = memberList(member("a", "http://a:1"), member("c", "http://c:1"))
+        self.service.startService()
+        self.assertEqual((self.service.rounds, self.service.failures), (1, 0))
+        self.client.answers["a"] = memberList(
+            member("a", "http://a:1"), member("c", "http://c:1"), member("d", "http://d:1")
+        )
+        summary = self.successResultOf(self.service.refreshNow())
+        self.assertEqual(
+            summary, "membership sync: member list from a:1: 3 endpoints, 1 added, 0 removed"
+        )
+        self.assertEqual(
+            self.service.describe(),
+            "member list read every 10s: member list from a:1: 3 endpoints, 1 added, 0 removed",
+        )
+        self.assertEqual((self.service.rounds, self.service.failures), (2, 0))
+
+    def test_failuresCounted(self):
+        """
+        A round that can use no member list is a failure, and says why.
+        """
+        self.service.startService()  # neither a nor b answers
+        self.assertEqual((self.service.rounds, self.service.failures), (1, 1))
+        self.assertEqual(
+            self.service.lastResult,
+            "no member list could be used: a:1: no answer; b:1: no answer",
+        )
+        self.client.answers["a"] = memberList(member("x", "http://x:1"))
+        summary = self.successResultOf(self.service.refreshNow())
+        self.assertEqual(
+            summary,
+            "membership sync: member list from a:1 ignored: it would remove every current "
+            "endpoint (a:1, b:1)",
+        )
+        self.assertEqual((self.service.rounds, self.service.failures), (2, 2))
+
+    def test_refreshNowJoinsRunningRound(self):
+        """
+        SIGHUP while a read runs waits for that read; its result is not
+        changed for the loop that waits on it.
+        """
+        answer = defer.Deferred()
+        self.client.answers["a"] = answer
+        self.service.startService()
+        running = self.service.runNow()
+        summary = self.service.refreshNow()
+        self.assertNoResult(summary)
+        answer.callback(memberList(member("a", "http://a:1"), member("b", "http://b:1")))
+        self.assertIn("member list from a:1: 2 endpoints", self.successResultOf(summary))
+        self.assertIsNone(self.successResultOf(running))
+        self.assertEqual(self.service.rounds, 1)
+
+    def test_roundErrorCounted(self):
+        """A round that fails unexpectedly is counted, logged, and the loop goes on."""
+        self.service._sync = lambda: defer.fail(RuntimeError("bug"))
+        self.service.startService()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual((self.service.rounds, self.service.failures), (1, 1))
+        self.assertEqual(self.service.lastResult, "round failed (bug)")
+        self.clock.advance(10)
+        self.assertEqual(self.service.rounds, 2)
+        self.flushLoggedErrors(RuntimeError)

@@ -4,13 +4,13 @@ with prometheus_client's own parser.
 """
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.application.service import MultiService, Service
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.gateway import Gateway
 from etcdgw.metrics import GatewayCollector, gatewayRegistry
 from etcdgw.pool import UNHEALTHY, UpstreamPool
 from etcdgw.proxy import GatewayFactory
@@ -50,9 +50,13 @@ def gatewayState(clock):
     return pool, factory, a, b
 
 
-class FakeDiscovery(Service):
-    refreshes = 4
+class FakeDiscovery:
+    kind = "srv"
+    rounds = 4
     failures = 1
+
+    def describe(self):
+        return "SRV discovery of etcd.test"
 
 
 class HTTPScrapeTests(TestCase):
@@ -63,11 +67,10 @@ class HTTPScrapeTests(TestCase):
     def setUp(self):
         self.clock = Clock()
         self.pool, self.factory, self.a, self.b = gatewayState(self.clock)
-        self.root = MultiService()
-        discovery = FakeDiscovery()
-        discovery.setName("discovery")
-        discovery.setServiceParent(self.root)
-        site = statusSite(self.pool, self.factory, self.clock, self.root)
+        gateway = Gateway(
+            reactor=self.clock, pool=self.pool, factory=self.factory, source=FakeDiscovery()
+        )
+        site = statusSite(gateway)
         self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.agent = Agent(reactor)
@@ -117,6 +120,8 @@ class HTTPScrapeTests(TestCase):
                 ("etcd_gateway_endpoint_health", B | {("health", "unknown")}): 1,
                 ("etcd_gateway_discovery_refreshes_total", none): 4,
                 ("etcd_gateway_discovery_failures_total", none): 1,
+                ("etcd_gateway_source_rounds_total", frozenset({("source", "srv")})): 4,
+                ("etcd_gateway_source_failures_total", frozenset({("source", "srv")})): 1,
             }
             for key, value in expected.items():
                 self.assertEqual(found.get(key), value, key)
@@ -174,10 +179,11 @@ class CollectorTests(SynchronousTestCase):
 
         clock = Clock()
         pool, factory, a, b = gatewayState(clock)
-        registry = gatewayRegistry(
-            pool, factory, clock, process=False,
-            listeners=[FakeListener("--listen-addr"), FakeListener("--metrics-addr", "closed")],
+        gateway = Gateway(
+            reactor=clock, pool=pool, factory=factory,
+            listener=FakeListener("--listen-addr"), web=FakeListener("--metrics-addr", "closed"),
         )
+        registry = gatewayRegistry(gateway, process=False)
         found = samples(generate_latest(registry).decode())
         client = frozenset({("listener", "listen-addr")})
         metrics = frozenset({("listener", "metrics-addr")})
@@ -199,7 +205,8 @@ class CollectorTests(SynchronousTestCase):
         """
         clock = Clock()
         pool, factory, a, b = gatewayState(clock)
-        names = {f.name for f in GatewayCollector(pool, factory, clock, MultiService()).collect()}
+        gateway = Gateway(reactor=clock, pool=pool, factory=factory)
+        names = {f.name for f in GatewayCollector(gateway).collect()}
         self.assertNotIn("etcd_gateway_discovery_refreshes", names)
         self.assertIn("etcd_gateway_endpoint_up", names)
 
@@ -210,7 +217,7 @@ class CollectorTests(SynchronousTestCase):
         clock = Clock()
         pool, factory, a, b = gatewayState(clock)
         pool.replaceEndpoints([a])
-        registry = gatewayRegistry(pool, factory, clock, process=False)
+        registry = gatewayRegistry(Gateway(reactor=clock, pool=pool, factory=factory), process=False)
         from prometheus_client import generate_latest
 
         found = samples(generate_latest(registry).decode())

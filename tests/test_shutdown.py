@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.gateway import Gateway
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.shutdown import DrainService
@@ -251,7 +252,7 @@ class ReloadServiceTests(SynchronousTestCase):
         self.pool = UpstreamPool([self.a, self.b], self.clock)
         self.pool.markDown(self.b, "refused")
         self.probes = {}
-        self.root = MultiService()
+        self.gateway = Gateway(reactor=self.clock, pool=self.pool, factory=None)
         self.handlers = {}
 
     def probe(self, reactor, endpoint, timeout):
@@ -264,11 +265,7 @@ class ReloadServiceTests(SynchronousTestCase):
         return previous
 
     def service(self):
-        service = ReloadService(
-            self.root, self.pool, self.clock, 1.0, self.probe, self.installSignal
-        )
-        service.setServiceParent(self.root)
-        return service
+        return ReloadService(self.gateway, 1.0, self.probe, self.installSignal)
 
     def test_handlerInstalledAndRestored(self):
         """
@@ -292,7 +289,7 @@ class ReloadServiceTests(SynchronousTestCase):
         root.startService()
         self.addCleanup(root.stopService)
         self.assertIs(signal.getsignal(signal.SIGHUP), before)
-        service = ReloadService(self.root, self.pool, self.clock, 1.0, self.probe)
+        service = ReloadService(self.gateway, 1.0, self.probe)
         service.startService()
         self.assertIs(signal.getsignal(signal.SIGHUP), before)
         service.stopService()
@@ -309,9 +306,8 @@ class ReloadServiceTests(SynchronousTestCase):
                 told.append(len(probes))
 
         probes = self.probes
-        service = ReloadService(
-            self.root, self.pool, self.clock, 1.0, self.probe, workers=Workers()
-        )
+        self.gateway.workers = Workers()
+        service = ReloadService(self.gateway, 1.0, self.probe)
         first = service.reload()
         self.assertEqual(told, [0])
         self.assertIs(service.reload(), first)
@@ -349,12 +345,10 @@ class ReloadServiceTests(SynchronousTestCase):
 
     def test_discoveryRefreshedFirst(self):
         """
-        A child named "discovery" is refreshed before the probes start.
+        The gateway's discovery is refreshed before the probes start.
         """
         refreshing = defer.Deferred()
-        discovery = FakeDiscovery(refreshing)
-        discovery.setName("discovery")
-        discovery.setServiceParent(self.root)
+        discovery = self.gateway.source = FakeDiscovery(refreshing)
         d = self.service().reload()
         self.assertEqual(discovery.calls, 1)
         self.assertEqual(self.probes, {})
@@ -367,9 +361,7 @@ class ReloadServiceTests(SynchronousTestCase):
         """
         A discovery whose refresh describes its round has that text logged.
         """
-        discovery = FakeDiscovery(defer.succeed("SRV: 3 endpoints, 1 added"))
-        discovery.setName("discovery")
-        discovery.setServiceParent(self.root)
+        self.gateway.source = FakeDiscovery(defer.succeed("SRV: 3 endpoints, 1 added"))
         d = self.service().reload()
         for probe in list(self.probes.values()):
             probe.callback(None)
@@ -379,9 +371,7 @@ class ReloadServiceTests(SynchronousTestCase):
         """
         A failed discovery refresh is reported and the probes still run.
         """
-        discovery = FakeDiscovery(defer.fail(RuntimeError("SERVFAIL")))
-        discovery.setName("discovery")
-        discovery.setServiceParent(self.root)
+        self.gateway.source = FakeDiscovery(defer.fail(RuntimeError("SERVFAIL")))
         d = self.service().reload()
         for probe in list(self.probes.values()):
             probe.callback(None)

@@ -19,9 +19,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.gateway import Gateway
 from etcdgw.pool import UNHEALTHY, UpstreamPool
 from etcdgw.proxy import GatewayFactory
-from etcdgw.status import gatewayStatus, renderPage, statusSite
+from etcdgw.status import gatewayStatus, renderFragment, renderPage, statusSite
 
 
 def chromium():
@@ -106,7 +107,7 @@ class ServedTestCase(TestCase):
         state = self.pool.stateOf(self.a)
         state.active, state.connections, state.bytesToUpstream = 2, 3, 4096
         state.bytesFromUpstream = 5 * 1024 * 1024
-        self.site = statusSite(self.pool, self.factory, self.clock)
+        self.site = statusSite(Gateway(reactor=self.clock, pool=self.pool, factory=self.factory))
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
@@ -229,7 +230,7 @@ class ChromiumTests(ServedTestCase):
         """
         Chromium shows each endpoint as the gateway has it, including a
         change made after the page was served: the page's script fetched
-        /status.json and redrew the table.
+        /status.html and swapped it in.
         """
         page = self.site.resource
         served = page.render_GET
@@ -249,7 +250,7 @@ class ChromiumTests(ServedTestCase):
             out, err, code = result
             self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
             shown = parsePage(out.decode())
-            self.assertEqual(shown.refreshed.get("data-source"), "status.json", out[-3000:])
+            self.assertEqual(shown.refreshed.get("data-source"), "status.html", out[-3000:])
             status = gatewayStatus(self.pool, self.factory, self.clock)
             self.assertEqual(set(shown.rows), {e["endpoint"] for e in status["endpoints"]})
             for e in status["endpoints"]:
@@ -271,6 +272,99 @@ class ChromiumTests(ServedTestCase):
             self.assertIn("1/2 endpoints up", shown.summary)
 
         return self.browse("--dump-dom").addCallback(check)
+
+    def test_refreshShowsWhatFirstPaintShowed(self):
+        """
+        For the same state, the page as served and the page after its
+        refresh show the same texts (one renderer: the same units, the same
+        formats), and the refresh note appears only with the script.
+        """
+        self.clock.advance(5400)
+        self.pool.markDown(self.a, "refused")
+        self.pool.stateOf(self.b).bytesToUpstream = 3 * 1024**4
+        self.pool.setHealth(self.b, UNHEALTHY, "etcdserver: no leader")
+        page = self.site.resource
+        served = []
+        render = page.render_GET
+
+        def keep(request):
+            served.append(render(request))
+            return served[-1]
+
+        page.render_GET = keep
+
+        def check(result):
+            out, err, code = result
+            self.assertEqual(code, 0, err.decode(errors="replace")[-2000:])
+            (first,) = served
+            before, after = parsePage(first.decode()), parsePage(out.decode())
+            self.assertEqual(before.refreshed["data-source"], "server")
+            self.assertEqual(after.refreshed.get("data-source"), "status.html", out[-3000:])
+            self.assertEqual(after.rows, before.rows)
+            self.assertEqual(after.summary, before.summary)
+            self.assertEqual(after.refreshed["text"], before.refreshed["text"])
+            self.assertEqual(
+                (after.rows["10.0.0.1:2379"]["since"], after.rows["10.0.0.2:2379"]["since"]),
+                ("0s ago", "1.5h ago"),
+            )
+            self.assertEqual(after.rows["10.0.0.2:2379"]["bytesToUpstream"], "3.0 TiB")
+            self.assertIn(b'<p id="refreshing" hidden>', first)
+            self.assertIn(b'<p id="refreshing">refreshes every 2s</p>', out)
+
+        return self.browse("--dump-dom").addCallback(check)
+
+
+class FragmentTests(ServedTestCase):
+    def test_fragmentIsThePagesPart(self):
+        """
+        /status.html is the page's #status part as the page embeds it, but
+        for its data-source.
+        """
+
+        def check(results):
+            (_, pageHeaders, page), (code, headers, fragment) = [r for _, r in results]
+            self.assertEqual(code, 200)
+            self.assertEqual(
+                headers.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"]
+            )
+            self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-store"])
+            embedded = page.split(b'<div id="status">\n', 1)[1].split(b"\n</div>", 1)[0]
+            self.assertEqual(
+                fragment,
+                embedded.replace(b'data-source="server"', b'data-source="status.html"'),
+            )
+            self.assertIn(b'data-endpoint="10.0.0.1:2379"', fragment)
+
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList([self.get("/"), self.get("/status.html")]).addCallback(check)
+
+
+class UnitsTests(SynchronousTestCase):
+    def test_unitsAndAges(self):
+        """Bytes are shown in B to TiB, ages in s, m, h, d (one place makes them)."""
+        clock = Clock()
+        ends = [Endpoint(f"10.0.0.{i}", 2379) for i in range(1, 8)]
+        pool = UpstreamPool(ends, clock)
+        sizes = [0, 1023, 1024, 1536 * 1024, 5 * 1024**3, 3 * 1024**4, 2000 * 1024**4]
+        for end, size in zip(ends, sizes):
+            pool.stateOf(end).bytesToUpstream = size
+        now = 2.5 * 86400
+        ages = [now, 5400, 150, 90, 59.4, 0.5, 0]
+        for end, age in zip(ends[1:], ages[1:]):
+            clock.advance(now - age - clock.seconds())
+            pool.markDown(end, "refused")
+        clock.advance(now - clock.seconds())
+        status = gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock)
+        rows = parsePage(renderFragment(status)).rows
+        self.assertEqual(
+            [rows[str(e)]["bytesToUpstream"] for e in ends],
+            ["0 B", "1023 B", "1.0 KiB", "1.5 MiB", "5.0 GiB", "3.0 TiB", "2000.0 TiB"],
+        )
+        self.assertEqual(
+            [rows[str(e)]["since"] for e in ends],
+            ["2.5d ago", "1.5h ago", "3m ago", "2m ago", "59s ago", "1s ago", "0s ago"],
+        )
 
 
 class FakeListener:
@@ -319,8 +413,8 @@ class LivezTests(SynchronousTestCase):
         clock = Clock()
         pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], clock)
         pool.markDown(Endpoint("10.0.0.1", 2379), "refused")  # members do not matter
-        site = statusSite(pool, GatewayFactory(pool, clock, 1.0), clock,
-                          listeners=[FakeListener("127.0.0.1:23790")])
+        site = statusSite(Gateway(reactor=clock, pool=pool, factory=GatewayFactory(pool, clock, 1.0),
+                                  listener=FakeListener("127.0.0.1:23790")))
         from twisted.web.test.requesthelper import DummyRequest
 
         request = DummyRequest([b"livez"])
@@ -339,8 +433,10 @@ class OperatorConnectionTests(SynchronousTestCase):
 
         self.clock = MemoryReactorClock()
         pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], self.clock)
-        self.site = statusSite(pool, GatewayFactory(pool, self.clock, 1.0), self.clock,
-                               registry=__import__("prometheus_client").CollectorRegistry())
+        self.site = statusSite(
+            Gateway(reactor=self.clock, pool=pool, factory=GatewayFactory(pool, self.clock, 1.0)),
+            registry=__import__("prometheus_client").CollectorRegistry(),
+        )
         self.channel = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
         self.transport = StringTransport()
         self.channel.makeConnection(self.transport)

@@ -7,6 +7,7 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.gateway import buildGateway
 from etcdgw.tap import Options, makeService
 
 def selfSignedPEM():
@@ -39,20 +40,24 @@ class OptionsTests(SynchronousTestCase):
     def test_defaults(self):
         """With no flags, etcd's defaults apply."""
         o = parse()
-        self.assertEqual(o["endpoints"], [Endpoint("127.0.0.1", 2379)])
+        self.assertEqual(list(o.config.source.endpoints), [Endpoint("127.0.0.1", 2379)])
         self.assertEqual((o["listen-addr"].host, o["listen-addr"].port), ("127.0.0.1", 23790))
         self.assertEqual(o["retry-delay"], 60.0)
         self.assertEqual(o["dial-timeout"], 1.0)
         self.assertFalse(o["insecure-discovery"])
         self.assertNotIn("endpoints", o.explicit)
+        self.assertFalse(o.config.source.explicit)
 
     def test_values(self):
         """Given flags are parsed."""
         o = parse("--endpoints=a:1,https://b:2", "--listen-addr=:9", "--retry-delay=300ms", "--dial-timeout=2.5s")
-        self.assertEqual(o["endpoints"], [Endpoint("a", 1), Endpoint("b", 2, tls=True)])
+        self.assertEqual(
+            list(o.config.source.endpoints), [Endpoint("a", 1), Endpoint("b", 2, tls=True)]
+        )
         self.assertTrue(o["listen-addr"].wildcard)
         self.assertEqual((o["retry-delay"], o["dial-timeout"]), (0.3, 2.5))
         self.assertIn("endpoints", o.explicit)
+        self.assertTrue(o.config.source.explicit)
 
     def test_zeroRetryDelay(self):
         """A retry delay of 0 means five minutes, as in etcd."""
@@ -81,9 +86,12 @@ class OptionsTests(SynchronousTestCase):
         """A CA file holding a PEM certificate is accepted and loaded."""
         fd, path = tempfile.mkstemp()
         self.addCleanup(os.remove, path)
-        os.write(fd, selfSignedPEM())
+        pem = selfSignedPEM()
+        os.write(fd, pem)
         os.close(fd)
-        self.assertEqual(len(parse(f"--trusted-ca-file={path}")["trusted-ca-certificates"]), 1)
+        tls = parse(f"--trusted-ca-file={path}").config.tls
+        self.assertEqual(len(tls.caCertificates), 1)
+        self.assertEqual((tls.trustedCA.path, tls.trustedCA.data), (path, pem))
 
     def test_caFileWithoutCertificate(self):
         """A CA file with no PEM certificate is refused."""
@@ -93,6 +101,106 @@ class OptionsTests(SynchronousTestCase):
         os.close(fd)
         e = self.assertRaises(usage.UsageError, parse, f"--trusted-ca-file={path}")
         self.assertIn("holds no PEM certificate", str(e))
+
+
+class PureParseTests(SynchronousTestCase):
+    """
+    Parsing makes a value and does nothing else: no name resolved, no
+    socket opened, no DNS asked (the start does those).
+    """
+
+    def setUp(self):
+        import socket
+
+        import etcdgw.discovery
+        import etcdgw.srvround
+
+        self.calls = []
+
+        def tripwire(what):
+            def called(*args, **kwargs):
+                self.calls.append((what, args))
+                raise AssertionError(f"{what} called while parsing")
+
+            return called
+
+        self.patch(socket, "getaddrinfo", tripwire("getaddrinfo"))
+        self.patch(socket, "gethostbyname", tripwire("gethostbyname"))
+        self.patch(socket, "socket", tripwire("socket"))
+        self.patch(etcdgw.discovery, "discoverAtStart", tripwire("discoverAtStart"))
+        self.patch(etcdgw.srvround, "Resolver", tripwire("Resolver"))
+
+    def test_noIO(self):
+        """
+        Command lines with host names in every address, SRV discovery, and
+        self-loops given as names parse without any look-up or socket.
+        """
+        for argv in [
+            ["--listen-addr=gw.example.test:23790", "--endpoints=gw.example.test:23790"],
+            ["--listen-addr=gw.example.test:0", "--metrics-addr=ops.example.test:9",
+             "--endpoints=https://m1.example.test,m2.example.test:2379"],
+            ["--discovery-srv=etcd.example.test", "--discovery-dns=127.0.0.1:53",
+             "--endpoints=fallback.example.test:1", "--insecure-discovery"],
+            ["--sync-interval=1s", "--endpoints=m.example.test", "--listen-addr=:23790"],
+            ["--listen-addr=[fe80::1%lo]:1"],
+            ["--listen-addr=tcp:23790:interface=gw.example.test", "--workers=2"],
+        ]:
+            options = parse(*argv)
+            self.assertIsNotNone(options.config, argv)
+        self.assertRaises(usage.UsageError, parse, "--listen-addr=:2379")  # literal loop
+        self.assertEqual(self.calls, [])
+
+    def test_namesKept(self):
+        """A listen host name is kept as given, to be resolved at start."""
+        config = parse("--listen-addr=gw.example.test:23790",
+                       "--metrics-addr=ops.example.test:9").config
+        self.assertEqual(
+            (config.listen.address.host, config.listen.address.port), ("gw.example.test", 23790)
+        )
+        self.assertEqual(config.metrics.host, "ops.example.test")
+        self.assertEqual(self.calls, [])
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_oneFrozenValue(self):
+        """
+        The flags make one frozen configuration value; nothing derived is
+        stored back into the options.
+        """
+        import attr
+
+        o = parse("--health-check=etcd", "--metrics-addr=127.0.0.1:0")
+        self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, o.config,
+                          "dialTimeout", 2.0)
+        self.assertRaises(attr.exceptions.FrozenInstanceError, setattr, o.config.health,
+                          "check", "tcp")
+        self.assertFalse(
+            {"discovery", "discovery-first", "trusted-ca-certificates"} & set(o), set(o)
+        )
+        self.assertEqual(
+            (o.config.health.check, o.config.dialTimeout, o.config.health.retryDelay,
+             o.config.metrics.port, o.config.source.syncInterval, o.config.shutdownGrace),
+            ("etcd", 1.0, 60.0, 0, 0.0, 5.0),
+        )
+
+    def test_defaultsConvertedOnce(self):
+        """
+        Each duration default is converted once, by its flag's converter,
+        and the options hold typed values whether the flag is given or not.
+        """
+        import etcdgw.tap
+
+        converted = []
+        real = etcdgw.tap.parseDuration
+
+        def counting(text):
+            converted.append(text)
+            return real(text)
+
+        self.patch(etcdgw.tap, "parseDuration", counting)
+        o = parse("--dial-timeout=3s")
+        self.assertEqual(sorted(converted), sorted(["1m0s", "1s", "5s", "2s", "0s", "5s", "3s"]))
+        self.assertEqual((o["health-rise"], o["health-interval"], o["sync-interval"]), (2, 5.0, 0))
 
 
 class VersionTests(SynchronousTestCase):
@@ -119,12 +227,16 @@ class MakeServiceTests(SynchronousTestCase):
     def test_tree(self):
         """makeService builds the listener and health services around one pool."""
         reactor = MemoryReactorClock()
-        service = makeService(parse("--endpoints=a:1,b:2", "--listen-addr=127.0.0.1:0"), reactor=reactor)
+        gateway = buildGateway(
+            parse("--endpoints=a:1,b:2", "--listen-addr=127.0.0.1:0").config, reactor
+        )
+        service = gateway.service
         self.assertTrue(IServiceCollection.providedBy(service))
         self.assertTrue({"listener", "health"} <= {s.name for s in service})
-        self.assertEqual([str(e) for e in service.pool.endpoints], ["a:1", "b:2"])
-        self.assertIs(service.factory.pool, service.pool)
-        self.assertIs(service.getServiceNamed("health").pool, service.pool)
+        self.assertEqual([str(e) for e in gateway.pool.endpoints], ["a:1", "b:2"])
+        self.assertIs(gateway.factory.pool, gateway.pool)
+        self.assertIs(gateway.health.pool, gateway.pool)
+        self.assertIs(service.getServiceNamed("health"), gateway.health)
 
     def test_defaultPortSaidOnce(self):
         """
@@ -231,6 +343,7 @@ class TLSFileFlagTests(SynchronousTestCase):
 
     def setUp(self):
         import etcdgw.discovery
+        import etcdgw.srvround
         from tests.certs import CertificateAuthority
 
         self.discovery = NoDiscovery()
@@ -318,20 +431,12 @@ class TLSFileFlagTests(SynchronousTestCase):
         --health-cert-file without --health-key-file reads the key from the
         certificate file, as documented (it crashed with open(None)).
         """
-        import etcdgw.etcdhealth
-
-        calls = []
-        real = etcdgw.etcdhealth.tlsPolicyFromFiles
-
-        def recording(*args):
-            calls.append(args)
-            return real(*args)
-
-        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", recording)
+        calls = self.recordClientTLS()
         options = parse("--health-check=etcd", f"--health-cert-file={self.both}",
                         f"--trusted-ca-file={self.caFile}", "--listen-addr=127.0.0.1:0")
         makeService(options, reactor=MemoryReactorClock())
-        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+        both = self.read(self.both)
+        self.assertEqual([args[1:] for args in calls], [(both, both)])
 
     def test_discoveryKeyFromCertificateFile(self):
         """
@@ -339,21 +444,36 @@ class TLSFileFlagTests(SynchronousTestCase):
         handshakes and the etcd client both get the certificate file as the
         key's.
         """
-        import etcdgw.etcdhealth
+        from etcdgw.gateway import _etcdClient
+
+        calls = self.recordClientTLS()
+        options = parse("--discovery-srv=etcd.test", f"--discovery-cert-file={self.both}")
+        options.config.source.discovery.trust.context()  # OpenSSL loads the pair
+        _etcdClient(options.config, MemoryReactorClock())
+        both = self.read(self.both)
+        self.assertEqual([args[1:] for args in calls], [(both, both), (both, both)])
+
+    def recordClientTLS(self):
+        """
+        Record the PEM bytes every L{etcdgw.tls.ClientTLS} is built with:
+        C{[(ca, certificate, key)]}.
+        """
+        import etcdgw.tls
 
         calls = []
-        self.patch(etcdgw.etcdhealth, "tlsPolicyFromFiles", lambda *args: calls.append(args))
-        # NoDiscovery records the configuration, then fails as finding nothing.
-        self.assertRaises(usage.UsageError, parse, "--discovery-srv=etcd.test",
-                          f"--discovery-cert-file={self.both}")
-        (config,) = self.discovery.configs
-        self.assertEqual((config.trust.certFile, config.trust.keyFile), (self.both, self.both))
-        config.trust.context()  # OpenSSL loads the pair
-        from etcdgw.tap import _etcdClient
+        real = etcdgw.tls.ClientTLS
 
-        _etcdClient({"discovery-cert-file": self.both, "discovery-key-file": None,
-                     "health-timeout": 1.0}, MemoryReactorClock())
-        self.assertEqual([args[1:] for args in calls], [(self.both, self.both)])
+        def recording(*args):
+            calls.append(args)
+            return real(*args)
+
+        self.patch(etcdgw.tls, "ClientTLS", recording)
+        return calls
+
+    @staticmethod
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
 
     def test_goodPairs(self):
         """Separate files, and one file holding both, are accepted."""
@@ -369,6 +489,7 @@ class OtherValueTests(SynchronousTestCase):
 
     def setUp(self):
         import etcdgw.discovery
+        import etcdgw.srvround
 
         self.discovery = NoDiscovery()
         self.patch(etcdgw.discovery, "discoverAtStart", self.discovery)
@@ -553,34 +674,39 @@ class ListenerFlagsTests(SynchronousTestCase):
 
         from etcdgw.listen import descriptorBudget
 
-        service = makeService(parse("--listen-addr=127.0.0.1:0"), reactor=MemoryReactorClock())
+        gateway = buildGateway(parse("--listen-addr=127.0.0.1:0").config, MemoryReactorClock())
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.assertEqual(service.listener.endpoint.maxConnections, descriptorBudget(limit)[0])
-        service = makeService(
-            parse("--listen-addr=127.0.0.1:0", "--max-connections=7"), reactor=MemoryReactorClock()
+        self.assertEqual(gateway.listener.endpoint.maxConnections, descriptorBudget(limit)[0])
+        gateway = buildGateway(
+            parse("--listen-addr=127.0.0.1:0", "--max-connections=7").config,
+            MemoryReactorClock(),
         )
-        self.assertEqual(service.listener.endpoint.maxConnections, 7)
+        self.assertEqual(gateway.listener.endpoint.maxConnections, 7)
         self.assertIn("[default: from ulimit -n", " ".join(str(Options()).split()))
 
     def test_metricsCapped(self):
         """The metrics address gets its small cap; the factory knows both listeners."""
-        service = makeService(
-            parse("--listen-addr=127.0.0.1:0", "--metrics-addr=127.0.0.1:0"),
-            reactor=MemoryReactorClock(),
+        gateway = buildGateway(
+            parse("--listen-addr=127.0.0.1:0", "--metrics-addr=127.0.0.1:0").config,
+            MemoryReactorClock(),
         )
-        web = service.getServiceNamed("metrics")
+        web = gateway.service.getServiceNamed("metrics")
+        self.assertIs(web, gateway.web)
         self.assertLessEqual(web.endpoint.maxConnections, 64)
-        self.assertEqual(service.factory.listeners, [service.listener, web])
+        self.assertEqual(gateway.factory.listeners, [gateway.listener, web])
         self.assertEqual(web.flag, "--metrics-addr")
 
     def test_listenMode(self):
         """--listen-mode sets a unix listener's mode; it needs a unix listener."""
         o = parse("--listen-addr=unix:/tmp/gw.sock", "--listen-mode=0600")
         self.assertEqual(o["listen-mode"], 0o600)
-        service = makeService(o, reactor=MemoryReactorClock())
-        self.assertEqual(service.listener.endpoint.mode, 0o600)
-        service = makeService(parse("--listen-addr=unix:/tmp/gw.sock"), reactor=MemoryReactorClock())
-        self.assertEqual(service.listener.endpoint.mode, 0o660)
+        self.assertEqual(o.config.listen.mode, 0o600)
+        gateway = buildGateway(o.config, MemoryReactorClock())
+        self.assertEqual(gateway.listener.endpoint.mode, 0o600)
+        gateway = buildGateway(
+            parse("--listen-addr=unix:/tmp/gw.sock").config, MemoryReactorClock()
+        )
+        self.assertEqual(gateway.listener.endpoint.mode, 0o660)
         for args, message in [
             (["--listen-mode=0600"], "needs a unix: --listen-addr"),
             (["--listen-addr=unix:/x", "--listen-mode=rw"], "--listen-mode: \"rw\" is not an octal"),

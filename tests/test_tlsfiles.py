@@ -4,7 +4,15 @@ import tempfile
 from cryptography.hazmat.primitives import serialization
 from twisted.trial.unittest import SynchronousTestCase
 
-from etcdgw.tlsfiles import MAX_BYTES, TLSFileError, checkKeyPair, loadCertificates, readPEMFile
+from etcdgw.tlsfiles import (
+    MAX_BYTES,
+    TLSFileError,
+    checkKeyPair,
+    loadCertificates,
+    readCertificates,
+    readKeyPair,
+    readPEMFile,
+)
 from tests.certs import CertificateAuthority
 
 
@@ -176,3 +184,62 @@ class CheckKeyPairTests(TLSFilesTestCase):
         self.assertOneLine(e, '--health-cert-file: cannot read "/dev/zero"')
         e = self.assertRaises(TLSFileError, self.check, self.cert, "/dev/zero")
         self.assertOneLine(e, '--health-key-file: cannot read "/dev/zero"')
+
+
+class BytesTests(TLSFilesTestCase):
+    """
+    What the configuration keeps: the bytes, checked, holding nothing else.
+    """
+
+    def setUp(self):
+        super().setUp()
+        self.ca = CertificateAuthority()
+        self.cert, self.key = self.ca.issue(self.directory, "client", client=True)
+
+    def test_readCertificates(self):
+        """Every certificate of a bundle, in order, without the text around them."""
+        from cryptography import x509
+
+        other = CertificateAuthority("other CA")
+        bundle = self.write(
+            "bundle.pem",
+            b"a comment\n" + self.read(self.ca.write(self.directory)) + b"between\n"
+            + self.read(other.write(self.directory, "other")),
+        )
+        pem = readCertificates(bundle, "--trusted-ca-file")
+        self.assertNotIn(b"comment", pem)
+        self.assertNotIn(b"between", pem)
+        self.assertEqual(
+            x509.load_pem_x509_certificates(pem), [self.ca.certificate, other.certificate]
+        )
+
+    def test_readKeyPair(self):
+        """
+        The certificate (and the rest of its file's certificates, its chain)
+        and the key alone, unencrypted PKCS#8, whether the key came from its
+        own file or from the certificate file, before or after it.
+        """
+        from cryptography import x509
+
+        chain = self.read(self.cert) + self.read(self.ca.write(self.directory))
+        for cert, key in [
+            (self.write("chain.pem", chain), self.key),
+            (self.write("both.pem", self.read(self.key) + chain), None),
+        ]:
+            pair = readKeyPair(cert, key, "--health-cert-file", "--health-key-file")
+            self.assertEqual(
+                x509.load_pem_x509_certificates(pair.certificate),
+                x509.load_pem_x509_certificates(chain),
+            )
+            self.assertTrue(pair.key.startswith(b"-----BEGIN PRIVATE KEY-----"))
+            self.assertNotIn(b"CERTIFICATE", pair.key)
+            self.assertNotIn("BEGIN", repr(pair))  # no key in logs
+
+    def test_readKeyPairRefuses(self):
+        """readKeyPair refuses what checkKeyPair refuses, in the same line."""
+        _, otherKey = self.ca.issue(self.directory, "other", client=True)
+        e = self.assertRaises(
+            TLSFileError, readKeyPair, self.cert, otherKey, "--health-cert-file",
+            "--health-key-file",
+        )
+        self.assertOneLine(e, "not the one of the certificate")

@@ -44,6 +44,10 @@ class FakeProcess:
         self.signals = []
 
     def signalProcess(self, signum):
+        # As Twisted's processes: a signal's name ("TERM", what procmon
+        # sends) or its number; recorded as the number.
+        if isinstance(signum, str):
+            signum = getattr(signal, "SIG" + signum)
         self.signals.append(signum)
 
 
@@ -87,9 +91,50 @@ class WorkersServiceTests(SynchronousTestCase):
         protocol = self.reactor.spawned[0][0]
         exit(protocol, 1)
         self.assertEqual(len(self.reactor.spawned), 2)
-        self.reactor.advance(self.service.restartDelay * 2)
+        self.reactor.advance(self.service.minRestartDelay)  # 2s
         self.assertEqual(len(self.reactor.spawned), 3)
         self.assertEqual(set(self.service.workers), {"worker-1", "worker-2"})
+
+    def test_restartBacksOff(self):
+        """
+        A worker that dies within 10s is restarted after 2s, then 4s, 8s,
+        16s, at most 30s; after a longer run, at once, and the delay starts
+        again at 2s.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.service.startService()
+
+        def die(ranFor):
+            self.reactor.advance(ranFor)
+            exit(self.service.workers["worker-1"], 1)
+            delay = [e for e in events if e.get("worker") == "worker-1"][-1]["delay"]
+            self.reactor.advance(delay)
+            return delay
+
+        self.assertEqual([die(1) for _ in range(6)], [2.0, 4.0, 8.0, 16.0, 30.0, 30.0])
+        self.assertEqual(die(11), 0.0)
+        self.assertEqual(die(1), 2.0)
+        self.assertEqual(len(self.reactor.spawned), 2 + 8)
+        self.service.stopService()
+
+    def test_outputLoggedWhole(self):
+        """
+        A worker's output is logged a line at a time with its name, however
+        long the line (procmon's own line logger raises past 16 KiB), and an
+        unfinished last line when the worker ends.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.service.startService()
+        protocol = self.reactor.spawned[0][0]
+        long = "x" * 100_000
+        protocol.outReceived(b"one\n" + long[:50_000].encode())
+        protocol.errReceived(long[50_000:].encode() + b"\nlast \xff")
+        exit(protocol, 0)
+        lines = [(e["worker"], e["line"]) for e in events if "line" in e]
+        self.assertEqual(
+            lines, [("worker-1", "one"), ("worker-1", long), ("worker-1", "last \ufffd")]
+        )
+        self.service.stopService()
 
     def test_killedWorkerNamesTheSignal(self):
         """A worker killed by a signal is logged with the signal's name, not "status None"."""

@@ -9,7 +9,7 @@ import os
 
 from twisted.trial import unittest
 
-from etcdgw.discovery import PLAIN_REFUSED
+from etcdgw.srv import PLAIN_REFUSED
 from tests.certs import CertificateAuthority, TLSServer
 from tests.integration.dns import DNSServer, a, refused, srv
 from tests.integration.etcd import ClusterTestMixin, TLSConfig, etcdctl

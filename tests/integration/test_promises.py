@@ -308,7 +308,7 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         gw, worker = self.workers()
         os.kill(worker, signal.SIGKILL)
         killed = time.monotonic()
-        gw.waitForLog("worker-1 exited", timeout=5)
+        gw.waitForLog("worker-1 was killed by SIGKILL", timeout=5)
         log = waitUntil(
             lambda: gw.log().count("ready to proxy client requests") >= 3 and gw.log(),
             10,

@@ -1,0 +1,606 @@
+"""
+The gateway, built from its configuration: one L{Gateway} object holding
+every part (the pool, the proxy factory, the listeners, the endpoint
+source, the health checks, shutdown, signals, systemd notification,
+workers, the operator's HTTP address) and the service tree twistd runs.
+
+L{buildGateway} builds it from an L{etcdgw.config.GatewayConfig} in small
+named steps. Building does no I/O and changes nothing process-wide. The
+work that needs the network or the process is done when the tree starts
+(L{GatewayService}, under twistd before the reactor runs), in this order:
+the process's own reactor gets the lean event dispatch; SRV discovery's
+first round finds the endpoints; the self-loop check resolves the names it
+needs; each listener resolves its host name, then listens. A failure there
+is one line on standard error and exit status 1 (L{StartError}).
+
+The parts never look each other up by name: a part that reads another is
+given it, or given the L{Gateway} (metrics, the status page, SIGHUP).
+"""
+
+import os
+import resource
+import signal
+
+import attr
+from twisted.application.service import MultiService
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.logger import Logger
+
+from etcdgw.duration import formatDuration
+from etcdgw.health import HealthService
+from etcdgw.listen import (
+    ListeningService,
+    _stderrLine,  # the line a listener that cannot listen writes, too
+    descriptorBudget,
+    describeListenError,
+    listenEndpoint,
+    parseListenAddress,
+)
+from etcdgw.pool import UpstreamPool
+from etcdgw.proxy import GatewayFactory
+from etcdgw.reactor import leanDispatch
+from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
+from etcdgw.selfloop import SelfLoopError, checkSelfLoop
+from etcdgw.shutdown import DrainService
+from etcdgw.signals import ReloadService
+from etcdgw.sources import StaticEndpoints
+from etcdgw.transport import RELAY_IN_C
+from etcdgw.workers import SupervisorWatch, WorkersService
+
+log = Logger(namespace="etcdgw")
+
+
+class StartError(SystemExit, Exception):
+    """
+    The gateway cannot start; the line saying why was written on standard
+    error (L{failStart}). The process exits with status 1.
+
+    A L{SystemExit}, so the exit shows no traceback; an L{Exception} too,
+    because twistd catches C{Exception} around the start to remove its
+    pidfile first (and, daemonized, to pass the line to its parent).
+    """
+
+    def __init__(self, message):
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+def failStart(message):
+    """
+    End the start: C{message} logged, written on standard error as one line
+    (C{etcd-gateway: error: ...}), exit status 1.
+
+    @raise StartError: always.
+    """
+    log.critical("{message}", message=message)
+    _stderrLine(f"etcd-gateway: error: {message}")
+    raise StartError(message)
+
+
+def isResolved(address):
+    """
+    Whether the parsed listen address C{address} can be listened on as it
+    is: not a TCP address whose host is a name (or a scoped IPv6 literal).
+    L{etcdgw.tap.Options} keeps such a host as given; its
+    L{ListenerService} resolves it when it starts.
+    """
+    host = address.host
+    return not host or isIPAddress(host) or (isIPv6Address(host) and "%" not in host)
+
+
+class ListenerService(ListeningService):
+    """
+    One of the gateway's listeners (the clients' or the operator's). When it
+    starts, a host name in its address is resolved, then it listens (when
+    either fails, one line and exit status 1: L{failStart}); once
+    listening, C{announce(self)} is called.
+
+    @param endpointOptions: keywords of L{listenEndpoint} (C{reusePort},
+        C{maxConnections}, C{mode}).
+    """
+
+    def __init__(self, reactor, address, factory, flag, announce, **endpointOptions):
+        self._reactor = reactor
+        self._endpointOptions = endpointOptions
+        self._announce = announce
+        super().__init__(self._endpointFor(address), factory, address, flag)
+
+    def _endpointFor(self, address):
+        return listenEndpoint(self._reactor, address, **self._endpointOptions)
+
+    def privilegedStartService(self):
+        if not isResolved(self.address):
+            try:
+                self.address = parseListenAddress(self.address.text)
+            except ValueError as e:  # ListenError: the name does not resolve
+                failStart(f"{self.flag}: {e}")
+            self.endpoint = self._endpointFor(self.address)
+        super().privilegedStartService()
+
+    def cannotListen(self, e):
+        # ListeningService's line, through failStart: twistd's pidfile goes.
+        failStart(f"{self.flag}: cannot listen on {self.address}: {describeListenError(e)}")
+
+    def listening(self, port):
+        self._announce(self)
+
+
+class GatewayService(MultiService):
+    """
+    The root of the gateway's service tree: before any child starts, it
+    runs the gateway's start-up work (C{startUp}, L{Gateway.startUp}) once,
+    from L{privilegedStartService} under twistd (the reactor is not running
+    yet), or from L{startService} when that is called alone.
+    """
+
+    def __init__(self, startUp):
+        super().__init__()
+        self._startUp = startUp
+        self._started = False
+
+    def _startUpOnce(self):
+        if not self._started:
+            self._started = True
+            self._startUp()
+
+    def privilegedStartService(self):
+        self._startUpOnce()
+        super().privilegedStartService()
+
+    def startService(self):
+        self._startUpOnce()
+        super().startService()
+
+
+@attr.s(auto_attribs=True, kw_only=True, eq=False)
+class Gateway:
+    """
+    One gateway's parts. L{buildGateway} sets each once, except
+    L{discovery}, which the start sets (SRV discovery's first round gives
+    it its endpoints). Parts that are off are L{None}.
+
+    @ivar reactor: the reactor every part uses.
+    @ivar pool: the L{etcdgw.pool.UpstreamPool}.
+    @ivar factory: the L{etcdgw.proxy.GatewayFactory}.
+    @ivar config: the L{etcdgw.config.GatewayConfig} it was built from.
+    @ivar ownProcess: built on the process's own reactor (twistd's): the
+        gateway takes over its signals and event dispatch when it starts.
+    @ivar service: the root of the service tree, a L{GatewayService}.
+    @ivar listener: the clients' L{ListenerService}.
+    @ivar web: the operator's L{ListenerService} (C{--metrics-addr}).
+    @ivar health: the TCP probes of members that are down.
+    @ivar etcdHealth: the etcd checks (C{--health-check=etcd}).
+    @ivar membership: the member-list sync (C{--sync-interval}).
+    @ivar discovery: the SRV re-resolution (C{--discovery-srv}), from the
+        start on.
+    @ivar source: the one endpoint source (L{etcdgw.sources.IEndpointSource}):
+        the static C{--endpoints}, L{membership}, or, from the start on,
+        L{discovery}. SIGHUP, metrics and the status page use it.
+    @ivar drain: the L{DrainService} (SIGTERM, SIGINT).
+    @ivar reload: the L{ReloadService} (SIGHUP).
+    @ivar workers: the L{WorkersService} (C{--workers} above 1).
+    @ivar supervisorWatch: the L{SupervisorWatch} of a worker.
+    @ivar notify: the L{SystemdNotifyService} (C{$NOTIFY_SOCKET}).
+    """
+
+    reactor: object
+    pool: object
+    factory: object
+    config: object = None
+    ownProcess: bool = False
+    service: object = None
+    listener: object = None
+    web: object = None
+    health: object = None
+    etcdHealth: object = None
+    membership: object = None
+    discovery: object = None
+    source: object = attr.ib(
+        default=attr.Factory(lambda self: StaticEndpoints(self.pool.endpoints), takes_self=True)
+    )
+    drain: object = None
+    reload: object = None
+    workers: object = None
+    supervisorWatch: object = None
+    notify: object = None
+
+    @property
+    def listeners(self):
+        """
+        The clients' listeners.
+        """
+        return [self.listener] if self.listener is not None else []
+
+    @property
+    def allListeners(self):
+        """
+        Every listener: the clients', then the operator's. A member
+        connection that reaches one of them is a self-loop.
+        """
+        return self.listeners + ([self.web] if self.web is not None else [])
+
+    def startUp(self):
+        """
+        The start's work, before any part starts (L{GatewayService}): on the
+        process's own reactor, the lean event dispatch; with
+        C{--discovery-srv}, the first round (blocking, every look-up and
+        handshake bounded) gives the endpoints; then the self-loop check.
+
+        @raise StartError: after one line saying why.
+        """
+        if self.ownProcess:
+            self._takeOverProcess()
+        if self.config.source.discovery is not None:
+            self._discoverAtStart()
+        try:
+            checkSelfLoop(self.config.listen.address, self.pool.endpoints)
+        except SelfLoopError as e:
+            failStart(f"--endpoints and --listen-addr: {e}")
+
+    def _takeOverProcess(self):
+        leanDispatch(self.reactor)
+        if not RELAY_IN_C:
+            log.warn(
+                "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "
+                "was not built at install (no C compiler or Python headers?); the "
+                "gateway works, with about 10% more CPU per request; reinstall with "
+                "gcc and the Python headers to get it"
+            )
+
+    def _discoverAtStart(self):
+        """
+        SRV discovery's first round: the pool gets what it found (or the
+        explicit C{--endpoints} fallback), and L{discovery} re-resolves
+        from then on.
+        """
+        # Optional and heavy (dnspython, pyOpenSSL): only with --discovery-srv.
+        from etcdgw import discovery
+
+        source = self.config.source
+        try:
+            endpoints, first = discovery.discoverAtStart(
+                source.discovery, list(source.fallback) or None
+            )
+        except discovery.DiscoveryError as e:
+            failStart(str(e))
+        self.pool.replaceEndpoints(endpoints, reason="configured")
+        _announceEndpoints(endpoints)
+        self.discovery = self.source = _attach(
+            self,
+            "discovery",
+            discovery.DiscoveryService(self.pool, self.reactor, source.discovery, first),
+        )
+
+
+def buildGateway(config, reactor=None):
+    """
+    Build the gateway C{config} describes: its parts and its service tree
+    (C{gateway.service}, what twistd runs).
+
+    @param config: an L{etcdgw.config.GatewayConfig}.
+    @param reactor: the reactor every part uses; L{None} for the process's
+        own (twistd's), whose signals and event dispatch the gateway then
+        takes over when it starts.
+    @rtype: L{Gateway}
+    """
+    ownProcess = reactor is None
+    if ownProcess:
+        # Imported when asked for: importing it installs the default
+        # reactor, which is twistd's to choose.
+        from twisted.internet import reactor
+    pool = _pool(config, reactor)
+    gateway = Gateway(
+        reactor=reactor,
+        pool=pool,
+        factory=GatewayFactory(pool, reactor, config.dialTimeout),
+        config=config,
+        ownProcess=ownProcess,
+    )
+    gateway.service = GatewayService(gateway.startUp)
+    clients, operator = _connectionCaps(config.listen.maxConnections)
+    gateway.listener = _clientListener(gateway, clients)
+    gateway.health = _attach(
+        gateway,
+        "health",
+        HealthService(pool, reactor, config.health.retryDelay, config.dialTimeout),
+    )
+    gateway.etcdHealth, gateway.membership = _etcdAware(gateway)
+    gateway.source = gateway.membership or StaticEndpoints(config.source.endpoints)
+    # After the listener: MultiService stops children in reverse order, so
+    # the port stops accepting in the same turn as the drain begins.
+    gateway.drain = _attach(
+        gateway,
+        "shutdown",
+        DrainService(
+            gateway.factory, reactor, config.shutdownGrace, installSignal=_signals(gateway)
+        ),
+    )
+    gateway.reload = _attach(
+        gateway,
+        "signals",
+        ReloadService(gateway, config.dialTimeout, installSignal=_signals(gateway)),
+    )
+    gateway.workers, gateway.supervisorWatch = _workers(gateway)
+    gateway.notify = _systemdNotify(gateway)
+    gateway.web = _operatorListener(gateway, operator)
+    gateway.factory.listeners = gateway.allListeners
+    log.info(
+        "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
+        "pid {pid}",
+        retryDelay=formatDuration(config.health.retryDelay),
+        dialTimeout=formatDuration(config.dialTimeout),
+        pid=os.getpid(),
+    )
+    return gateway
+
+
+# The steps of buildGateway.
+
+
+def _attach(gateway, name, service):
+    """
+    Make C{service} the child C{name} of the gateway's tree.
+
+    @return: C{service}.
+    """
+    service.setName(name)
+    service.setServiceParent(gateway.service)
+    return service
+
+
+def _signals(gateway):
+    """
+    What the drain and SIGHUP install their handlers with: C{signal.signal}
+    on the process's own reactor; nothing on an injected one (the
+    process's signals are not its caller's to take).
+    """
+    return signal.signal if gateway.ownProcess else None
+
+
+def _announceEndpoints(endpoints):
+    """
+    Say, once, which endpoints take etcd's client port by default, and
+    which are https (TLS passes through).
+    """
+    defaulted = [str(e) for e in endpoints if e.portDefaulted]
+    if defaulted:
+        log.info(
+            "endpoints given without a port use etcd's client port 2379: {endpoints}",
+            endpoints=defaulted,
+        )
+    for endpoint in endpoints:
+        if endpoint.tls:
+            log.info(
+                "endpoint {endpoint} is https: TLS passes through the gateway end to "
+                "end, untouched; clients speak TLS to the gateway as to the member",
+                endpoint=str(endpoint),
+            )
+
+
+def _pool(config, reactor):
+    """
+    The pool, with the configured endpoints; empty with SRV discovery,
+    whose first round, at start, gives them.
+    """
+    endpoints = () if config.source.discovery is not None else config.source.endpoints
+    _announceEndpoints(endpoints)
+    return UpstreamPool(list(endpoints), reactor, policy=config.policy)
+
+
+def _connectionCaps(given):
+    """
+    The caps on open connections, C{(clients, operator)}: C{given}
+    (--max-connections) or what the open-files limit allows
+    (L{descriptorBudget}).
+    """
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        limit = None
+    clients, operator = descriptorBudget(limit)
+    if given is not None and given > clients:
+        log.warn(
+            "--max-connections={given} is above what the open-files limit ({limit}) "
+            "leaves for clients ({clients}): past that, accepting pauses for lack of "
+            "descriptors instead",
+            given=given,
+            limit=limit,
+            clients=clients,
+        )
+    return (given if given is not None else clients), operator
+
+
+def _clientListener(gateway, cap):
+    """
+    The clients' listener (C{--listen-addr}), capped at C{cap} connections;
+    with C{--workers}, sharing its port.
+    """
+    config = gateway.config
+
+    def announce(listener):
+        log.info(
+            "ready to proxy client requests to [{endpoints}] on {listen}",
+            endpoints=" ".join(str(e) for e in gateway.pool.endpoints),
+            listen=listener.describe(),
+        )
+
+    listener = ListenerService(
+        gateway.reactor,
+        config.listen.address,
+        gateway.factory,
+        "--listen-addr",
+        announce,
+        reusePort=config.workers.count > 1 or config.workers.workerOf is not None,
+        maxConnections=cap,
+        mode=config.listen.mode,
+    )
+    return _attach(gateway, "listener", listener)
+
+
+def _etcdAware(gateway):
+    """
+    C{--health-check=etcd} and C{--sync-interval}: the etcd checks and the
+    member-list sync, sharing one HTTP client and one cluster identity (the
+    one judge of cluster IDs, whoever reads them).
+
+    @return: C{(etcd checks, member-list sync)}, each L{None} when off.
+    """
+    config = gateway.config
+    checks = config.health.check == "etcd"
+    sync = config.source.syncInterval > 0
+    if not (checks or sync):
+        return None, None
+    # Optional and heavy (twisted.web's client): only when asked for.
+    from etcdgw.etcdhealth import ClusterIdentity
+
+    client = _etcdClient(config, gateway.reactor)
+    identity = ClusterIdentity(gateway.pool)
+    return (
+        _etcdChecks(gateway, client, identity) if checks else None,
+        _memberSync(gateway, client, identity) if sync else None,
+    )
+
+
+def _etcdClient(config, reactor):
+    """
+    The HTTP client of etcd checks and member-list reads: trusting
+    C{--trusted-ca-file}, presenting C{--health-cert-file} (or
+    C{--discovery-cert-file}).
+    """
+    from etcdgw import etcdhealth
+
+    return etcdhealth.EtcdClient(
+        reactor, config.health.timeout, config.tls.clientTLS(config.tls.etcdClient)
+    )
+
+
+def _etcdChecks(gateway, client, identity):
+    from etcdgw.etcdhealth import EtcdHealthService, EtcdProber
+
+    health = gateway.config.health
+    service = EtcdHealthService(
+        gateway.pool,
+        gateway.reactor,
+        health.interval,
+        EtcdProber(client),
+        rise=health.rise,
+        fall=health.fall,
+        identity=identity,
+    )
+    log.info(
+        "etcd health: every member asked every {interval} (timeout {timeout}, "
+        "rise {rise}, fall {fall}); policy {policy}",
+        interval=formatDuration(health.interval),
+        timeout=formatDuration(health.timeout),
+        rise=health.rise,
+        fall=health.fall,
+        policy=gateway.pool.policyName,
+    )
+    return _attach(gateway, "etcd-health", service)
+
+
+def _memberSync(gateway, client, identity):
+    from etcdgw.membership import MembershipSync, ownAddressCheck
+
+    listener = gateway.listener
+
+    def refuse(endpoint):
+        # Against the address listened on: a host name is resolved at start.
+        return ownAddressCheck(listener.address)(endpoint)
+
+    source = gateway.config.source
+    service = MembershipSync(
+        gateway.pool,
+        gateway.reactor,
+        source.syncInterval,
+        client,
+        identity=identity,
+        seeds=list(source.endpoints),
+        refuse=refuse,
+    )
+    log.info(
+        "endpoints follow the cluster's member list, read every {interval}",
+        interval=formatDuration(source.syncInterval),
+    )
+    return _attach(gateway, "membership", service)
+
+
+def _workers(gateway):
+    """
+    C{--workers} above 1: the workers' supervisor; C{--worker-of}: the
+    watch that stops a worker whose supervisor is gone.
+
+    @return: C{(supervisor, watch)}, each L{None} when off.
+    """
+    workers = gateway.config.workers
+    reactor = gateway.reactor
+    supervisor = watch = None
+    if workers.count > 1:
+        supervisor = _attach(
+            gateway,
+            "workers",
+            WorkersService(
+                workers.count - 1,
+                list(workers.arguments),
+                reactor,
+                gateway.config.shutdownGrace + 5,
+            ),
+        )
+    if workers.workerOf is not None:
+        watch = _attach(
+            gateway, "supervisor-watch", SupervisorWatch(workers.workerOf, reactor, reactor.stop)
+        )
+    return supervisor, watch
+
+
+def _systemdNotify(gateway):
+    """
+    systemd's notify protocol, when C{$NOTIFY_SOCKET} asks for it (the
+    supervisor's, not a worker's).
+    """
+    if gateway.config.workers.workerOf is not None:
+        return None
+    notifier = SystemdNotifier.fromEnvironment()
+    if notifier is None:
+        return None
+    service = SystemdNotifyService(
+        notifier,
+        gateway.pool,
+        gateway.listener,
+        gateway.reactor,
+        watchdogInterval(),
+        listeners=gateway.listeners,
+    )
+    return _attach(gateway, "sdnotify", service)
+
+
+def _operatorListener(gateway, cap):
+    """
+    The operator's HTTP address (C{--metrics-addr}; the supervisor's, not
+    a worker's), capped at C{cap} connections.
+    """
+    config = gateway.config
+    if config.metrics is None or config.workers.workerOf is not None:
+        return None
+    # Optional and heavy (prometheus_client, twisted.web): only when asked for.
+    from etcdgw.status import statusSite
+
+    def announce(listener):
+        log.info(
+            "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
+            "status page on /",
+            where=listener.describe(),
+        )
+
+    web = ListenerService(
+        gateway.reactor,
+        config.metrics,
+        statusSite(gateway),
+        "--metrics-addr",
+        announce,
+        maxConnections=cap,
+    )
+    return _attach(gateway, "metrics", web)
