@@ -11,7 +11,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
-from etcdgw.transport import connectTCP
+from etcdgw.fast import connectTCP
 
 
 class _DialFactory(ClientFactory):

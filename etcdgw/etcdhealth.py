@@ -19,10 +19,11 @@ from zope.interface import implementer
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.client import (  # what a failed request's reasons are wrapped in
@@ -51,12 +52,20 @@ class EtcdHTTPError(Exception):
     """
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    noisy = False  # no "Starting factory" line for every health check
+@implementer(IStreamClientEndpoint)
+@attr.s(frozen=True)
+class _Quiet:
+    """
+    An endpoint that connects its factories quietly: no "Starting factory"
+    line for every health check (C{noisy} is every factory's public switch;
+    the HTTP pool's factory class itself is private to Twisted).
+    """
 
+    endpoint = attr.ib()
 
-class _QuietPool(HTTPConnectionPool):
-    _factory = _QuietFactory
+    def connect(self, factory):
+        factory.noisy = False
+        return self.endpoint.connect(factory)
 
 
 @implementer(IAgentEndpointFactory)
@@ -81,11 +90,11 @@ class _MemberEndpoints:
             self.reactor, endpoint.host, endpoint.port, timeout=self.timeout
         )
         if not endpoint.tls:
-            return connect
+            return _Quiet(connect)
         creator = self.tlsPolicy.creatorForNetloc(
             endpoint.serverName.encode("ascii"), endpoint.port
         )
-        return TLSClientEndpoint(self.reactor, connect, creator)
+        return _Quiet(TLSClientEndpoint(self.reactor, connect, creator))
 
 
 class EtcdClient:
@@ -105,7 +114,7 @@ class EtcdClient:
         self.reactor = reactor
         self.timeout = timeout
         self.tlsPolicy = tlsPolicy if tlsPolicy is not None else ClientTLS()
-        self._pool = _QuietPool(reactor, persistent=False)
+        self._pool = HTTPConnectionPool(reactor, persistent=False)
 
     @staticmethod
     def url(endpoint, path):

@@ -8,6 +8,11 @@ C{unix:} or C{systemd:}, is served by the gateway's own ports
 (L{GatewayPort}, L{GatewayUNIXPort}); a listen-time failure (address in use,
 no such interface or directory, no socket from systemd) ends the start with
 one line naming the flag (L{ListeningService}).
+
+The accept loop is there for behaviour, not speed, so it is not part of the
+fast path (L{etcdgw.fast}): it serves the fast path's transports or
+Twisted's own (L{etcdgw.fast.serverTransport}), as the gate decided or (the
+metrics address) as asked.
 """
 
 import errno
@@ -19,13 +24,13 @@ import attr
 from zope.interface import implementer
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import defer, endpoints, error, tcp, unix
+from twisted.internet import address, defer, endpoints, error, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python.systemd import ListenFDs
 
 from etcdgw.endpoint import EndpointError, formatHostPort, splitHostPort
-from etcdgw.transport import GatewayServer
+from etcdgw.fast import serverTransport
 
 #: Endpoint-string types accepted as C{--listen-addr}, Twisted's syntax.
 ENDPOINT_TYPES = ("tcp", "tcp6", "unix", "systemd")
@@ -272,7 +277,7 @@ def _isIP(host):
     return False
 
 
-def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=None):
+def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=None, fast=None):
     """
     The server endpoint for a parsed C{--listen-addr}: every kind is served
     by the gateway's own ports. Never raises: what cannot be listened on
@@ -281,6 +286,9 @@ def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=
     @param maxConnections: the cap on connections open at once, or L{None}.
     @param mode: a unix socket file's permissions when its string gave none
         (default L{DEFAULT_UNIX_MODE}).
+    @param fast: L{None}: accepted TCP connections get the fast path's
+        transports when the gate allows them; C{False}: Twisted's own (the
+        metrics address). See L{etcdgw.fast.serverTransport}.
     """
     if address.isTCP:
         return GatewayTCPEndpoint(
@@ -290,6 +298,7 @@ def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=
             reusePort,
             address.backlog or DEFAULT_BACKLOG,
             maxConnections,
+            fast,
         )
     if address.isUNIX:
         return GatewayUNIXEndpoint(
@@ -302,7 +311,7 @@ def listenEndpoint(reactor, address, reusePort=False, maxConnections=None, mode=
             address.lockfile,
             maxConnections,
         )
-    return GatewaySystemdEndpoint(reactor, address.description, maxConnections)
+    return GatewaySystemdEndpoint(reactor, address.description, maxConnections, fast=fast)
 
 
 #: How long accepting pauses after the first accept failure for lack of
@@ -324,7 +333,10 @@ class _Accepting:
     and must stay in step with it: Twisted's loop catches everything (an
     error never escapes to the reactor, which would close the listening
     port); ours keeps that, and closes only the client whose start failed.
-    Ours adds:
+    It uses no private name of Twisted's but C{_realPortNumber} (in log
+    lines; L{etcdgw.fast.gate} checks it is there): client addresses are
+    made with the public address classes (L{_clientAddress}), session
+    numbers counted here. Ours adds:
 
      - Out of file descriptors (C{EMFILE}, C{ENFILE}) or memory, it logs
        once, stops accepting for a short, growing while and then tries
@@ -347,6 +359,8 @@ class _Accepting:
 
     log = Logger()
     numberAccepts = 100
+    #: The next accepted connection's number (tcp.Server's sessionno).
+    sessionno = 0
     maxConnections = None
     openConnections = 0
     acceptFailures = 0
@@ -433,7 +447,7 @@ class _Accepting:
                 ) + tuple(addr[1:])
             if skt.family != socket.AF_UNIX:
                 skt.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            protocol = self.factory.buildProtocol(self._buildAddr(addr))
+            protocol = self.factory.buildProtocol(self._clientAddress(addr))
             if protocol is None:
                 skt.close()
                 return
@@ -549,9 +563,10 @@ class _Accepting:
         return super().connectionLost(reason)
 
 
-class _CountedServer(GatewayServer):
+class _Counted:
     """
-    An accepted TCP client; tells its port when it closes (the cap).
+    Mixin for an accepted client's transport (a C{tcp.Server} or
+    C{unix.Server}): tells its port when it closes (the cap).
     """
 
     __slots__ = ()
@@ -568,32 +583,56 @@ class _CountedServer(GatewayServer):
             server.connectionClosed()
 
 
-class _CountedUNIXServer(unix.Server):
+_countedClasses = {}
+
+
+def _counted(transport):
+    """
+    The counted (L{_Counted}) subclass of transport class C{transport}, made
+    once per class.
+    """
+    counted = _countedClasses.get(transport)
+    if counted is None:
+        counted = _countedClasses[transport] = type(
+            "Counted" + transport.__name__, (_Counted, transport), {"__slots__": ()}
+        )
+    return counted
+
+
+class _CountedUNIXServer(_Counted, unix.Server):
     """
     An accepted unix-socket client; tells its port when it closes (the cap).
     """
 
-    def __init__(self, skt, protocol, client, server, sessionno, reactor):
-        super().__init__(skt, protocol, client, server, sessionno, reactor)
-        server.openConnections += 1
-
-    def connectionLost(self, reason):
-        server = self.server
-        try:
-            return super().connectionLost(reason)
-        finally:
-            server.connectionClosed()
-
 
 class GatewayPort(_Accepting, tcp.Port):
     """
-    A TCP port with the gateway's accept loop (see L{_Accepting}) and the
-    gateway's transports.
+    A TCP port with the gateway's accept loop (see L{_Accepting}); its
+    accepted connections get the fast path's transports or Twisted's own
+    (L{fast}).
     """
 
-    transport = _CountedServer
     #: SO_REUSEPORT, for --workers: several processes listen on one port.
     reusePort = False
+    #: L{None}: the fast path's transports when the gate allows them;
+    #: C{False}: Twisted's own. See L{etcdgw.fast.serverTransport}.
+    fast = None
+
+    @property
+    def transport(self):
+        """
+        The transport class of the next accepted connection.
+        """
+        return _counted(serverTransport(self.fast))
+
+    @staticmethod
+    def _clientAddress(addr):
+        """
+        An accepted client's address (what C{tcp.Port._buildAddr} makes).
+        """
+        if len(addr) == 4:
+            return address.IPv6Address("TCP", *addr)
+        return address.IPv4Address("TCP", *addr)
 
     def createInternetSocket(self):
         s = super().createInternetSocket()
@@ -612,9 +651,22 @@ class GatewayUNIXPort(_Accepting, unix.Port):
     #: when systemd made it).
     ownsFile = True
 
+    def __init__(self, fileName, *args, **kwargs):
+        super().__init__(fileName, *args, **kwargs)
+        #: The socket file's path, as bytes (as Twisted keeps it, in a
+        #: private attribute whose name changed in 26.4).
+        self.socketPath = address.UNIXAddress(fileName).name
+
+    @staticmethod
+    def _clientAddress(addr):
+        """
+        An accepted client's address (what C{unix.Port._buildAddr} makes).
+        """
+        return address.UNIXAddress(addr)
+
     def describeListener(self):
-        path = self._bindPath
-        return "unix:" + (path.decode(errors="replace") if isinstance(path, bytes) else path)
+        path = self.socketPath or b""
+        return "unix:" + path.decode(errors="replace")
 
     def adopted(self):
         """
@@ -625,8 +677,8 @@ class GatewayUNIXPort(_Accepting, unix.Port):
         longer reach the socket systemd still holds).
         """
         self.ownsFile = False
-        path = self._bindPath
-        if not path or path[:1] in (b"\0", "\0"):
+        path = self.socketPath
+        if not path or path[:1] == b"\0":
             return
         try:
             self.mode = stat.S_IMODE(os.stat(path).st_mode)
@@ -636,6 +688,10 @@ class GatewayUNIXPort(_Accepting, unix.Port):
     def connectionLost(self, reason):
         if self.ownsFile:
             return super().connectionLost(reason)
+        # unix.Port.connectionLost removes the socket file, releases its
+        # lock file (an adopted socket has none), then runs
+        # tcp.Port.connectionLost: the file is systemd's, so only the last
+        # step runs. Must stay in step with unix.Port.connectionLost.
         self._cancelResume()
         return tcp.Port.connectionLost(self, reason)
 
@@ -654,12 +710,14 @@ class GatewayTCPEndpoint:
     reusePort: bool = False
     backlog: int = DEFAULT_BACKLOG
     maxConnections: int = None
+    fast: bool = None
 
     def listen(self, factory):
         host = self.host or "::"  # dual-stack: IPv4 clients too
         port = GatewayPort(self.port, factory, self.backlog, host, self.reactor)
         port.reusePort = self.reusePort
         port.maxConnections = self.maxConnections
+        port.fast = self.fast
         return defer.execute(port.startListening).addCallback(lambda _: port)
 
 
@@ -734,6 +792,7 @@ class GatewaySystemdEndpoint:
     description: str
     maxConnections: int = None
     environ: object = None
+    fast: bool = None
 
     def listen(self, factory):
         return defer.execute(self._adopt, factory)
@@ -783,6 +842,7 @@ class GatewaySystemdEndpoint:
             port.adopted()
         else:
             port = GatewayPort._fromListeningDescriptor(self.reactor, fd, family, factory)
+            port.fast = self.fast
         port.maxConnections = self.maxConnections
         port.startListening()
         os.close(fd)

@@ -1,103 +1,23 @@
 """
-A leaner event dispatch for Twisted's epoll reactor.
-
-For every ready descriptor, C{EPollReactor.doPoll} calls
-C{log.callWithLogger}, which pushes and pops a legacy logging context (the
-"system" prefix of old-style C{log.msg} lines) around the handler. In a proxy
-that does little else per event, that context switch is a measurable share of
-the CPU per forwarded request. The gateway logs through C{twisted.logger}
-with namespaces and never relies on that prefix, so L{leanDispatch} replaces
-the reactor's C{doPoll} with the same loop minus the context, and with the
-common event (data to read, nothing else) dispatched inline: same events,
-same handlers, same error handling (what a connection's handler raises is
-logged and closes that connection, as in C{_doReadOrWrite}, which still
-handles every other event), with one exception: a listening port whose
-C{doRead} raises is logged and keeps listening. (Twisted's own ports catch
-everything in their C{doRead}, so C{_doReadOrWrite} never meets that case;
-one client must never close the port every later client needs.) It also
-takes at most L{MAX_EVENTS} events per turn, where Twisted asks for (and
-allocates room for) one per open descriptor.
+Moved: the lean epoll dispatch is the fast path's, in
+L{etcdgw.fast.dispatch}, applied by the gate at start (L{etcdgw.fast.start}).
+These names stay importable from here only until the gateway's start
+(L{etcdgw.gateway}) calls L{etcdgw.fast.start} itself and its test looks
+for L{etcdgw.fast.dispatch._doPoll}.
 """
 
-import errno
-import select
-import types
+from etcdgw.fast import start
+from etcdgw.fast.dispatch import _doPoll
 
-from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
-from twisted.python import log
-
-_log = Logger(namespace="etcdgw.reactor")
-
-_IN = select.EPOLLIN
-#: At most this many ready descriptors are taken from one epoll_wait.
-MAX_EVENTS = 1024
-
-
-def _doPoll(self, timeout):
-    if timeout is None:
-        timeout = -1
-    try:
-        # Twisted asks for as many events as it has descriptors, and
-        # epoll.poll allocates room for that many on every call: 192 KB per
-        # turn with 8,000 clients. A bounded batch; the rest come next turn.
-        events = self._poller.poll(timeout, min(len(self._selectables), MAX_EVENTS) or 1)
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
-    selectables = self._selectables
-    dispatch = self._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        if event != _IN:
-            if event & _IN and IListeningPort.providedBy(selectable):
-                _readListening(self, selectable)  # data and an error flag
-                continue
-            dispatch(selectable, fd, event)  # writes, hang-ups, errors
-            continue
-        # The common case, inlined: data to read, and nothing else.
-        try:
-            why = selectable.doRead()
-        except BaseException as e:
-            if IListeningPort.providedBy(selectable):
-                _log.failure(
-                    "error accepting on {port}; it keeps listening", port=repr(selectable)
-                )
-                continue
-            log.err(None, "Unhandled error in doRead")
-            why = e
-        if why:
-            self._disconnectSelectable(selectable, why, True)
-
-
-def _readListening(reactor, port):
-    """
-    Read (accept) on a listening port: an error is logged, never closes it.
-    """
-    try:
-        why = port.doRead()
-    except BaseException:
-        _log.failure("error accepting on {port}; it keeps listening", port=repr(port))
-        return
-    if why:
-        reactor._disconnectSelectable(port, why, True)
+__all__ = ["_doPoll", "leanDispatch"]
 
 
 def leanDispatch(reactor):
     """
-    Make C{reactor}'s event loop dispatch without the legacy logging context,
-    if it is Twisted's epoll reactor; leave any other reactor alone.
+    The fast path's start (L{etcdgw.fast.start}): check the installed
+    Twisted once, then apply the lean dispatch to C{reactor}, or log one
+    warning and keep Twisted's own transports and dispatch.
 
-    @return: whether the reactor was changed.
+    @return: whether the fast path is on.
     """
-    try:
-        from twisted.internet.epollreactor import EPollReactor
-    except ImportError:  # not Linux
-        return False
-    if type(reactor) is not EPollReactor:
-        return False
-    reactor.doPoll = reactor.doIteration = types.MethodType(_doPoll, reactor)
-    return True
+    return start(reactor).fast

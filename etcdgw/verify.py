@@ -34,6 +34,7 @@ from service_identity.hazmat import DNS_ID
 from twisted.logger import Logger
 
 from etcdgw.endpoint import formatHostPort
+from etcdgw.fast.gate import verifyErrorText
 
 _log = Logger()
 
@@ -63,12 +64,10 @@ def sslErrorText(error):
 
 
 def _verifyErrorString(code):
-    try:
-        from OpenSSL._util import ffi, lib
-
-        return ffi.string(lib.X509_verify_cert_error_string(code)).decode()
-    except Exception:  # a private API: fall back to the number
-        return f"verify error {code}"
+    # OpenSSL's text for the code comes through pyOpenSSL's private binding
+    # (no public API gives it): etcdgw.fast.gate keeps that use, and its
+    # fallback, with the gateway's other uses of private names.
+    return verifyErrorText(code)
 
 
 def validateTLS(address, port, name, trust, timeout, context=None):

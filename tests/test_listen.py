@@ -2,7 +2,7 @@ import errno
 import os
 import socket
 
-from twisted.internet import error
+from twisted.internet import error, tcp
 from twisted.internet import reactor as globalReactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
@@ -10,6 +10,7 @@ from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from etcdgw.fast.transport import FastTransport
 from etcdgw.listen import (
     ACCEPT_BACKOFF_MAX,
     ACCEPT_BACKOFF_MIN,
@@ -223,7 +224,9 @@ class EndpointStringTests(SynchronousTestCase):
             self.assertEqual((a.host, a.port, a.isTCP), (host, port, True), text)
             endpoint = listenEndpoint(MemoryReactorClock(), a, maxConnections=9)
             self.assertIsInstance(endpoint, GatewayTCPEndpoint, text)
-            self.assertEqual(endpoint.maxConnections, 9)
+            self.assertEqual((endpoint.maxConnections, endpoint.fast), (9, None))
+            endpoint = listenEndpoint(MemoryReactorClock(), a, fast=False)
+            self.assertIs(endpoint.fast, False)  # the metrics address: Twisted's transports
         self.assertTrue(parseListenAddress("tcp6:1").wildcard)
         self.assertEqual(parseListenAddress("tcp:1:backlog=7").backlog, 7)
 
@@ -290,12 +293,16 @@ class ClientErrorTests(SynchronousTestCase):
     An error while starting one client closes that client only.
     """
 
+    #: The port's choice of transports (see GatewayPort.fast).
+    fast = None
+
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.events = EventLoggingObserver.createWithCleanup(self, GatewayPort.log.observer)
 
     def port(self, factory, sockets):
         port = GatewayPort(0, factory, 50, "127.0.0.1", self.reactor)
+        port.fast = self.fast
         port.connected = True
         port._realPortNumber = 23790
         port.socket = FakeListeningSocket(sockets)
@@ -355,11 +362,33 @@ class ClientErrorTests(SynchronousTestCase):
         self.assertIn(port, self.reactor.getReaders())
 
 
+class StockClientErrorTests(ClientErrorTests):
+    """
+    The same with Twisted's own transports (the gate refused the fast path,
+    or the metrics address): the accept loop is not part of the fast path.
+    """
+
+    fast = False
+
+    def test_stockTransports(self):
+        """The accepted clients' transports are Twisted's own, counted."""
+        (a, b), = self.pairs(1)
+        port = self.port(Factory.forProtocol(Protocol), [(a, ("127.0.0.1", 5000))])
+        port.doRead()
+        [transport] = [t for t in self.reactor.getReaders() if t is not port]
+        self.assertIsInstance(transport, tcp.Server)
+        self.assertNotIsInstance(transport, FastTransport)
+        self.assertEqual(port.openConnections, 1)
+
+
 class CapTests(SynchronousTestCase):
+    fast = None
+
     def setUp(self):
         self.reactor = MemoryReactorClock()
         self.events = EventLoggingObserver.createWithCleanup(self, GatewayPort.log.observer)
         self.port = GatewayPort(0, Factory.forProtocol(Protocol), 50, "127.0.0.1", self.reactor)
+        self.port.fast = self.fast
         self.port.connected = True
         self.port._realPortNumber = 23790
         self.port.maxConnections = 2
@@ -408,6 +437,30 @@ class CapTests(SynchronousTestCase):
         self.port.disconnecting = True
         transports[0].connectionLost(Failure(error.ConnectionDone()))
         self.assertNotIn(self.port, self.reactor.getReaders())
+
+
+class StockCapTests(CapTests):
+    """
+    The cap with Twisted's own transports: each closing connection still
+    tells its port.
+    """
+
+    fast = False
+
+
+class ClientAddressTests(SynchronousTestCase):
+    def test_addresses(self):
+        """Accepted clients' addresses are Twisted's public address types."""
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+
+        self.assertEqual(
+            GatewayPort._clientAddress(("127.0.0.1", 5000)), IPv4Address("TCP", "127.0.0.1", 5000)
+        )
+        self.assertEqual(
+            GatewayPort._clientAddress(("fe80::1%lo", 5000, 0, 1)),
+            IPv6Address("TCP", "fe80::1%lo", 5000, 0, 1),
+        )
+        self.assertEqual(GatewayUNIXPort._clientAddress(""), UNIXAddress(""))
 
 
 class UNIXListenTests(SynchronousTestCase):
@@ -573,3 +626,22 @@ class AdoptedUNIXTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o640)
         port.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(os.path.exists(path))
+
+
+class AdoptedTCPTests(SynchronousTestCase):
+    def test_systemdTCPSocketTransports(self):
+        """A TCP socket passed by systemd is served by GatewayPort, with the transports asked for."""
+        passed = socket.socket()
+        passed.bind(("127.0.0.1", 0))
+        passed.listen(5)
+        fd = os.dup(passed.fileno())
+        passed.close()
+        endpoint = listenEndpoint(
+            MemoryReactorClock(), parseListenAddress("systemd:domain=INET:index=0"), fast=False
+        )
+        self.patch(endpoint, "_descriptor", lambda: (fd, socket.AF_INET))
+        port = self.successResultOf(endpoint.listen(Factory.forProtocol(Protocol)))
+        self.addCleanup(port.connectionLost, Failure(error.ConnectionDone()))
+        self.assertIsInstance(port, GatewayPort)
+        self.assertIs(port.fast, False)
+        self.assertFalse(issubclass(port.transport, FastTransport))

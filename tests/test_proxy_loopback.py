@@ -1,24 +1,29 @@
 """
 The proxy over real loopback sockets, in this process: what only the kernel
-shows (backpressure, half-close, resets, TCP_NODELAY, no descriptor left open).
+shows (backpressure, half-close, resets, TCP_NODELAY, no descriptor left open),
+on the fast path (C and Python forwarding steps, with and without splice)
+and on Twisted's own transports (what the gate falls back to).
 """
 
 import errno
 import hashlib
 import os
+import select
 import socket
 import stat
+import struct
 
 from zope.interface import implementer
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw.endpoint import Endpoint
+from etcdgw.fast import gate, relay, transport
 from etcdgw.listen import GatewayTCPEndpoint
 from etcdgw.pool import UpstreamPool
-from etcdgw.proxy import GatewayFactory
+from etcdgw.proxy import ClientProtocol, GatewayFactory
 
 
 def waitFor(condition, timeout=10.0, interval=0.01):
@@ -45,6 +50,7 @@ class Collect(protocol.Protocol):
 
     def connectionMade(self):
         self.received = []
+        self.readClosed = False
         self.lost = defer.Deferred()
         self.factory.connections.append(self)
 
@@ -52,6 +58,7 @@ class Collect(protocol.Protocol):
         self.received.append(data)
 
     def readConnectionLost(self):
+        self.readClosed = True
         data = b"".join(self.received)
         self.transport.write(b"%d:" % len(data) + hashlib.sha256(data).hexdigest().encode())
         self.transport.loseConnection()
@@ -71,7 +78,11 @@ class Client(Collect):
 
 
 class LoopbackTests(TestCase):
+    #: Whether the gateway runs on the fast path's transports here.
+    fast = True
+
     def setUp(self):
+        self.assertEqual(gate.enabled(), self.fast, "the gate's decision")
         self.upstreamFactory = protocol.Factory.forProtocol(Collect)
         self.upstreamFactory.connections = []
         self.upstreamPort = reactor.listenTCP(0, self.upstreamFactory, interface="127.0.0.1")
@@ -136,8 +147,12 @@ class LoopbackTests(TestCase):
         yield waitFor(lambda: sum(map(len, upstream.received)) == 100)
         (gatewayClient,) = self.gateway.clients
         clientSide, memberSide = gatewayClient.transport, gatewayClient.peer.transport
-        self.assertIs(clientSide._target, memberSide)
-        self.assertIs(memberSide._target, clientSide)
+        if self.fast:
+            self.assertIs(clientSide._target, memberSide)
+            self.assertIs(memberSide._target, clientSide)
+        else:  # Twisted's own transports: the protocols forward
+            for side in (clientSide, memberSide):
+                self.assertNotIsInstance(side, transport.FastTransport)
         (state,) = self.pool.states()
         self.assertEqual(state.bytesToUpstream, 100)
         client.transport.loseWriteConnection()
@@ -145,7 +160,8 @@ class LoopbackTests(TestCase):
         self.assertEqual(b"".join(client.received)[:4], b"100:")
         self.assertEqual(state.bytesFromUpstream, len(b"".join(client.received)))
         yield self.settled()
-        self.assertEqual((clientSide._target, memberSide._target), (None, None))
+        if self.fast:
+            self.assertEqual((clientSide._target, memberSide._target), (None, None))
 
     @defer.inlineCallbacks
     def test_bulk(self):
@@ -154,17 +170,15 @@ class LoopbackTests(TestCase):
         most of it moves through a pipe by splice, and where it is off, no
         pipe is made and nothing is spliced.
         """
-        from etcdgw import transport
-
         client = yield self.connect()
         payload = os.urandom(16 * 1024 * 1024)
         client.transport.write(payload)
         upstream = yield self.upstream()
         yield waitFor(lambda: sum(map(len, upstream.received)) >= 4 * 1024 * 1024)
         (gatewayClient,) = self.gateway.clients
-        if transport.SPLICE:
+        if self.fast and transport.SPLICE:
             yield waitFor(lambda: gatewayClient.transport._pipe is not None)
-        else:
+        elif self.fast:
             self.assertIsNone(gatewayClient.transport._pipe)
         client.transport.loseWriteConnection()
         yield client.lost
@@ -173,6 +187,8 @@ class LoopbackTests(TestCase):
         state = self.pool.states()[0]
         self.assertEqual(state.bytesToUpstream, len(payload))
         self.assertEqual(state.bytesFromUpstream, len(expected))
+        if not self.fast:
+            return
         spliced = gatewayClient.transport._spliced
         if transport.SPLICE:
             self.assertGreater(spliced, len(payload) // 2)
@@ -186,8 +202,6 @@ class LoopbackTests(TestCase):
         (the process holds as many descriptors as before the transfer), and
         a later bulk transfer still arrives exactly.
         """
-        from etcdgw import transport
-
         self.patch(transport, "PIPE_IDLE", 0.05)
         client = yield self.connect()
         upstream = yield self.upstream()
@@ -206,8 +220,9 @@ class LoopbackTests(TestCase):
         except defer.TimeoutError:
             pass
         self.assertEqual(len(os.listdir("/proc/self/fd")), fdsOpen, _fds())
-        self.assertEqual([side._pipe for side in sides], [None, None])
-        if transport.SPLICE:  # pipes were made, and given back
+        if self.fast:
+            self.assertEqual([side._pipe for side in sides], [None, None])
+        if self.fast and transport.SPLICE:  # pipes were made, and given back
             self.assertTrue(all(side._spliced for side in sides), [s._spliced for s in sides])
         self.assertEqual(b"".join(upstream.received), b"x" + up)
         self.assertEqual(b"".join(client.received), down)
@@ -225,9 +240,7 @@ class LoopbackTests(TestCase):
         Make splice(2) raise C{OSError(errno)} where C{fails(src)} returns
         an errno for its source descriptor.
         """
-        from etcdgw import transport
-
-        if not transport.SPLICE:
+        if not (self.fast and transport.SPLICE):
             raise SkipTest("splice is off")
         real = os.splice
 
@@ -349,6 +362,90 @@ class LoopbackTests(TestCase):
         yield waitFor(lambda: not self.gateway.clients)
 
     @defer.inlineCallbacks
+    def joinedToRawClient(self):
+        """
+        A client that is a plain socket (so that the test decides when the
+        kernel sends what), joined to a member.
+
+        Half-closes the gateway's client protocols hear are recorded in
+        C{self.halfClosed}.
+
+        @return: the client socket, the gateway's two transports (client
+            side, member side) and the member's protocol.
+        """
+        self.halfClosed = []
+        heard = ClientProtocol.readConnectionLost
+
+        def readConnectionLost(protocol):
+            self.halfClosed.append(protocol)
+            return heard(protocol)
+
+        self.patch(ClientProtocol, "readConnectionLost", readConnectionLost)
+        sock = socket.create_connection(("127.0.0.1", self.gatewayPort.getHost().port))
+        self.addCleanup(sock.close)
+        sock.setblocking(False)
+        upstream = yield self.upstream()
+        yield waitFor(lambda: self.pool.states()[0].active == 1)
+        (gatewayClient,) = self.gateway.clients
+        return sock, gatewayClient.transport, gatewayClient.peer.transport, upstream
+
+    @defer.inlineCallbacks
+    def assertResetReachedMember(self, upstream):
+        """
+        The member's connection ends with a reset (a lost connection), never
+        with a clean end of stream (a half-close) first; the gateway never
+        took the client's reset for a half-close.
+        """
+        yield upstream.lost.addTimeout(10, reactor)
+        self.assertEqual(self.halfClosed, [], "the gateway took the reset for a half-close")
+        self.assertFalse(upstream.readClosed, "the member got a FIN, not a reset")
+        self.assertTrue(upstream.reason.check(error.ConnectionLost), upstream.reason)
+
+    @defer.inlineCallbacks
+    def test_clientResetWhileSending(self):
+        """
+        A client that resets while the member's reply is on its way to it
+        (the gateway's send to the client meets the reset first) is seen by
+        the member as a reset, not as a clean end of stream.
+        """
+        sock, clientSide, memberSide, upstream = yield self.joinedToRawClient()
+        # One turn of the reactor: the member's reply arrives at the
+        # gateway first, then the client's reset; the gateway forwards the
+        # reply (its send meets the reset) before it reads the client.
+        upstream.transport.getHandle().send(b"reply")
+        _reset(sock)
+        yield self.assertResetReachedMember(upstream)
+
+    @defer.inlineCallbacks
+    def test_writeToResetClient(self):
+        """
+        A write to a client whose reset has arrived (the send meets the
+        reset) loses that connection at once: the member sees a reset.
+        """
+        sock, clientSide, memberSide, upstream = yield self.joinedToRawClient()
+        _reset(sock)
+        _waitForError(clientSide.getHandle())
+        clientSide.write(b"late")
+        yield self.assertResetReachedMember(upstream)
+
+    @defer.inlineCallbacks
+    def test_spliceToResetClient(self):
+        """
+        Bulk data spliced toward a client whose reset has arrived (the
+        pipe's splice to it meets the reset) loses that connection at once:
+        the member sees a reset.
+        """
+        if not (self.fast and transport.SPLICE):
+            raise SkipTest("splice is off")
+        sock, clientSide, memberSide, upstream = yield self.joinedToRawClient()
+        upstream.transport.write(os.urandom(16 * 1024 * 1024))  # the client reads nothing
+        yield waitFor(lambda: memberSide._pipeBytes > 0 and memberSide not in reactor.getReaders())
+        _reset(sock)
+        _waitForError(clientSide.getHandle())
+        memberSide.doRead()  # as the reactor would: the member's socket is readable
+        yield self.assertResetReachedMember(upstream)
+
+    @defer.inlineCallbacks
     def test_noDescriptorLeak(self):
         """After many connections open and close, no descriptor is left open."""
         fdsBefore = None
@@ -364,6 +461,26 @@ class LoopbackTests(TestCase):
         yield self.settled()
         self.assertEqual(len(os.listdir("/proc/self/fd")), fdsBefore, _fds())
         self.assertEqual(self.gateway.accepted, 51)
+
+
+def _reset(sock):
+    """
+    Close C{sock} with a reset (SO_LINGER 0).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _waitForError(sock):
+    """
+    Wait (blocking the reactor: nothing reads C{sock} meanwhile) until the
+    kernel reports an error or hang-up on C{sock}; poll(2) does not consume
+    the error.
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    if not poller.poll(5000):
+        raise AssertionError("no reset arrived")
 
 
 def _isSocket(fd):
@@ -411,9 +528,7 @@ class PythonRelayLoopbackTests(LoopbackTests):
     """
 
     def setUp(self):
-        from etcdgw import transport
-
-        self.patch(transport, "_relay", transport._relayPython)
+        self.patch(transport, "_relay", relay._relayPython)
         return super().setUp()
 
 
@@ -425,8 +540,6 @@ class CopyOnlyLoopbackTests(LoopbackTests):
     """
 
     def setUp(self):
-        from etcdgw import transport
-
         self.patch(transport, "SPLICE", False)
         return super().setUp()
 
@@ -437,7 +550,18 @@ class PythonRelayCopyOnlyLoopbackTests(CopyOnlyLoopbackTests):
     """
 
     def setUp(self):
-        from etcdgw import transport
+        self.patch(transport, "_relay", relay._relayPython)
+        return super().setUp()
 
-        self.patch(transport, "_relay", transport._relayPython)
+
+class StockLoopbackTests(LoopbackTests):
+    """
+    The same on Twisted's own transports and dispatch: what the gateway runs
+    on when the gate (L{etcdgw.fast.gate}) refuses the fast path.
+    """
+
+    fast = False
+
+    def setUp(self):
+        self.patch(gate, "_decision", gate.Verdict("under test", ("the stock path under test",)))
         return super().setUp()

@@ -4,7 +4,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from etcdgw.reactor import leanDispatch
+from etcdgw.fast.dispatch import leanDispatch
 
 
 class LeanDispatchTests(SynchronousTestCase):
@@ -124,7 +124,7 @@ class LeanDispatchTests(SynchronousTestCase):
 
     def test_boundedBatch(self):
         """At most MAX_EVENTS events are asked of epoll per turn, however many descriptors."""
-        from etcdgw.reactor import MAX_EVENTS
+        from etcdgw.fast.dispatch import MAX_EVENTS
 
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)

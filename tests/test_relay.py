@@ -6,10 +6,13 @@ real loopback TCP sockets: both must give the same answers.
 import os
 import socket
 import struct
+import sys
+import types
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from etcdgw import transport
+from etcdgw.fast import relay as relayModule
+from etcdgw.fast import transport
 
 
 def _tcpPair():
@@ -55,7 +58,7 @@ class RelayTestsMixin:
             self.addCleanup(s.close)
 
     def step(self):
-        return self.relay(self.src.fileno(), self.dst.fileno(), transport._buffer)
+        return self.relay(self.src.fileno(), self.dst.fileno(), relayModule.buffer)
 
     def stepUntilAnswer(self):
         """
@@ -111,44 +114,108 @@ class RelayTestsMixin:
         result = self.stepUntilAnswer()
         self.assertEqual(result, (1000, 0))
 
-    def test_sendFailureIsPartial(self):
+    def test_sendFailureIsLost(self):
         """
-        A target that cannot be sent to at all: (n, 0); the caller queues it
-        all and meets the error in its write path.
+        A target that cannot be sent to at all: (n, -1), the target's
+        connection is lost (not (n, 0): the caller would queue it and wait
+        for a write path error that the failed send already consumed).
         """
         self.dst.shutdown(socket.SHUT_WR)
         self.client.sendall(b"y" * 10)
         result = self.stepUntilAnswer()
-        self.assertEqual(result, (10, 0))
+        self.assertEqual(result, (10, -1))
+
+    def test_resetTargetIsLost(self):
+        """
+        A target whose peer reset: (n, -1). The failed send consumed the
+        reset: the target's next read is a clean end of stream, which is
+        why the caller must take (n, -1) as a lost connection at once.
+        """
+        self.member.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.member.close()
+        _waitForError(self.dst)
+        self.client.sendall(b"z" * 10)
+        result = self.stepUntilAnswer()
+        self.assertEqual(result, (10, -1))
+        self.assertEqual(self.dst.recv(10), b"")
 
     def test_notADescriptor(self):
         """A closed descriptor raises OSError (EBADF), not a crash."""
         fd = os.dup(self.src.fileno())
         os.close(fd)
         with self.assertRaises(OSError):
-            self.relay(fd, self.dst.fileno(), transport._buffer)
+            self.relay(fd, self.dst.fileno(), relayModule.buffer)
+
+
+def _waitForError(sock):
+    """
+    Wait until the kernel reports an error or hang-up on C{sock} (poll(2)
+    reads it without consuming it).
+    """
+    import select
+
+    poller = select.poll()
+    poller.register(sock, select.POLLERR | select.POLLHUP)
+    if not poller.poll(5000):
+        raise AssertionError("no reset arrived")
 
 
 class PythonRelayTests(RelayTestsMixin, TestCase):
-    relay = staticmethod(transport._relayPython)
+    relay = staticmethod(relayModule._relayPython)
 
 
 class CRelayTests(RelayTestsMixin, TestCase):
     def setUp(self):
         try:
-            from _etcdgw_relay import relay
+            import _etcdgw_relay
         except ImportError:
-            message = "_etcdgw_relay was not built (no C compiler or Python headers?)"
-            if os.environ.get("CI"):
-                raise RuntimeError("CI is set and " + message)
-            raise SkipTest(message)
-        self.relay = relay
+            self.unusable("_etcdgw_relay was not built (no C compiler or Python headers?)")
+        if getattr(_etcdgw_relay, "CONTRACT", None) != relayModule.CONTRACT:
+            self.unusable(
+                f"_etcdgw_relay ({_etcdgw_relay.__file__}) was built from older sources "
+                "(its CONTRACT differs): reinstall the project"
+            )
+        self.relay = _etcdgw_relay.relay
         super().setUp()
+
+    def unusable(self, message):
+        if os.environ.get("CI"):
+            raise RuntimeError("CI is set and " + message)
+        raise SkipTest(message)
 
     def test_usedWhenBuilt(self):
         """Where it was built, the gateway forwards with it."""
-        self.assertTrue(transport.RELAY_IN_C)
+        self.assertTrue(relayModule.RELAY_IN_C)
+        self.assertIs(relayModule.relay, self.relay)
         self.assertIs(transport._relay, self.relay)
+
+
+class StaleBuildTests(TestCase):
+    def test_staleBuildNotUsed(self):
+        """
+        A C module built from older sources (other answers: no CONTRACT, or
+        another) is not used: the Python step is.
+        """
+        original = sys.modules.get("_etcdgw_relay")
+
+        def restore():
+            sys.modules.pop("_etcdgw_relay", None)
+            if original is not None:
+                sys.modules["_etcdgw_relay"] = original
+
+        self.addCleanup(restore)
+        for contract in (None, 1):
+            stale = types.ModuleType("_etcdgw_relay")
+            stale.relay = lambda src, dst, buffer: None
+            if contract is not None:
+                stale.CONTRACT = contract
+            sys.modules["_etcdgw_relay"] = stale
+            self.assertIs(relayModule._load(), relayModule._relayPython)
+        current = types.ModuleType("_etcdgw_relay")
+        current.relay = lambda src, dst, buffer: None
+        current.CONTRACT = relayModule.CONTRACT
+        sys.modules["_etcdgw_relay"] = current
+        self.assertIs(relayModule._load(), current.relay)
 
 
 class FakePipeTransport:

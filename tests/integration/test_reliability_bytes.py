@@ -388,11 +388,3 @@ class ResetTests(TestCase):
             seenByMemberAsCleanEnd=endings.get("eof", 0),
         )
         self.assertEqual(endings, {"reset": count})
-
-    test_clientResetReachesMember.todo = (
-        "gateway bug: the fast path swallows a send error to the client (the "
-        "relay's send, the splice flush, write's OSError fallback), which consumes "
-        "the socket's ECONNRESET; the client socket's next read returns 0 and is "
-        "taken as a half-close, so the member gets a FIN, not a reset (measured: "
-        "13 to 38 of 100 such resets)"
-    )

@@ -6,16 +6,22 @@
  * of the GIL, and no Python objects made on the way (no memoryview slice, no
  * bound methods, no intermediate ints). It is what
  * etcdgw.transport._relayPython does, which the gateway uses where this
- * module was not built; see etcdgw/transport.py.
+ * module was not built; see etcdgw/fast/relay.py.
  *
  * Returns:
  *   n > 0       n bytes arrived and all n were sent;
  *   0           end of stream on src (nothing sent);
  *   None        nothing to read now (EAGAIN, EWOULDBLOCK or EINTR);
  *   (n, sent)   n bytes arrived, only the first sent (0 <= sent < n) were
- *               sent: dst's buffer is full, or sending failed (the caller
- *               queues the rest, and the error meets it in its write path).
+ *               sent: dst's buffer is full (the caller queues the rest);
+ *   (n, -1)     n bytes arrived and sending them failed (a reset, for one):
+ *               dst's connection is lost. send(2) has consumed dst's
+ *               pending error, so the caller must treat dst as lost now:
+ *               dst's next recv would read a clean end of stream.
  * Raises OSError when receiving fails (a reset, for one).
+ *
+ * CONTRACT is the version of these answers: etcdgw.fast.relay uses this
+ * module only when it matches (a stale build falls back to Python).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -66,8 +72,15 @@ relay(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         err = errno;
     } else if (n > 0) {
         sent = send(dst, view.buf, (size_t)n, MSG_NOSIGNAL);
-        if (sent < 0)
-            sent = 0;
+        if (sent < 0) {
+            /* No room (as Twisted's writeSomeData: EWOULDBLOCK, ENOBUFS)
+             * is not a failure; anything else is. */
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR
+                || errno == ENOBUFS)
+                sent = 0;
+            else
+                sent = -1;
+        }
     }
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&view);
@@ -92,12 +105,18 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef moduledef = {
     PyModuleDef_HEAD_INIT, "_etcdgw_relay",
-    "The gateway's forwarding step in C (see etcdgw.transport).", -1, methods,
+    "The gateway's forwarding step in C (see etcdgw.fast.relay).", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC
 PyInit__etcdgw_relay(void)
 {
-    return PyModule_Create(&moduledef);
+    PyObject *module = PyModule_Create(&moduledef);
+
+    if (module != NULL && PyModule_AddIntConstant(module, "CONTRACT", 2) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
 }
