@@ -26,6 +26,7 @@ from twisted.application.service import MultiService
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
 
+from etcdgw import fast
 from etcdgw.duration import formatDuration
 from etcdgw.health import HealthService, guardedProbe
 from etcdgw.listen import (
@@ -38,14 +39,12 @@ from etcdgw.listen import (
 )
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
-from etcdgw.reactor import leanDispatch
 from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
 from etcdgw.monitor import Monitor
 from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
 from etcdgw.shutdown import DrainService
 from etcdgw.signals import ReloadService
 from etcdgw.sources import StaticEndpoints
-from etcdgw.transport import RELAY_IN_C
 from etcdgw.workers import SupervisorWatch, WorkersService
 
 log = Logger(namespace="etcdgw")
@@ -249,8 +248,10 @@ class Gateway:
             failStart(f"--endpoints and --listen-addr: {e}")
 
     def _takeOverProcess(self):
-        leanDispatch(self.reactor)
-        if not RELAY_IN_C:
+        # The fast path's one gate: the lean dispatch and our transports, or
+        # Twisted's own with one warning naming what is missing.
+        fast.start(self.reactor)
+        if not fast.RELAY_IN_C:
             log.warn(
                 "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "
                 "was not built at install (no C compiler or Python headers?); the "
@@ -616,5 +617,6 @@ def _operatorListener(gateway, cap):
         "--metrics-addr",
         announce,
         maxConnections=cap,
+        fast=False,  # Twisted's own transports: nothing here needs speed
     )
     return _attach(gateway, "metrics", web)

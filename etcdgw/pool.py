@@ -75,7 +75,7 @@ class Change:
 class ByteCount:
     """
     A byte counter that the forwarding path adds to directly (see
-    L{etcdgw.transport.join}): one per endpoint and direction.
+    L{etcdgw.fast.join}): one per endpoint and direction.
     """
 
     __slots__ = ("n",)

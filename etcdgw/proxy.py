@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.monitor import legacyMonitor
 from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
-from etcdgw.transport import join, writerFor
+from etcdgw.fast import join, writerFor
 
 
 def _noDelay(transport):

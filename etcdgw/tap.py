@@ -34,7 +34,7 @@ from etcdgw.listen import ENDPOINT_TYPES, ListenAddress, ListenError, parseListe
 from etcdgw.pool import POLICIES
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
 from etcdgw.tlsfiles import TLSFileError, checkKeyPair, loadCertificates, readPEMFile
-from etcdgw.transport import RELAY_IN_C
+from etcdgw.fast import RELAY_IN_C
 
 DEFAULT_ENDPOINTS = "127.0.0.1:2379"
 DEFAULT_LISTEN = "127.0.0.1:23790"

@@ -311,12 +311,12 @@ import signal
 from twisted.internet import epollreactor
 epollreactor.install()
 from twisted.internet import reactor
-import etcdgw.reactor
+import etcdgw.fast.dispatch
 from etcdgw.gateway import buildGateway
 from etcdgw.tap import Options
 
 def lean():
-    return getattr(reactor.doPoll, "__func__", None) is etcdgw.reactor._doPoll
+    return getattr(reactor.doPoll, "__func__", None) is etcdgw.fast.dispatch._doPoll
 
 options = Options()
 options.parseOptions(["--listen-addr=127.0.0.1:0", "--endpoints=127.0.0.1:1"])

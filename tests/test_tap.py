@@ -213,7 +213,7 @@ class VersionTests(SynchronousTestCase):
         import sys
 
         from etcdgw import __version__
-        from etcdgw.transport import RELAY_IN_C
+        from etcdgw.fast import RELAY_IN_C
 
         out = io.StringIO()
         self.patch(sys, "stdout", out)
