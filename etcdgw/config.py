@@ -126,7 +126,7 @@ class ListenConfig:
     Where clients connect.
 
     @ivar address: the parsed C{--listen-addr}
-        (L{etcdgw.listen.ListenAddress}); a host name in it is resolved when
+        (L{etcdgw.listenaddr.ListenAddress}); a host name in it is resolved when
         the listener starts.
     @ivar mode: C{--listen-mode}, or L{None}.
     @ivar maxConnections: C{--max-connections}, or L{None} (the cap then
@@ -186,7 +186,7 @@ class GatewayConfig:
     @ivar source: the L{SourceConfig}.
     @ivar listen: the L{ListenConfig}.
     @ivar metrics: the parsed C{--metrics-addr}
-        (L{etcdgw.listen.ListenAddress}), or L{None}.
+        (L{etcdgw.listenaddr.ListenAddress}), or L{None}.
     @ivar dialTimeout: C{--dial-timeout}, seconds.
     @ivar policy: C{--policy}, a name of L{etcdgw.pool.POLICIES}.
     @ivar health: the L{HealthConfig}.

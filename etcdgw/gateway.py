@@ -35,8 +35,8 @@ from etcdgw.listen import (
     descriptorBudget,
     describeListenError,
     listenEndpoint,
-    parseListenAddress,
 )
+from etcdgw.listenaddr import parseListenAddress
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval

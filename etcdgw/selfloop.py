@@ -84,7 +84,7 @@ def checkSelfLoop(listen, endpoints, resolve=resolve, isLocal=isLocalAddress):
     endpoint on the listening port that resolves to the listen address, or,
     when the gateway listens on every interface, to any local address.
 
-    @param listen: the L{etcdgw.listen.ListenAddress}; only TCP ones are checked.
+    @param listen: the L{etcdgw.listenaddr.ListenAddress}; only TCP ones are checked.
     @raise SelfLoopError: naming the endpoint and the listen address.
     """
     if listen is None or not listen.isTCP:
@@ -106,7 +106,7 @@ class SelfLoopGuard:
     """
     The gateway's one self-loop guard (see the module docstring).
 
-    @ivar listen: the C{--listen-addr} L{etcdgw.listen.ListenAddress} (or
+    @ivar listen: the C{--listen-addr} L{etcdgw.listenaddr.ListenAddress} (or
         L{None}): what configured endpoints are checked against at start,
         and learned ones always.
     @ivar listeners: the gateway's listening services (each with

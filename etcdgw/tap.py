@@ -30,7 +30,7 @@ from etcdgw.config import (
 from etcdgw.duration import DurationError, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints, splitHostPort
 from etcdgw.gateway import buildGateway, isResolved
-from etcdgw.listen import ENDPOINT_TYPES, ListenAddress, ListenError, parseListenAddress, parseMode
+from etcdgw.listenaddr import ENDPOINT_TYPES, ListenAddress, ListenError, parseListenAddress, parseMode
 from etcdgw.pool import POLICIES
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
 from etcdgw.tlsfiles import TLSFileError, checkKeyPair, loadCertificates, readPEMFile

@@ -17,12 +17,11 @@ from etcdgw.listen import (
     GatewayPort,
     GatewayTCPEndpoint,
     GatewayUNIXPort,
-    ListenError,
     ListeningService,
     describeListenError,
     listenEndpoint,
-    parseListenAddress,
 )
+from etcdgw.listenaddr import ListenError, parseListenAddress
 
 
 class ParseListenAddressTests(SynchronousTestCase):

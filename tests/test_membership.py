@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import CheckResult, EtcdHealthService, EtcdHTTPError
-from etcdgw.listen import parseListenAddress
+from etcdgw.listenaddr import parseListenAddress
 from etcdgw.membership import MembershipSync, mergeMembers
 from etcdgw.monitor import Monitor
 from etcdgw.pool import UNHEALTHY, UpstreamPool

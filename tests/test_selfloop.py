@@ -1,7 +1,7 @@
 from twisted.trial.unittest import SynchronousTestCase
 
 from etcdgw.endpoint import Endpoint, parseEndpoints
-from etcdgw.listen import parseListenAddress
+from etcdgw.listenaddr import parseListenAddress
 from etcdgw.selfloop import (
     SelfLoopError,
     SelfLoopGuard,
