@@ -117,8 +117,11 @@ class CheckerTests(SynchronousTestCase):
             self.clock.advance(1)
         self.assertEqual({self.health(e) for e in (A, B, C)}, {UNHEALTHY})
         self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"b", "c"})
-        # It answers again (still unhealthy, rise 2): it is back in the fallback.
+        # It answers again (still unhealthy, rise 2): after rise answers it
+        # is no longer silent, and back in the fallback.
         self.probe.answers["a"] = BAD
+        self.clock.advance(1)
+        self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"b", "c"})
         self.clock.advance(1)
         self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"a", "b", "c"})
 
