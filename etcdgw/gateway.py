@@ -658,7 +658,7 @@ def _operatorListener(gateway, cap):
     def announce(listener):
         log.info(
             "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
-            "status page on /",
+            "readiness on /readyz, status page on /",
             where=listener.describe(),
         )
 

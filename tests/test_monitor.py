@@ -286,6 +286,26 @@ class UsableTests(SynchronousTestCase):
         self.assertEqual((unproven.up, unproven.eligible, unproven.usable), (True, False, False))
 
 
+    def test_silentShown(self):
+        """A silent endpoint shows as not usable and silent, in status and metrics; a slow one as slow."""
+        for _ in range(self.monitor.fall):
+            self.monitor.unanswered(A, "no answer in 500ms")
+            self.monitor.unanswered(B, "no answer in 500ms")
+        status, metrics = self.shown()
+        self.assertEqual((status["a:1"], metrics["a:1"]), (False, 0))
+        self.assertEqual((status["b:1"], metrics["b:1"]), (True, 1))
+        gateway = Gateway(reactor=self.clock, pool=self.pool, factory=self.factory)
+        families = {
+            f.name: {s.labels["endpoint"]: s.value for s in f.samples}
+            for f in GatewayCollector(gateway).collect()
+            if f.samples and "endpoint" in f.samples[0].labels
+        }
+        self.assertEqual(families["etcd_gateway_endpoint_silent"], {"a:1": 1, "b:1": 0, "x:1": 0})
+        self.assertEqual(
+            families["etcd_gateway_endpoint_answering_slowly"], {"a:1": 0, "b:1": 1, "x:1": 0}
+        )
+
+
 class SilenceTests(MonitorCase):
     """
     Answer evidence: fall misses in a row make an endpoint that is up
