@@ -26,11 +26,15 @@ probe that reaches the gateway itself fails, "self-loop", before it asks
 anything.
 
 L{AnswerService} runs the probes: each member on its own timer, every
-C{interval} from the start of the last probe; while a member's probes are
+C{interval} from the start of the last probe (a member that is down:
+every C{--retry-delay} where that is shorter); while a member's probes are
 between two verdicts (a miss while it answers, an answer while it is
 silent: L{Monitor.changing}), C{fastinter} after the last one (HAProxy's
-C{fastinter}). A passive hint (L{Monitor.hint}) probes a member now,
-at most once per C{fastinter}.
+C{fastinter}). A member that is down and accepts a probe's connection
+again is up, and silent until it has answered (L{Monitor.reachable}): no
+client is sent to a member that is still starting, unless no other is
+usable. A passive hint (L{Monitor.hint}) probes a member now, at most once
+per C{fastinter}.
 """
 
 import attr
@@ -42,7 +46,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from etcdgw.dial import connected, describeFailure, dial
+from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.duration import formatDuration
 from etcdgw.endpoint import formatHostPort
 from etcdgw.selfloop import SelfLoopError
@@ -52,6 +56,7 @@ __all__ = [
     "ANSWERED",
     "FAILED",
     "SILENT",
+    "UNTRIED",
     "AnswerProber",
     "AnswerService",
     "Outcome",
@@ -64,6 +69,9 @@ __all__ = [
 ANSWERED = "answered"
 SILENT = "silent"
 FAILED = "failed"
+#: The probe could not be made: the gateway itself is out of descriptors
+#: or buffers. Evidence of nothing about the member.
+UNTRIED = "untried"
 
 #: The largest response head (status line and headers) read; past it the
 #: answer still counts, and the connection is closed.
@@ -81,8 +89,9 @@ class Outcome:
     What one probe found.
 
     @ivar kind: L{ANSWERED} (any answer came), L{SILENT} (connected, or
-        still connecting, and nothing came in time), or L{FAILED} (the
-        connect failed: refused, unreachable, no such name, a self-loop).
+        still connecting, and nothing came in time), L{FAILED} (the connect
+        failed: refused, unreachable, no such name, a self-loop), or
+        L{UNTRIED} (the gateway had no descriptor for it).
     @ivar detail: one line, for the log.
     @ivar failure: the L{Failure} of a L{FAILED} outcome.
     """
@@ -386,9 +395,10 @@ class _Attempt:
     @ivar heard: some byte came back from the member for it.
     """
 
-    def __init__(self, prober, endpoint):
+    def __init__(self, prober, endpoint, onConnected=None):
         self.prober = prober
         self.endpoint = endpoint
+        self.onConnected = onConnected
         self.deferred = defer.Deferred(self._cancel)
         self.heard = False
         self._dialing = None
@@ -436,6 +446,14 @@ class _Attempt:
             return
         self.prober._kept[self.endpoint.key] = protocol
         self._ask(protocol, reused=False)
+        if self.onConnected is not None and not self.deferred.called:
+            try:
+                self.onConnected()
+            except Exception:
+                self.prober.log.failure(
+                    "answer probe of {endpoint}: connected callback failed",
+                    endpoint=str(self.endpoint),
+                )
 
     def _dialFailed(self, reason):
         self._dialing = None
@@ -443,6 +461,11 @@ class _Attempt:
             return
         if reason.check(error.TimeoutError, defer.TimeoutError):
             self._finish(Outcome(SILENT, f"no connection in {self._limit}"))
+            return
+        if isLocalResourceError(reason):
+            # The gateway's shortage, not the member's fault (as the proxy's
+            # dials judge it).
+            self._finish(Outcome(UNTRIED, describeFailure(reason), reason))
             return
         self._finish(Outcome(FAILED, describeFailure(reason), reason))
 
@@ -549,14 +572,16 @@ class AnswerProber:
             self._context = probeContext()
         return self._context
 
-    def probe(self, endpoint):
+    def probe(self, endpoint, onConnected=None):
         """
         Ask C{endpoint} for an answer.
 
+        @param onConnected: called (with no argument) when a new connection
+            to it is made, past the self-loop guard, before any answer.
         @return: a Deferred firing with an L{Outcome} (never failing) within
             C{timeout}; cancelling it ends the probe and its connection.
         """
-        attempt = _Attempt(self, endpoint)
+        attempt = _Attempt(self, endpoint, onConnected)
         attempt.start()
         return attempt.deferred
 
@@ -629,17 +654,20 @@ class AnswerService(Service):
     @ivar fastinter: seconds from a probe's end to the next one while the
         member's verdict is changing (C{--health-fastinter}); also the
         least time between two probes a hint asks for.
+    @ivar retryDelay: a member that is down is probed at least this often
+        (C{--retry-delay}, when shorter than C{interval}).
     """
 
     log = Logger()
 
-    def __init__(self, pool, reactor, monitor, prober, interval, fastinter):
+    def __init__(self, pool, reactor, monitor, prober, interval, fastinter, retryDelay=None):
         self.pool = pool
         self.reactor = reactor
         self.monitor = monitor
         self.prober = prober
         self.interval = interval
         self.fastinter = fastinter
+        self.retryDelay = interval if retryDelay is None else min(interval, retryDelay)
         self._schedules = {}
         monitor.onHint(self.hinted)
 
@@ -716,9 +744,22 @@ class AnswerService(Service):
             return
         schedule.endpoint = state.endpoint  # its priority or weight may be new
         schedule.started = self.reactor.seconds()
-        d = schedule.pending = defer.maybeDeferred(self.prober.probe, state.endpoint)
+        d = schedule.pending = defer.maybeDeferred(
+            self.prober.probe, state.endpoint, lambda: self._connected(schedule)
+        )
         d.addCallback(self._outcome, schedule)
         d.addErrback(self._broken, schedule)
+
+    def _connected(self, schedule):
+        """
+        A probe connected to its member: one that was down accepts
+        connections again (L{etcdgw.monitor.Monitor.reachable}).
+        """
+        if self._schedules.get(schedule.endpoint.key) is not schedule:
+            return
+        state = self.pool.stateOf(schedule.endpoint)
+        if state is not None and not state.up:
+            self.monitor.reachable(schedule.endpoint, "the answer probe connected")
 
     def _outcome(self, outcome, schedule):
         schedule.pending = None
@@ -730,9 +771,9 @@ class AnswerService(Service):
             monitor.answered(endpoint, outcome.detail)
         elif outcome.kind == SILENT:
             monitor.unanswered(endpoint, outcome.detail)
-        else:
+        elif outcome.kind == FAILED:
             monitor.probeFailed(endpoint, outcome.failure, f"answer probe: {outcome.detail}")
-        self._next(schedule, outcome.kind != FAILED and monitor.changing(endpoint))
+        self._next(schedule, outcome.kind in (ANSWERED, SILENT) and monitor.changing(endpoint))
 
     def _broken(self, reason, schedule):
         if reason.check(defer.CancelledError):
@@ -750,5 +791,7 @@ class AnswerService(Service):
         if fast:
             delay = self.fastinter
         else:
-            delay = max(0.0, schedule.started + self.interval - self.reactor.seconds())
+            state = self.pool.stateOf(schedule.endpoint)
+            every = self.retryDelay if state is not None and not state.up else self.interval
+            delay = max(0.0, schedule.started + every - self.reactor.seconds())
         schedule.call = self.reactor.callLater(delay, self._due, schedule)

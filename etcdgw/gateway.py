@@ -514,7 +514,13 @@ def _probes(gateway, probe):
         )
     prober = AnswerProber(gateway.reactor, health.timeout, guard=gateway.guard, context=context)
     return AnswerService(
-        gateway.pool, gateway.reactor, gateway.monitor, prober, health.interval, health.fastinter
+        gateway.pool,
+        gateway.reactor,
+        gateway.monitor,
+        prober,
+        health.interval,
+        health.fastinter,
+        retryDelay=health.retryDelay,
     )
 
 

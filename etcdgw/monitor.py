@@ -24,7 +24,9 @@ Evidence, and where it comes from:
 Decisions, each made here only:
 
   - up/down: a failed dial or probe marks an endpoint down, a probe that
-    connects (or answers) marks it up; an etcd check refused at connect
+    connects (or answers) marks it up (an answer probe's connection alone:
+    up and silent until it answers, L{Monitor.reachable}); an etcd check
+    refused at connect
     marks it down, one that got an answer marks it up, unless the endpoint
     was found to reach the gateway itself (a self-loop: then only a probe
     that connects elsewhere, through the self-loop guard, brings it back);
@@ -405,6 +407,30 @@ class Monitor:
         self._looping.discard(endpoint.key)
         self._announce(self.pool.markUp(endpoint, f"answered: {detail}"))
         self._heard(endpoint, True, detail)
+
+    def reachable(self, endpoint, detail):
+        """
+        A probe connected to C{endpoint}, which is down, and has no answer
+        yet: it is up (it accepts connections, as a TCP probe would say),
+        and silent until it has answered C{rise} probes in a row (a member
+        still starting, or one without a quorum, accepts connections and
+        answers nothing), within the cap on silent ones.
+        """
+        state = self.pool.stateOf(endpoint)
+        if state is None or state.up or endpoint.key in self._looping:
+            return
+        track = self._silence.get(endpoint.key)
+        if track is None:
+            track = self._silence[endpoint.key] = _Silence()
+        track.answers = 0
+        track.misses = max(track.misses, self.fall)
+        track.detail = "not answered since it accepts connections again"
+        if not track.quiet:
+            track.quiet = True
+            self._quietOrder += 1
+            track.order = self._quietOrder
+        self._announce(self.pool.markUp(endpoint, f"accepts connections again ({detail})"))
+        self._judgeSilence()
 
     def unanswered(self, endpoint, detail):
         """

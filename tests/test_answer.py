@@ -19,6 +19,7 @@ from etcdgw.answer import (
     ANSWERED,
     FAILED,
     SILENT,
+    UNTRIED,
     AnswerProber,
     AnswerService,
     Outcome,
@@ -179,6 +180,20 @@ class PlainProberTests(ProberCase):
         outcome = self.successResultOf(d)
         self.assertEqual((outcome.kind, outcome.detail), (FAILED, "connection refused"))
         self.assertTrue(outcome.failure.check(error.ConnectionRefusedError))
+
+    def test_outOfDescriptors(self):
+        """
+        A connect the gateway could not make for want of descriptors is no
+        evidence about the member (as the proxy's dials judge it).
+        """
+        import errno
+
+        d = self.prober.probe(A)
+        host, port, factory, timeout, _ = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(
+            None, Failure(error.ConnectError(osError=errno.EMFILE, string="Too many open files"))
+        )
+        self.assertEqual(self.successResultOf(d).kind, UNTRIED)
 
     def test_partialAnswer(self):
         """Some bytes of an answer in time count: the member answered."""
@@ -425,13 +440,15 @@ class SimulatedProber:
         self.forgotten = []
         self.closed = False
 
-    def probe(self, endpoint):
+    def probe(self, endpoint, onConnected=None):
         member = self.members[endpoint.host]
         member.probes.append(self.clock.seconds())
         if member.refused:
             return defer.succeed(
                 Outcome(FAILED, "connection refused", Failure(error.ConnectionRefusedError()))
             )
+        if onConnected is not None:
+            onConnected()
         calls = []
 
         def cancel(d):
@@ -506,12 +523,75 @@ class ServiceTests(ServiceCase):
         self.assertEqual(self.state(B).reason, "answer probe: connection refused")
         self.assertFalse(self.state(B).silent)
 
-    def test_downMemberAnsweringIsUp(self):
-        """A member that is down and answers a probe is up again."""
+    def test_untriedDecidesNothing(self):
+        """A probe the gateway could not make (no descriptor) decides nothing; the next comes as usual."""
+        original = self.prober.probe
+        untried = []
+
+        def probe(endpoint, onConnected=None):
+            if endpoint != A:
+                return original(endpoint, onConnected)
+            untried.append(self.clock.seconds())
+            return defer.succeed(Outcome(UNTRIED, "Too many open files"))
+
+        self.prober.probe = probe
+        self.elapse(3.0)
+        self.assertEqual((self.state(A).state, self.state(A).silent), (UP, False))
+        self.assertEqual(untried, [1.0, 2.0, 3.0])
+
+    def test_downMemberBack(self):
+        """
+        A member that is down and accepts a probe's connection again is up,
+        silent until it has answered rise probes (fastinter apart): no
+        client goes to a member still starting.
+        """
+        self.elapse(0.125)
         self.pool.markDown(A, "refused")
-        self.elapse(0.1)
+        self.elapse(0.75)
+        self.assertEqual(self.state(A).state, DOWN)
+        self.elapse(0.25)  # the probe at 1.0 connects, and is answered at once
         self.assertEqual(self.state(A).state, UP)
-        self.assertEqual(self.state(A).reason, "answered: HTTP/1.1 200 OK")
+        self.assertEqual(
+            self.state(A).reason, "accepts connections again (the answer probe connected)"
+        )
+        self.assertTrue(self.state(A).silent)
+        self.elapse(0.25)  # the second answer, fastinter later
+        self.assertFalse(self.state(A).silent)
+        seen = [(c.what, c.new) for c in self.changes if c.endpoint == A]
+        self.assertEqual(seen, [("state", UP), (SILENT_CHANGE, True), (SILENT_CHANGE, False)])
+
+    def test_loneMemberWithoutQuorum(self):
+        """
+        Every other member down, one accepts connections and answers nothing
+        (a lone member without a quorum serves nothing): up and silent, and
+        new clients still go there (fail open), not refused.
+        """
+        self.members["10.0.0.2"].refused = self.members["10.0.0.3"].refused = True
+        self.members["10.0.0.1"].refused = True
+        self.elapse(1.0)
+        self.assertIsNone(self.pool.pick())
+        self.members["10.0.0.1"].refused = False
+        self.members["10.0.0.1"].delay = None
+        self.elapse(1.0)
+        self.assertEqual((self.state(A).state, self.state(A).silent), (UP, True))
+        self.assertEqual(self.pool.pick().endpoint, A)
+
+    def test_downProbedEveryRetryDelay(self):
+        """A member that is down is probed every --retry-delay where that is shorter."""
+        self.successResultOf(self.service.stopService())
+        self.members["10.0.0.2"].refused = True
+        self.service = AnswerService(
+            self.pool, self.clock, self.monitor, self.prober, 1.0, 0.25, retryDelay=0.5
+        )
+        for member in self.members.values():
+            member.probes = []
+        self.service.startService()
+        self.clock.advance(0)
+        self.elapse(2.0)
+        self.assertEqual(self.members["10.0.0.2"].probes, [0.0, 0.5, 1.0, 1.5, 2.0])
+        self.assertEqual(self.members["10.0.0.1"].probes, [0.0, 1.0, 2.0])
+        self.assertEqual(AnswerService(self.pool, self.clock, self.monitor, self.prober, 1.0,
+                                       0.25, retryDelay=60.0).retryDelay, 1.0)
 
     def test_fastinterAfterMiss(self):
         """After a miss, the next probe comes fastinter later; after the verdict, every interval."""
@@ -614,11 +694,11 @@ class CascadeGuardTests(ServiceCase):
             self.members[host].delay = None
         original = self.prober.probe
 
-        def slowProbe(endpoint):
+        def slowProbe(endpoint, onConnected=None):
             member = self.members[endpoint.host]
             if endpoint.host in ("10.0.0.1", "10.0.0.2"):
                 member.delay = next(answers)
-            return original(endpoint)
+            return original(endpoint, onConnected)
 
         self.prober.probe = slowProbe
         silentAtOnce = 0

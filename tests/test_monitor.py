@@ -360,6 +360,23 @@ class SilenceTests(MonitorCase):
         self.assertEqual(self.state(A).state, UP)
         self.assertEqual(self.state(A).reason, "answered: HTTP/1.1 200 OK")
 
+    def test_reachableAgain(self):
+        """
+        A down endpoint that accepts a probe's connection again is up and
+        silent until rise answers; a self-loop is not brought back so.
+        """
+        self.monitor.probeFailed(A, Failure(error.ConnectionRefusedError()), "refused")
+        self.monitor.reachable(A, "the answer probe connected")
+        self.assertEqual((self.state(A).state, self.state(A).silent), (UP, True))
+        self.monitor.answered(A, "ok")
+        self.assertTrue(self.state(A).silent)
+        self.monitor.answered(A, "ok")
+        self.assertFalse(self.state(A).silent)
+        loop = Failure(SelfLoopError("self-loop: 127.0.0.1:23790 is the gateway's own"))
+        self.monitor.probeFailed(B, loop, "self-loop")
+        self.monitor.reachable(B, "the answer probe connected")
+        self.assertEqual(self.state(B).state, DOWN)
+
     def test_downIsNotSilent(self):
         """A silent endpoint that goes down is down, not silent; misses of a down one decide nothing."""
         self.miss(A, 3)
