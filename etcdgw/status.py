@@ -45,7 +45,7 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, listeners=(), source=None):
+def gatewayStatus(pool, factory, clock, listeners=(), source=None, healthCheck=None):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
@@ -53,6 +53,8 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None):
     @param listeners: the client listeners (L{etcdgw.listen.ListeningService}).
     @param source: the endpoint source (L{etcdgw.sources.IEndpointSource}),
         whose one-line description is shown, or L{None}.
+    @param healthCheck: C{--health-check} (with C{tcp} nobody asks the
+        members for an answer: the page shows no verdict), or L{None}.
     """
     now = clock.seconds()
     endpoints = []
@@ -88,6 +90,7 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None):
         "listen": listen,
         "source": source.describe() if source is not None else None,
         "policy": pool.policyName,
+        "healthCheck": healthCheck,
         "up": pool.upCount(),
         "usable": sum(1 for e in endpoints if e["usable"]),
         "total": len(endpoints),
@@ -374,7 +377,9 @@ def _health(e):
     return e["health"] or "-"
 
 
-def _answers(e):
+def _answers(e, healthCheck=None):
+    if healthCheck == "tcp":
+        return "-"  # nobody asks
     if e.get("silent"):
         return "silent"
     if e.get("slow"):
@@ -395,14 +400,14 @@ def _summary(status):
     return text
 
 
-def _row(e):
+def _row(e, healthCheck=None):
     cells = [
         ("endpoint", e["endpoint"], None),
         ("state", e["state"], None),
         ("since", _ago(e["sinceSeconds"]), e["since"]),
         ("reason", e["reason"], None),
         ("health", _health(e), e["healthReason"]),
-        ("answers", _answers(e), e.get("silenceReason")),
+        ("answers", _answers(e, healthCheck), e.get("silenceReason")),
         ("active", e["active"], None),
         ("connections", e["connections"], None),
         ("dialFailures", e["dialFailures"], None),
@@ -441,7 +446,7 @@ def renderFragment(status, source=FRAGMENT_PATH):
     return (
         f'<p class="summary" id="summary">{html.escape(_summary(status))}</p>\n'
         + _TABLE_HEAD
-        + "\n".join(_row(e) for e in status["endpoints"])
+        + "\n".join(_row(e, status.get("healthCheck")) for e in status["endpoints"])
         + "\n</tbody>\n</table>\n"
         f'<p id="refreshed" data-source="{html.escape(source)}">'
         f'as of {html.escape(status["now"])}</p>'
@@ -515,9 +520,17 @@ def statusSite(gateway, registry=None):
         (L{gatewayRegistry}).
     """
 
+    config = gateway.config
+    healthCheck = config.health.check if config is not None else None
+
     def status():
         return gatewayStatus(
-            gateway.pool, gateway.factory, gateway.reactor, gateway.listeners, gateway.source
+            gateway.pool,
+            gateway.factory,
+            gateway.reactor,
+            gateway.listeners,
+            gateway.source,
+            healthCheck=healthCheck,
         )
 
     if registry is None:

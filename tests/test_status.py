@@ -273,6 +273,11 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(page.rows[str(b)]["_class"], "up slow")
         html = renderPage(gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock)).decode()
         self.assertIn('title="no answer to 2 probes in a row"', html)
+        # With --health-check=tcp nobody asks: no verdict is shown.
+        status = gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock, healthCheck="tcp")
+        self.assertEqual(status["healthCheck"], "tcp")
+        page = parsePage(renderPage(status).decode())
+        self.assertEqual({row["answers"] for row in page.rows.values()}, {"-"})
 
 
 class ChromiumTests(ServedTestCase):
