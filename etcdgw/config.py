@@ -144,12 +144,17 @@ class HealthConfig:
     How members are judged.
 
     @ivar retryDelay: seconds between TCP probes of members that are down
-        (C{--retry-delay}; 0 was turned into etcd's five minutes).
-    @ivar check: C{"tcp"} or C{"etcd"} (C{--health-check}).
-    @ivar interval: C{--health-interval}, seconds.
-    @ivar timeout: C{--health-timeout}, seconds.
+        (C{--retry-delay}; 0 was turned into etcd's five minutes), with
+        C{--health-check=tcp} or C{etcd}.
+    @ivar check: C{"answer"}, C{"tcp"} or C{"etcd"} (C{--health-check}).
+    @ivar interval: C{--health-interval}, seconds (its default follows
+        C{check}).
+    @ivar timeout: C{--health-timeout}, seconds (its default follows
+        C{check}).
     @ivar rise: C{--health-rise}.
-    @ivar fall: C{--health-fall}.
+    @ivar fall: C{--health-fall} (its default follows C{check}).
+    @ivar fastinter: C{--health-fastinter}, seconds.
+    @ivar maxSilentShare: C{--max-silent-share}, a percentage.
     """
 
     retryDelay: float
@@ -158,6 +163,8 @@ class HealthConfig:
     timeout: float
     rise: int
     fall: int
+    fastinter: float
+    maxSilentShare: int
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)

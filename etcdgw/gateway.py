@@ -176,7 +176,10 @@ class Gateway:
     @ivar service: the root of the service tree, a L{GatewayService}.
     @ivar listener: the clients' L{ListenerService}.
     @ivar web: the operator's L{ListenerService} (C{--metrics-addr}).
-    @ivar health: the TCP probes of members that are down.
+    @ivar health: the probes: with C{--health-check=answer}, the answer
+        probes of every member (L{etcdgw.answer.AnswerService}); otherwise
+        the TCP probes of members that are down
+        (L{etcdgw.health.HealthService}).
     @ivar etcdHealth: the etcd checks (C{--health-check=etcd}).
     @ivar membership: the member-list sync (C{--sync-interval}).
     @ivar discovery: the SRV re-resolution (C{--discovery-srv}), from the
@@ -303,7 +306,13 @@ def buildGateway(config, reactor=None):
     pool = _pool(config, reactor)
     # The one judge of endpoint state, and the one self-loop guard (its
     # listeners are set once they exist, below).
-    monitor = Monitor(pool, reactor, rise=config.health.rise, fall=config.health.fall)
+    monitor = Monitor(
+        pool,
+        reactor,
+        rise=config.health.rise,
+        fall=config.health.fall,
+        maxSilentShare=config.health.maxSilentShare,
+    )
     guard = SelfLoopGuard(config.listen.address)
     probe = guardedProbe(guard)
     gateway = Gateway(
@@ -318,18 +327,7 @@ def buildGateway(config, reactor=None):
     gateway.service = GatewayService(gateway.startUp)
     clients, operator = _connectionCaps(config.listen.maxConnections)
     gateway.listener = _clientListener(gateway, clients)
-    gateway.health = _attach(
-        gateway,
-        "health",
-        HealthService(
-            pool,
-            reactor,
-            config.health.retryDelay,
-            config.dialTimeout,
-            probe=probe,
-            monitor=monitor,
-        ),
-    )
+    gateway.health = _attach(gateway, "health", _probes(gateway, probe))
     gateway.etcdHealth, gateway.membership = _etcdAware(gateway)
     gateway.source = gateway.membership or StaticEndpoints(config.source.endpoints)
     # After the listener: MultiService stops children in reverse order, so
@@ -353,13 +351,31 @@ def buildGateway(config, reactor=None):
     gateway.web = _operatorListener(gateway, operator)
     # A member connection (or probe) that reaches one of these is a self-loop.
     guard.listeners = gateway.allListeners
-    log.info(
-        "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
-        "pid {pid}",
-        retryDelay=formatDuration(config.health.retryDelay),
-        dialTimeout=formatDuration(config.dialTimeout),
-        pid=os.getpid(),
-    )
+    if config.health.check == "answer":
+        health = config.health
+        log.info(
+            "every endpoint is asked GET /version every {interval} (timeout {timeout}; "
+            "{fastinter} after a probe that disagrees with its state; silent after "
+            "{fall} misses in a row, answering after {rise} answers; at most "
+            "{maxSilentShare}% of the endpoints, at least one, silent at once); dial "
+            "timeout {dialTimeout}; pid {pid}",
+            interval=formatDuration(health.interval),
+            timeout=formatDuration(health.timeout),
+            fastinter=formatDuration(health.fastinter),
+            fall=health.fall,
+            rise=health.rise,
+            maxSilentShare=health.maxSilentShare,
+            dialTimeout=formatDuration(config.dialTimeout),
+            pid=os.getpid(),
+        )
+    else:
+        log.info(
+            "endpoints down are probed every {retryDelay}; dial timeout {dialTimeout}; "
+            "pid {pid}",
+            retryDelay=formatDuration(config.health.retryDelay),
+            dialTimeout=formatDuration(config.dialTimeout),
+            pid=os.getpid(),
+        )
     return gateway
 
 
@@ -464,6 +480,49 @@ def _clientListener(gateway, cap):
         mode=config.listen.mode,
     )
     return _attach(gateway, "listener", listener)
+
+
+def _probes(gateway, probe):
+    """
+    The probes of C{--health-check}: with C{answer}, every member asked for
+    an answer every C{--health-interval} (L{etcdgw.answer.AnswerService});
+    with C{tcp} and C{etcd}, the members that are down probed with a TCP
+    connect every C{--retry-delay} (L{HealthService}).
+
+    @param probe: the TCP probe, through the self-loop guard.
+    """
+    config = gateway.config
+    health = config.health
+    if health.check != "answer":
+        return HealthService(
+            gateway.pool,
+            gateway.reactor,
+            health.retryDelay,
+            config.dialTimeout,
+            probe=probe,
+            monitor=gateway.monitor,
+        )
+    from etcdgw.answer import AnswerProber, AnswerService, probeContext
+
+    client = config.tls.etcdClient
+    # https members are asked over TLS, presenting the etcd client's
+    # certificate when one is given (members with --client-cert-auth).
+    context = None
+    if client is not None or any(e.tls for e in config.source.endpoints):
+        context = probeContext(
+            client.certificate.data if client is not None else None,
+            client.key.data if client is not None else None,
+        )
+    prober = AnswerProber(gateway.reactor, health.timeout, guard=gateway.guard, context=context)
+    return AnswerService(
+        gateway.pool,
+        gateway.reactor,
+        gateway.monitor,
+        prober,
+        health.interval,
+        health.fastinter,
+        retryDelay=health.retryDelay,
+    )
 
 
 def _etcdAware(gateway):
@@ -606,7 +665,7 @@ def _operatorListener(gateway, cap):
     def announce(listener):
         log.info(
             "metrics on http://{where}/metrics, health on /health, liveness on /livez, "
-            "status page on /",
+            "readiness on /readyz, status page on /",
             where=listener.describe(),
         )
 

@@ -113,7 +113,19 @@ class GatewayCollector:
             "usable": GaugeMetricFamily(
                 f"{PREFIX}_endpoint_usable",
                 "1 when new connections prefer the endpoint: up, not known "
-                "unhealthy, of the right cluster.",
+                "unhealthy, not silent, of the right cluster.",
+                labels=["endpoint"],
+            ),
+            "silent": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_silent",
+                "1 when the endpoint is up but answers no probe (it gets no new "
+                "connections while another endpoint is usable).",
+                labels=["endpoint"],
+            ),
+            "slow": GaugeMetricFamily(
+                f"{PREFIX}_endpoint_answering_slowly",
+                "1 when the endpoint answers no probe either but stays in use: "
+                "--max-silent-share of the endpoints are silent already.",
                 labels=["endpoint"],
             ),
             "health": GaugeMetricFamily(
@@ -134,6 +146,8 @@ class GatewayCollector:
             families["sent"].add_metric(label, state.bytesToUpstream)
             families["received"].add_metric(label, state.bytesFromUpstream)
             families["usable"].add_metric(label, 1 if state.usable else 0)
+            families["silent"].add_metric(label, 1 if state.silent else 0)
+            families["slow"].add_metric(label, 1 if state.slow else 0)
             for value in HEALTH_VALUES:
                 families["health"].add_metric(label + [value], 1 if state.health == value else 0)
         yield from families.values()

@@ -9,23 +9,38 @@ Evidence, and where it comes from:
   - TCP probe results, from the retry probes (L{etcdgw.health}):
     L{Monitor.probeSucceeded}, L{Monitor.probeFailed}, and SIGHUP's
     re-probes (L{etcdgw.signals}) the same way;
+  - answer probe results (L{etcdgw.answer}, C{--health-check=answer}, the
+    default): L{Monitor.answered}, L{Monitor.unanswered}, and
+    L{Monitor.probeFailed} when the connect itself failed;
   - etcd check results (L{etcdgw.etcdhealth}: healthy or not, answered,
     refused, cluster ID): L{Monitor.checked};
   - identity reports, the cluster IDs members report to the etcd checks and
     to membership sync: L{Monitor.reportClusterID}, judged by the monitor's
     L{ClusterIdentity};
-  - (to come) passive hints from live connections.
+  - passive hints from live connections (L{Monitor.hint}: a connection that
+    sent its member bytes and got none back for a while): they ask for a
+    probe of that member now (L{Monitor.onHint}), and decide nothing.
 
 Decisions, each made here only:
 
   - up/down: a failed dial or probe marks an endpoint down, a probe that
-    connects marks it up; an etcd check refused at connect marks it down,
-    one that got an answer marks it up, unless the endpoint was found to
-    reach the gateway itself (a self-loop: then only a probe that connects
-    elsewhere, through the self-loop guard, brings it back);
+    connects (or answers) marks it up (an answer probe's connection alone:
+    up and silent until it answers, L{Monitor.reachable}); an etcd check
+    refused at connect
+    marks it down, one that got an answer marks it up, unless the endpoint
+    was found to reach the gateway itself (a self-loop: then only a probe
+    that connects elsewhere, through the self-loop guard, brings it back);
   - healthy/unhealthy: the first etcd answer decides, then C{rise} good
     answers in a row make an endpoint healthy, C{fall} bad ones unhealthy;
-  - answering (silent members are the last resort of pick);
+  - answering (the last etcd check got an answer);
+  - silent/answering (L{Monitor.answered}, L{Monitor.unanswered}, and the
+    etcd checks' answers): C{fall} probes in a row without an answer make
+    an endpoint that is up silent, C{rise} answers in a row answering
+    again; the cascade guard (Envoy's C{max_ejection_percent}) keeps the
+    silent ones to at most C{maxSilentShare} percent of the endpoints (at
+    least one): the others are "answering slowly" (still used, never
+    announced as silent). An endpoint that is down is neither (the share
+    counts silence alone);
   - foreign/proven: the pinned-cluster-ID rule (L{ClusterIdentity}).
 
 The pool (L{etcdgw.pool.UpstreamPool}) holds what is decided: the monitor
@@ -46,7 +61,7 @@ from etcdgw.dial import describeFailure
 from etcdgw.pool import HEALTHY, UNHEALTHY, UNKNOWN, Change
 from etcdgw.selfloop import SelfLoopError
 
-__all__ = ["Change", "ClusterIdentity", "Monitor", "majorityClusterID"]
+__all__ = ["Change", "ClusterIdentity", "Monitor", "majorityClusterID", "silentCap"]
 
 
 @attr.s(slots=True)
@@ -57,6 +72,34 @@ class _Track:
 
     ok = attr.ib(default=0)
     bad = attr.ib(default=0)
+
+
+@attr.s(slots=True)
+class _Silence:
+    """
+    What the answers of one endpoint's probes say: C{quiet} once C{fall}
+    probes in a row got none, until C{rise} in a row got one.
+
+    @ivar order: when it turned quiet (a counter): the first to turn quiet
+        are the first to be silent, within the cap.
+    @ivar detail: the last probe's outcome, for the log.
+    """
+
+    answers = attr.ib(default=0)
+    misses = attr.ib(default=0)
+    quiet = attr.ib(default=False)
+    order = attr.ib(default=0)
+    detail = attr.ib(default="")
+
+
+def silentCap(share, members):
+    """
+    How many of C{members} endpoints may be silent at once: C{share}
+    percent of them, rounded down, and at least one (as Envoy's
+    C{max_ejection_percent}, which ejects at least one host whatever the
+    share).
+    """
+    return max(1, share * members // 100)
 
 
 def majorityClusterID(clusterIDs):
@@ -195,13 +238,16 @@ class Monitor:
     @ivar pool: the L{etcdgw.pool.UpstreamPool} it writes.
     @ivar clock: an L{IReactorTime}, for evidence that needs time.
     @ivar rise: good etcd answers in a row that make an endpoint healthy.
-    @ivar fall: bad etcd answers in a row that make an endpoint unhealthy.
+    @ivar fall: bad etcd answers in a row that make an endpoint unhealthy;
+        probes in a row without an answer that make it silent.
+    @ivar maxSilentShare: the percentage of the endpoints that may be
+        silent at once (L{silentCap}).
     @ivar identity: its L{ClusterIdentity}.
     """
 
     log = Logger()
 
-    def __init__(self, pool, clock, rise=2, fall=3):
+    def __init__(self, pool, clock, rise=2, fall=3, maxSilentShare=50):
         """
         @raise ValueError: when C{pool} has a monitor already.
         """
@@ -213,11 +259,20 @@ class Monitor:
         self.clock = clock
         self.rise = rise
         self.fall = fall
+        self.maxSilentShare = maxSilentShare
         self.identity = ClusterIdentity(pool, self._announce)
         self._subscribers = []
+        self._hintHandlers = []
         self._tracks = {}
+        #: What each endpoint's probe answers say, by key (L{_Silence}).
+        self._silence = {}
+        self._quietOrder = 0
+        self._judging = False
         #: Keys of endpoints found to reach the gateway itself.
         self._looping = set()
+        #: The keys of the pool's endpoints when last seen (a change of the
+        #: endpoint list changes the cap on silent ones).
+        self._keys = frozenset(state.endpoint.key for state in pool.states())
         pool.addObserver(self._poolChanged)
 
     # Announcing
@@ -247,15 +302,42 @@ class Monitor:
 
     def _poolChanged(self, pool):
         """
-        The pool changed: forget what is kept about endpoints no longer in
-        it.
+        The pool changed: when its endpoint list did, forget what is kept
+        about endpoints no longer in it, and judge silence again (the cap
+        follows the number of endpoints).
         """
-        if not self._tracks and not self._looping:
+        keys = frozenset(state.endpoint.key for state in pool.states())
+        if keys == self._keys:
             return
-        keys = {state.endpoint.key for state in pool.states()}
-        for key in [key for key in self._tracks if key not in keys]:
-            del self._tracks[key]
+        self._keys = keys
+        for kept in (self._tracks, self._silence):
+            for key in [key for key in kept if key not in keys]:
+                del kept[key]
         self._looping &= keys
+        self._judgeSilence()
+
+    # Passive hints
+
+    def onHint(self, handler):
+        """
+        Call C{handler(endpoint)} for each hint (L{hint}): the answer
+        probes probe that endpoint now.
+        """
+        self._hintHandlers.append(handler)
+
+    def hint(self, endpoint):
+        """
+        A live connection to C{endpoint} sent it bytes and got none back
+        for a while. Not evidence of anything by itself (a slow range read
+        is not a dead member): it asks for a probe of C{endpoint} now, whose
+        outcome is the evidence. Cheap and safe to call often: the probes
+        bound how often they follow hints.
+        """
+        for handler in list(self._hintHandlers):
+            try:
+                handler(endpoint)
+            except Exception:
+                self.log.failure("hint handler {handler} failed", handler=handler)
 
     # Evidence: dials (the proxy)
 
@@ -293,10 +375,12 @@ class Monitor:
         """
         self._looping.discard(endpoint.key)
         self._announce(self.pool.markUp(endpoint, reason))
+        self._judgeSilence()
 
     def probeFailed(self, endpoint, failure, reason):
         """
-        A TCP probe of C{endpoint} failed: it is down.
+        A TCP probe (or the connect of an answer probe) of C{endpoint}
+        failed: it is down.
 
         @param failure: the L{Failure}; a L{SelfLoopError} when the probe
             reached the gateway itself.
@@ -305,6 +389,132 @@ class Monitor:
         if failure.check(SelfLoopError):
             self._looping.add(endpoint.key)
         self._announce(self.pool.markDown(endpoint, reason))
+        self._judgeSilence()
+
+    # Evidence: answer probes (etcdgw.answer), and the etcd checks' answers
+
+    def answered(self, endpoint, detail):
+        """
+        A probe of C{endpoint} that passed the self-loop guard got an answer
+        (any: an HTTP status line, a TLS alert): it is up, and one answer
+        nearer to answering (C{rise} in a row end its silence).
+
+        @param detail: what answered, for the log.
+        """
+        state = self.pool.stateOf(endpoint)
+        if state is None:
+            return
+        self._looping.discard(endpoint.key)
+        self._announce(self.pool.markUp(endpoint, f"answered: {detail}"))
+        self._heard(endpoint, True, detail)
+
+    def reachable(self, endpoint, detail):
+        """
+        A probe connected to C{endpoint}, which is down, and has no answer
+        yet: it is up (it accepts connections, as a TCP probe would say),
+        and silent until it has answered C{rise} probes in a row (a member
+        still starting, or one without a quorum, accepts connections and
+        answers nothing), within the cap on silent ones.
+        """
+        state = self.pool.stateOf(endpoint)
+        if state is None or state.up or endpoint.key in self._looping:
+            return
+        track = self._silence.get(endpoint.key)
+        if track is None:
+            track = self._silence[endpoint.key] = _Silence()
+        track.answers = 0
+        track.misses = max(track.misses, self.fall)
+        track.detail = "not answered since it accepts connections again"
+        if not track.quiet:
+            track.quiet = True
+            self._quietOrder += 1
+            track.order = self._quietOrder
+        self._announce(self.pool.markUp(endpoint, f"accepts connections again ({detail})"))
+        self._judgeSilence()
+
+    def unanswered(self, endpoint, detail):
+        """
+        A probe of C{endpoint} connected (or is still connecting) but got no
+        answer in time: one miss nearer to silent (C{fall} in a row).
+
+        @param detail: why, for the log (e.g. C{"no answer in 500ms"}).
+        """
+        if self.pool.stateOf(endpoint) is None:
+            return
+        self._heard(endpoint, False, detail)
+
+    def changing(self, endpoint):
+        """
+        Whether the probes of C{endpoint} are between two verdicts (a miss
+        while it answers, an answer while it is quiet): the answer probes
+        then probe it again sooner (HAProxy's C{fastinter}).
+        """
+        track = self._silence.get(endpoint.key)
+        if track is None:
+            return False
+        return track.answers > 0 if track.quiet else track.misses > 0
+
+    def _heard(self, endpoint, answered, detail):
+        key = endpoint.key
+        track = self._silence.get(key)
+        if track is None:
+            track = self._silence[key] = _Silence()
+        track.detail = detail
+        if answered:
+            track.answers += 1
+            track.misses = 0
+            if track.quiet and track.answers >= self.rise:
+                track.quiet = False
+        else:
+            track.misses += 1
+            track.answers = 0
+            if not track.quiet and track.misses >= self.fall:
+                track.quiet = True
+                self._quietOrder += 1
+                track.order = self._quietOrder
+        self._judgeSilence()
+
+    def _judgeSilence(self):
+        """
+        Decide, for every endpoint, silent, answering slowly or answering,
+        from what its probes say and the cap (L{silentCap}): the endpoints
+        that are up and quiet are silent, those silent already first, then
+        in the order they turned quiet, up to the cap; the rest of them are
+        answering slowly. Writes and announces the changes.
+        """
+        if self._judging:
+            return
+        self._judging = True
+        try:
+            states = self.pool.states()
+            cap = silentCap(self.maxSilentShare, len(states))
+            quiet = []
+            for state in states:
+                track = self._silence.get(state.endpoint.key)
+                if state.up and track is not None and track.quiet:
+                    quiet.append((not state.silent, track.order, state, track))
+                elif state.silent or state.slow:
+                    reason = (
+                        "down" if not state.up else f"answers again ({track.detail})"
+                    )
+                    self._announce(self.pool.setSilence(state.endpoint, False, False, reason))
+            quiet.sort(key=lambda item: item[:2])
+            for n, (_, _, state, track) in enumerate(quiet):
+                missed = f"no answer to {self.fall} probes in a row ({track.detail})"
+                if n < cap:
+                    change = self.pool.setSilence(state.endpoint, True, False, missed)
+                else:
+                    change = self.pool.setSilence(
+                        state.endpoint,
+                        False,
+                        True,
+                        f"{missed}; still used: {cap} of the {len(states)} endpoints "
+                        f"are silent already, the most --max-silent-share="
+                        f"{self.maxSilentShare}% allows",
+                    )
+                self._announce(change)
+        finally:
+            self._judging = False
 
     # Evidence: etcd checks and identity reports
 
@@ -346,6 +556,11 @@ class Monitor:
                 )
         if result.clusterID is not None:
             self.identity.report(endpoint, result.clusterID)
+        if result.refused:
+            self._judgeSilence()
+        else:
+            # An etcd check is an answer probe too (a deep one).
+            self._heard(endpoint, result.answered, f"etcd health check: {result.detail}")
 
     def reportClusterID(self, endpoint, clusterID):
         """

@@ -3,7 +3,8 @@ The upstream pool: the endpoints, their decided state, and the pick.
 
 The pool holds state; it decides nothing about health. Its setters
 (L{UpstreamPool.markDown}, L{UpstreamPool.markUp}, L{UpstreamPool.setHealth},
-L{UpstreamPool.setAnswering}, L{UpstreamPool.setIdentity}) are called by one
+L{UpstreamPool.setAnswering}, L{UpstreamPool.setSilence},
+L{UpstreamPool.setIdentity}) are called by one
 writer, the L{etcdgw.monitor.Monitor}, which turns evidence into decisions;
 each setter logs the change and returns it (L{Change} values) for the
 monitor to announce. (One exception remains until the wiring gives SIGHUP
@@ -44,12 +45,18 @@ UNHEALTHY = "unhealthy"
 
 #: What a L{Change} is about: the TCP state (L{UP}/L{DOWN}), the etcd health,
 #: whether etcd checks get an answer, whether the member is of another
-#: cluster, whether a learned member proved it is of the gateway's.
+#: cluster, whether a learned member proved it is of the gateway's, whether
+#: it is silent (up, but answers no probe: it gets no new connection, and
+#: the connections it holds may be moved), whether it is "answering slowly"
+#: (it answers no probe either, but more members than C{--max-silent-share}
+#: allows would be silent: it stays in use, and is not silent).
 STATE = "state"
 HEALTH = "health"
 ANSWERING = "answering"
 FOREIGN = "foreign"
 PROVEN = "proven"
+SILENT = "silent"
+SLOW = "slow"
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -59,7 +66,8 @@ class Change:
     to its subscribers).
 
     @ivar endpoint: the L{etcdgw.endpoint.Endpoint}.
-    @ivar what: L{STATE}, L{HEALTH}, L{ANSWERING}, L{FOREIGN} or L{PROVEN}.
+    @ivar what: L{STATE}, L{HEALTH}, L{ANSWERING}, L{FOREIGN}, L{PROVEN},
+        L{SILENT} or L{SLOW} (the last five: C{old} and C{new} are booleans).
     @ivar old: the value before.
     @ivar new: the value now.
     @ivar reason: why, in one line.
@@ -117,6 +125,15 @@ class EndpointState:
     @ivar answering: the last etcd health check got an HTTP answer (L{True}
         until a check says otherwise): among unhealthy members, those that
         answer are picked before those that do not.
+    @ivar silent: the monitor decided it is silent: up (it accepts TCP) but
+        it answered none of the last probes (C{--health-fall} in a row):
+        it gets no new connection while another member is usable, and
+        subscribers of the monitor may move the connections it holds.
+        Never set on a member that is down.
+    @ivar slow: it answered none of the last probes either, but more
+        members than C{--max-silent-share} allows would then be silent: it
+        stays usable ("answering slowly") and is not announced as silent.
+    @ivar silenceReason: why it is silent or slow (or why no longer).
     """
 
     __slots__ = (
@@ -137,6 +154,9 @@ class EndpointState:
         "learned",
         "proven",
         "answering",
+        "silent",
+        "slow",
+        "silenceReason",
     )
 
     def __init__(self, endpoint, since):
@@ -166,6 +186,9 @@ class EndpointState:
         self.learned = learned
         self.proven = False
         self.answering = True
+        self.silent = False
+        self.slow = False
+        self.silenceReason = "not probed"
 
     @property
     def bytesToUpstream(self):
@@ -206,12 +229,24 @@ class EndpointState:
     @property
     def usable(self):
         """
-        Eligible (up and trusted) and not known unhealthy: where new
-        connections go. The one definition, used by pick, the status page
-        and metrics. (Spelled out rather than through L{eligible}: pick
+        Eligible (up and trusted), not known unhealthy and not silent: where
+        new connections go. The one definition, used by pick, the status
+        page and metrics. (Spelled out rather than through L{eligible}: pick
         asks it of every endpoint for every client.)
         """
-        return self.state == UP and self.health != UNHEALTHY and self.trusted
+        return (
+            self.state == UP and self.health != UNHEALTHY and self.trusted and not self.silent
+        )
+
+
+def _silenceName(silent, slow):
+    """
+    How a member's answers read in the log: C{"silent"}, C{"answering
+    slowly"} or C{"answering"}.
+    """
+    if silent:
+        return "silent"
+    return "answering slowly" if slow else "answering"
 
 
 class UpstreamPool:
@@ -234,7 +269,9 @@ class UpstreamPool:
         self.clock = clock
         self.policy = makePolicy(policy, random)
         self.policyName = policy
-        self._degraded = False
+        #: The episode of no usable endpoint now logged: L{None}, or
+        #: C{"unhealthy"}, C{"silent"} (see L{_checkDegraded}).
+        self._degraded = None
         self._states = {}
         #: Removed endpoints' states while they still have connections, by
         #: key: see L{replaceEndpoints} and L{connectionClosed}.
@@ -292,8 +329,11 @@ class UpstreamPool:
         C{exclude}, the usable ones (L{EndpointState.usable}), or, when none
         is, the eligible ones (up and trusted: never one of another cluster,
         never one learned from a member list before it proved its cluster
-        ID) that are unhealthy, those whose health checks get an answer
-        first; then the lowest priority tier; then the policy.
+        ID) that are unhealthy or silent: those not silent whose health
+        checks get an answer first, then those not silent, then the silent
+        ones (fail open: a client sent to a member that may answer later
+        beats a client refused); then the lowest priority tier; then the
+        policy.
 
         @param exclude: endpoints (or their keys) already tried for this client.
         @return: an L{EndpointState}, or L{None} when no endpoint is eligible.
@@ -310,10 +350,14 @@ class UpstreamPool:
                 candidates.append(state)
             elif not candidates and state.eligible:
                 fallback.append(state)
-        if not candidates:
+        if not candidates and fallback:
             # Without a leader the members answer 503; a frozen one does
             # not answer at all, and a client sent there would hang.
-            candidates = [s for s in fallback if s.answering] or fallback
+            candidates = (
+                [s for s in fallback if s.answering and not s.silent]
+                or [s for s in fallback if not s.silent]
+                or fallback
+            )
         best = None
         tier = []
         for state in candidates:
@@ -408,6 +452,40 @@ class UpstreamPool:
         state.answering = answering
         return (Change(state.endpoint, ANSWERING, not answering, answering, reason),)
 
+    def setSilence(self, endpoint, silent, slow, reason):
+        """
+        The monitor's decision about C{endpoint}'s answers: C{silent} (it
+        gets no new connection while another member is usable), C{slow}
+        (it does not answer either, but stays in use: the share of silent
+        members is at its cap), or neither (it answers). Each change is
+        logged, once.
+        """
+        state = self._states.get(endpoint.key)
+        if state is None or (state.silent, state.slow) == (silent, slow):
+            return ()
+        old = _silenceName(state.silent, state.slow)
+        new = _silenceName(silent, slow)
+        changes = tuple(
+            Change(state.endpoint, what, was, now, reason)
+            for what, was, now in ((SILENT, state.silent, silent), (SLOW, state.slow, slow))
+            if was != now
+        )
+        state.silent, state.slow = silent, slow
+        state.silenceReason = reason
+        emit = self.log.info if new == "answering" else self.log.warn
+        emit(
+            "endpoint {endpoint} {old} -> {new}: {reason} ({usable}/{total} usable)",
+            endpoint=str(endpoint),
+            old=old,
+            new=new,
+            reason=reason,
+            usable=len(self.usable()),
+            total=len(self._order),
+        )
+        self._checkDegraded()
+        self._notify()
+        return changes
+
     def setIdentity(self, endpoint, clusterID, foreign, majority=None, proven=None):
         """
         Record the cluster ID C{endpoint} reported, and the verdict of
@@ -462,24 +540,40 @@ class UpstreamPool:
 
     def _checkDegraded(self):
         """
-        Log, once per episode, when no endpoint is usable but some unhealthy
-        ones accept TCP (they get the new connections then), and when that
-        ends.
+        Log, once per episode, when no endpoint is usable but some accept
+        TCP (they get the new connections then, fail open): some of them
+        unhealthy (C{"unhealthy"}), or every one of them silent
+        (C{"silent"}); and when that ends.
         """
         alive = [s for s in self.states() if s.eligible]
-        degraded = bool(alive) and not any(s.usable for s in alive)
+        degraded = None
+        if alive and not any(s.usable for s in alive):
+            degraded = "silent" if all(s.silent for s in alive) else "unhealthy"
         if degraded == self._degraded:
             return
-        self._degraded = degraded
-        if degraded:
+        previous, self._degraded = self._degraded, degraded
+        endpoints = [str(s.endpoint) for s in alive]
+        if degraded == "unhealthy":
             self.log.error(
                 "no endpoint is healthy: new connections go to the {count} that "
                 "accept TCP ({endpoints}) rather than being refused",
                 count=len(alive),
-                endpoints=[str(s.endpoint) for s in alive],
+                endpoints=endpoints,
             )
-        else:
+        elif degraded == "silent":
+            self.log.error(
+                "every endpoint that accepts TCP is silent ({endpoints}): new "
+                "connections still go to them (fail open: they may answer later, a "
+                "refused client has nowhere to go)",
+                count=len(alive),
+                endpoints=endpoints,
+            )
+        elif not alive:
+            pass  # every endpoint is down: _setState says so
+        elif previous == "unhealthy":
             self.log.info("an endpoint is healthy again: unhealthy ones get no new connections")
+        else:
+            self.log.info("an endpoint answers again: silent ones get no new connections")
 
     def replaceEndpoints(self, endpoints, reason="replaced", learned=False):
         """

@@ -1,7 +1,8 @@
 """
 The operator's HTTP address (C{--metrics-addr}): C{/metrics} for
-Prometheus, C{/health} for load balancers and Kubernetes probes, C{/livez}
-for liveness (the gateway accepts clients), C{/} a status page a person
+Prometheus, C{/health} for load balancers, C{/livez} for liveness (the
+gateway accepts clients; never depends on the members), C{/readyz} for
+readiness (a member is usable), C{/} a status page a person
 reads at a glance, C{/status.html} the part of it that the page fetches to
 refresh itself in place (one renderer, L{renderFragment}, makes both), and
 C{/status.json}, the same data for programs.
@@ -44,7 +45,7 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, listeners=(), source=None):
+def gatewayStatus(pool, factory, clock, listeners=(), source=None, healthCheck=None):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
@@ -52,6 +53,8 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None):
     @param listeners: the client listeners (L{etcdgw.listen.ListeningService}).
     @param source: the endpoint source (L{etcdgw.sources.IEndpointSource}),
         whose one-line description is shown, or L{None}.
+    @param healthCheck: C{--health-check} (with C{tcp} nobody asks the
+        members for an answer: the page shows no verdict), or L{None}.
     """
     now = clock.seconds()
     endpoints = []
@@ -73,6 +76,9 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None):
                 "healthReason": state.healthReason,
                 "foreign": state.foreign,
                 "answering": state.answering,
+                "silent": state.silent,
+                "slow": state.slow,
+                "silenceReason": state.silenceReason,
                 "usable": state.usable,
                 "priority": state.endpoint.priority,
                 "weight": state.endpoint.weight,
@@ -84,7 +90,9 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None):
         "listen": listen,
         "source": source.describe() if source is not None else None,
         "policy": pool.policyName,
+        "healthCheck": healthCheck,
         "up": pool.upCount(),
+        "usable": sum(1 for e in endpoints if e["usable"]),
         "total": len(endpoints),
         "clients": {
             "active": len(factory.clients),
@@ -137,6 +145,61 @@ class Health(Resource):
             request,
             {"status": "ok" if healthy else "unavailable", "up": up, "total": total},
             200 if healthy else 503,
+        )
+
+    render_HEAD = render_GET
+
+
+def unusableReason(pool):
+    """
+    Why no endpoint of C{pool} is usable, in one line: how many are down,
+    of another cluster (or not proven of this one), unhealthy, silent.
+    """
+    counts = {}
+    for state in pool.states():
+        if not state.up:
+            why = "down"
+        elif not state.trusted:
+            why = "of another cluster or not proven"
+        elif state.silent:
+            why = "silent"
+        else:
+            why = "unhealthy"
+        counts[why] = counts.get(why, 0) + 1
+    if not counts:
+        return "no endpoint"
+    parts = ", ".join(f"{n} {why}" for why, n in counts.items())
+    return f"no endpoint is usable: {parts}"
+
+
+class Readyz(Resource):
+    """
+    C{/readyz}: 200 while an endpoint is usable (up, of the cluster, not
+    unhealthy, not silent), 503 with the reason otherwise. The gateway
+    still forwards then when some member accepts TCP (fail open): readiness
+    says whether new clients get a member that is known good.
+    """
+
+    isLeaf = True
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def render_GET(self, request):
+        usable = len(self.pool.usable())
+        total = len(self.pool.endpoints)
+        if usable:
+            return _json(request, {"status": "ready", "usable": usable, "total": total})
+        return _json(
+            request,
+            {
+                "status": "not ready",
+                "usable": 0,
+                "total": total,
+                "reason": unusableReason(self.pool),
+            },
+            503,
         )
 
     render_HEAD = render_GET
@@ -235,6 +298,8 @@ td.endpoint, td.reason, th.left {{ text-align: left; }}
 td.state, td.health {{ text-align: center; }}
 td.state {{ font-weight: bold; color: #fff; }}
 tr.unusable td.health {{ color: #c0392b; font-weight: bold; }}
+tr.silent td.answers {{ color: #c0392b; font-weight: bold; }}
+tr.slow td.answers {{ color: #b9770e; font-weight: bold; }}
 tr.up td.state {{ background: #2e8b3d; }}
 tr.down td.state {{ background: #c0392b; }}
 #refreshed, #refreshing {{ color: #888; font-size: .9em; }}
@@ -272,7 +337,7 @@ setTimeout(refresh, REFRESH_MS);
 _TABLE_HEAD = """<table>
 <thead><tr>
 <th class="left">endpoint</th><th>state</th><th class="left">since</th>
-<th class="left">reason</th><th>etcd health</th><th>active</th><th>connections</th><th>dial failures</th>
+<th class="left">reason</th><th>etcd health</th><th>answers</th><th>active</th><th>connections</th><th>dial failures</th>
 <th>bytes to member</th><th>bytes from member</th>
 </tr></thead>
 <tbody id="endpoints">
@@ -312,6 +377,16 @@ def _health(e):
     return e["health"] or "-"
 
 
+def _answers(e, healthCheck=None):
+    if healthCheck == "tcp":
+        return "-"  # nobody asks
+    if e.get("silent"):
+        return "silent"
+    if e.get("slow"):
+        return "answering slowly"
+    return "answering" if e["state"] == "up" else "-"
+
+
 def _summary(status):
     text = (
         f"{status['up']}/{status['total']} endpoints up; "
@@ -325,13 +400,14 @@ def _summary(status):
     return text
 
 
-def _row(e):
+def _row(e, healthCheck=None):
     cells = [
         ("endpoint", e["endpoint"], None),
         ("state", e["state"], None),
         ("since", _ago(e["sinceSeconds"]), e["since"]),
         ("reason", e["reason"], None),
         ("health", _health(e), e["healthReason"]),
+        ("answers", _answers(e, healthCheck), e.get("silenceReason")),
         ("active", e["active"], None),
         ("connections", e["connections"], None),
         ("dialFailures", e["dialFailures"], None),
@@ -342,8 +418,9 @@ def _row(e):
             f"{e['bytesFromUpstream']} bytes",
         ),
     ]
+    silence = " silent" if e.get("silent") else " slow" if e.get("slow") else ""
     return (
-        f'<tr class="{html.escape(e["state"])}{"" if e["usable"] else " unusable"}" '
+        f'<tr class="{html.escape(e["state"])}{"" if e["usable"] else " unusable"}{silence}" '
         f'data-endpoint="{html.escape(e["endpoint"])}">'
         + "".join(
             f'<td class="{cls}"'
@@ -369,7 +446,7 @@ def renderFragment(status, source=FRAGMENT_PATH):
     return (
         f'<p class="summary" id="summary">{html.escape(_summary(status))}</p>\n'
         + _TABLE_HEAD
-        + "\n".join(_row(e) for e in status["endpoints"])
+        + "\n".join(_row(e, status.get("healthCheck")) for e in status["endpoints"])
         + "\n</tbody>\n</table>\n"
         f'<p id="refreshed" data-source="{html.escape(source)}">'
         f'as of {html.escape(status["now"])}</p>'
@@ -433,7 +510,7 @@ class StatusPage(Resource):
 def statusSite(gateway, registry=None):
     """
     The L{Site} for C{--metrics-addr}: C{/}, C{/status.html},
-    C{/status.json}, C{/health}, C{/livez}, C{/metrics}.
+    C{/status.json}, C{/health}, C{/livez}, C{/readyz}, C{/metrics}.
 
     @param gateway: the L{etcdgw.gateway.Gateway} whose state is served:
         its C{pool}, C{factory}, C{reactor} (whose timers also bound each
@@ -443,9 +520,17 @@ def statusSite(gateway, registry=None):
         (L{gatewayRegistry}).
     """
 
+    config = gateway.config
+    healthCheck = config.health.check if config is not None else None
+
     def status():
         return gatewayStatus(
-            gateway.pool, gateway.factory, gateway.reactor, gateway.listeners, gateway.source
+            gateway.pool,
+            gateway.factory,
+            gateway.reactor,
+            gateway.listeners,
+            gateway.source,
+            healthCheck=healthCheck,
         )
 
     if registry is None:
@@ -455,6 +540,7 @@ def statusSite(gateway, registry=None):
     top.putChild(FRAGMENT_PATH.encode("ascii"), StatusFragment(status))
     top.putChild(b"health", Health(gateway.pool))
     top.putChild(b"livez", Livez(gateway.listeners))
+    top.putChild(b"readyz", Readyz(gateway.pool))
     top.putChild(b"metrics", MetricsResource(registry))
     site = Site(top, timeout=IDLE_TIMEOUT, reactor=gateway.reactor)
     site.protocol = OperatorChannel

@@ -42,6 +42,18 @@ DEFAULT_LISTEN = "127.0.0.1:23790"
 ZERO_RETRY_DELAY = 300.0
 #: The largest --health-rise / --health-fall.
 MAX_RISE_FALL = 1000
+#: The --health-check values.
+HEALTH_CHECKS = ("answer", "tcp", "etcd")
+#: The defaults of --health-interval, --health-timeout and --health-fall,
+#: which depend on --health-check: the answer probe is cheap and must find
+#: a hung member within about 3 s (worst case interval + timeout +
+#: fastinter + timeout = 2.25 s); the etcd check asks far more of the
+#: cluster (in etcd 3.4, /health is a quorum read through the leader).
+HEALTH_DEFAULTS = {
+    "answer": {"health-interval": "1s", "health-timeout": "500ms", "health-fall": "2"},
+    "tcp": {"health-interval": "1s", "health-timeout": "500ms", "health-fall": "2"},
+    "etcd": {"health-interval": "5s", "health-timeout": "2s", "health-fall": "3"},
+}
 #: The largest --workers.
 MAX_WORKERS = 256
 #: The flags that only mean something with --discovery-srv.
@@ -141,6 +153,21 @@ def _number(name, low, high):
     The converter of the number flag C{--name} (L{_integer}).
     """
     return lambda text: _integer(name, text, low, high)
+
+
+def _share(text):
+    """
+    The converter of C{--max-silent-share}: a percentage from 0 to 100, with
+    or without its C{%}.
+    """
+    digits = text[:-1] if text.endswith("%") else text
+    try:
+        return _integer("max-silent-share", digits, 0, 100)
+    except usage.UsageError:
+        raise usage.UsageError(
+            f"--max-silent-share: {_quoted(text)} is not a percentage from 0 to 100 "
+            "(e.g. 50 or 50%)"
+        ) from None
 
 
 def _maxConnections(text):
@@ -411,8 +438,10 @@ class Options(usage.Options):
             "retry-delay",
             None,
             "1m0s",
-            "How often endpoints that are down are probed (Go duration: 300ms, 1m0s, "
-            "1.5h; 0 means 5m, as etcd).",
+            "How often endpoints that are down are probed with a TCP connect, with "
+            "--health-check=tcp or etcd (Go duration: 300ms, 1m0s, 1.5h; 0 means 5m, as "
+            "etcd). With --health-check=answer every member is probed every "
+            "--health-interval instead.",
             _duration("retry-delay", zeroMeans=ZERO_RETRY_DELAY),
         ],
         [
@@ -434,38 +463,69 @@ class Options(usage.Options):
         [
             "health-check",
             None,
-            "tcp",
-            "tcp: a member is used while it accepts TCP (as etcd's gateway). etcd: also "
-            "ask every member /health (/readyz where served) and its cluster ID every "
-            "--health-interval; unhealthy or foreign members get no new connections.",
+            "answer",
+            "answer: every member, up or down, is asked GET /version (over TLS for "
+            "https members) every --health-interval on a kept connection; one that "
+            "accepts TCP but answers nothing (hung, frozen) is silent and gets no new "
+            "connections (about 2 s with the defaults, 3 s at worst). tcp: a member is "
+            "used while it accepts TCP; those down are probed every --retry-delay (as "
+            "etcd's gateway). etcd: ask every member /health (/readyz where served) and "
+            "its cluster ID every --health-interval; unhealthy, silent or foreign members "
+            "get no new connections.",
         ],
         [
             "health-interval",
             None,
-            "5s",
-            "How often --health-check=etcd asks every member (Go duration).",
+            None,
+            "How often every member is probed (Go duration) [default: 1s; 5s with "
+            "--health-check=etcd].",
             _duration("health-interval", allowZero=False),
         ],
         [
             "health-timeout",
             None,
-            "2s",
-            "How long one etcd health answer may take (Go duration).",
+            None,
+            "How long one probe's answer may take, its connect included (Go duration) "
+            "[default: 500ms; 2s with --health-check=etcd].",
             _duration("health-timeout", allowZero=False),
+        ],
+        [
+            "health-fastinter",
+            None,
+            "250ms",
+            "While a member's probes disagree with its state (a miss while it answers, "
+            "an answer while it is silent), the next probe comes this long after the "
+            "last one, not a whole --health-interval (HAProxy's fastinter; Go duration).",
+            _duration("health-fastinter", allowZero=False),
         ],
         [
             "health-rise",
             None,
             "2",
-            f"Good answers in a row that make a member healthy (1 to {MAX_RISE_FALL}).",
+            f"Good answers in a row that make a member healthy, or no longer silent (1 to "
+            f"{MAX_RISE_FALL}).",
             _number("health-rise", 1, MAX_RISE_FALL),
         ],
         [
             "health-fall",
             None,
-            "3",
-            f"Bad answers in a row that make a member unhealthy (1 to {MAX_RISE_FALL}).",
+            None,
+            f"Probes in a row without an answer that make a member silent, bad etcd "
+            f"answers that make it unhealthy (1 to {MAX_RISE_FALL}) [default: 2; 3 with "
+            f"--health-check=etcd].",
             _number("health-fall", 1, MAX_RISE_FALL),
+        ],
+        [
+            "max-silent-share",
+            None,
+            "50%",
+            "At most this share of the members is silent at once, at least one (Envoy's "
+            "max_ejection_percent): a member whose silence would pass it stays in use, "
+            "'answering slowly', so members that are merely slow are not all emptied "
+            "onto the rest. 50%: 1 of 3, 2 of 5, the most an etcd cluster can lose and "
+            "keep its quorum. Members that refuse connections are down, not silent, "
+            "and do not count.",
+            _share,
         ],
         [
             "health-cert-file",
@@ -696,18 +756,37 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f'--policy: "{self["policy"]}" is not one of {", ".join(POLICIES)}'
             )
-        if self["health-check"] not in ("tcp", "etcd"):
+        check = self["health-check"]
+        if check not in HEALTH_CHECKS:
             raise usage.UsageError(
-                f'--health-check: "{self["health-check"]}" is not tcp or etcd'
+                f"--health-check: {_quoted(check)} is not answer, tcp or etcd"
             )
+        defaults = HEALTH_DEFAULTS[check]
+        interval = self._orDefault("health-interval", defaults)
+        timeout = self._orDefault("health-timeout", defaults)
+        fastinter = self["health-fastinter"]
         return HealthConfig(
             retryDelay=self["retry-delay"],
-            check=self["health-check"],
-            interval=self["health-interval"],
-            timeout=self["health-timeout"],
+            check=check,
+            interval=interval,
+            timeout=timeout,
             rise=self["health-rise"],
-            fall=self["health-fall"],
+            fall=self._orDefault("health-fall", defaults),
+            fastinter=fastinter,
+            maxSilentShare=self["max-silent-share"],
         )
+
+    def _orDefault(self, name, defaults):
+        """
+        The value of C{--name}, or its default for the --health-check given
+        (L{HEALTH_DEFAULTS}), converted by the flag's own converter.
+        """
+        if self[name] is not None:
+            return self[name]
+        for flag, _, _, _, convert in (p for p in self.optParameters if len(p) > 4):
+            if flag == name:
+                return convert(defaults[name])
+        raise KeyError(name)
 
     def _discovery(self, trustedCA):
         """

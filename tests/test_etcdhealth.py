@@ -117,8 +117,11 @@ class CheckerTests(SynchronousTestCase):
             self.clock.advance(1)
         self.assertEqual({self.health(e) for e in (A, B, C)}, {UNHEALTHY})
         self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"b", "c"})
-        # It answers again (still unhealthy, rise 2): it is back in the fallback.
+        # It answers again (still unhealthy, rise 2): after rise answers it
+        # is no longer silent, and back in the fallback.
         self.probe.answers["a"] = BAD
+        self.clock.advance(1)
+        self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"b", "c"})
         self.clock.advance(1)
         self.assertEqual({self.pool.pick().endpoint.host for _ in range(6)}, {"a", "b", "c"})
 
@@ -564,14 +567,22 @@ class FlagTests(SynchronousTestCase):
         return options
 
     def test_defaults(self):
-        """Defaults: tcp checks, 5s/2s, rise 2, fall 3, sync off, round-robin."""
-        o = self.parse()
+        """
+        Defaults: answer probes, 1s/500ms, rise 2, fall 2; with etcd checks
+        5s/2s, fall 3; sync off, round-robin.
+        """
+        health = self.parse().config.health
         self.assertEqual(
-            (o["health-check"], o["health-interval"], o["health-timeout"]),
-            ("tcp", 5.0, 2.0),
+            (health.check, health.interval, health.timeout, health.rise, health.fall),
+            ("answer", 1.0, 0.5, 2, 2),
         )
-        self.assertEqual((o["health-rise"], o["health-fall"], o["sync-interval"]), (2, 3, 0))
-        self.assertEqual(o["policy"], "round-robin")
+        health = self.parse("--health-check=etcd").config.health
+        self.assertEqual(
+            (health.check, health.interval, health.timeout, health.rise, health.fall),
+            ("etcd", 5.0, 2.0, 2, 3),
+        )
+        o = self.parse()
+        self.assertEqual((o["sync-interval"], o["policy"]), (0, "round-robin"))
 
     def test_badValues(self):
         """Bad values are refused with a one-line error naming the flag."""

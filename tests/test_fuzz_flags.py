@@ -159,9 +159,12 @@ def namesFlagOrValue(message, argv):
             f"option -{c} " in message for c in item[1:]
         ):
             return True  # getopt names one short option of a cluster: -00 -> -0
-        value = (item.partition("=")[2] if item.startswith("--") else item).strip()
+        raw = item.partition("=")[2] if item.startswith("--") else item
+        value = raw.strip()
         if (f'"{value[:20]}' if value else '""') in message:
             return True
+        if raw and f'"{raw[:20]}' in message:
+            return True  # a value of spaces, quoted as given
     return False
 
 

@@ -90,9 +90,10 @@ class AnnounceTests(MonitorCase):
                 ("a:1", "proven", False, True),  # it reported the cluster ID it pinned
                 ("a:1", "answering", True, False),
                 ("a:1", "health", HEALTHY, UNHEALTHY),
+                ("a:1", "silent", False, True),  # fall (3) checks in a row got no answer
             ],
         )
-        self.assertEqual(self.changes[-1].reason, "no answer in time (3 in a row)")
+        self.assertEqual(self.changes[-2].reason, "no answer in time (3 in a row)")
 
     def test_refusedCheck(self):
         """An etcd check refused at connect marks down; one that gets an answer marks up."""
@@ -283,3 +284,189 @@ class UsableTests(SynchronousTestCase):
         self.assertEqual((state.eligible, state.usable), (False, False))
         unproven = self.pool.stateOf(self.x)
         self.assertEqual((unproven.up, unproven.eligible, unproven.usable), (True, False, False))
+
+
+    def test_silentShown(self):
+        """A silent endpoint shows as not usable and silent, in status and metrics; a slow one as slow."""
+        for _ in range(self.monitor.fall):
+            self.monitor.unanswered(A, "no answer in 500ms")
+            self.monitor.unanswered(B, "no answer in 500ms")
+        status, metrics = self.shown()
+        self.assertEqual((status["a:1"], metrics["a:1"]), (False, 0))
+        self.assertEqual((status["b:1"], metrics["b:1"]), (True, 1))
+        gateway = Gateway(reactor=self.clock, pool=self.pool, factory=self.factory)
+        families = {
+            f.name: {s.labels["endpoint"]: s.value for s in f.samples}
+            for f in GatewayCollector(gateway).collect()
+            if f.samples and "endpoint" in f.samples[0].labels
+        }
+        self.assertEqual(families["etcd_gateway_endpoint_silent"], {"a:1": 1, "b:1": 0, "x:1": 0})
+        self.assertEqual(
+            families["etcd_gateway_endpoint_answering_slowly"], {"a:1": 0, "b:1": 1, "x:1": 0}
+        )
+
+
+class SilenceTests(MonitorCase):
+    """
+    Answer evidence: fall misses in a row make an endpoint that is up
+    silent, rise answers answering again; the cap on silent ones.
+    """
+
+    def miss(self, endpoint, times=1):
+        for _ in range(times):
+            self.monitor.unanswered(endpoint, "no answer in 500ms")
+
+    def test_fallMakesSilent(self):
+        """
+        fall (3) misses in a row: silent, announced once, no longer usable;
+        an answer between misses starts the count over.
+        """
+        self.miss(A, 2)
+        self.monitor.answered(A, "HTTP/1.1 200 OK")
+        self.miss(A, 2)
+        self.assertFalse(self.state(A).silent)
+        self.assertTrue(self.monitor.changing(A))
+        self.miss(A)
+        self.assertTrue(self.state(A).silent)
+        self.assertFalse(self.monitor.changing(A))
+        self.assertFalse(self.state(A).usable)
+        self.assertEqual(
+            self.changes,
+            [
+                Change(
+                    A, "silent", False, True,
+                    "no answer to 3 probes in a row (no answer in 500ms)",
+                )
+            ],
+        )
+        self.miss(A, 5)
+        self.assertEqual(len(self.changes), 1)
+
+    def test_riseEndsSilence(self):
+        """rise (2) answers in a row end it; one answer alone does not."""
+        self.miss(A, 3)
+        self.monitor.answered(A, "HTTP/1.1 200 OK")
+        self.assertTrue(self.state(A).silent)
+        self.assertTrue(self.monitor.changing(A))
+        self.monitor.answered(A, "HTTP/1.1 200 OK")
+        self.assertFalse(self.state(A).silent)
+        self.assertEqual(self.seen()[-1], ("a:1", "silent", True, False))
+        self.assertEqual(self.changes[-1].reason, "answers again (HTTP/1.1 200 OK)")
+
+    def test_answerMarksUp(self):
+        """An answer from an endpoint that is down marks it up (it answered, not just connected)."""
+        self.monitor.probeFailed(A, Failure(error.ConnectionRefusedError()), "refused")
+        self.monitor.answered(A, "HTTP/1.1 200 OK")
+        self.assertEqual(self.state(A).state, UP)
+        self.assertEqual(self.state(A).reason, "answered: HTTP/1.1 200 OK")
+
+    def test_reachableAgain(self):
+        """
+        A down endpoint that accepts a probe's connection again is up and
+        silent until rise answers; a self-loop is not brought back so.
+        """
+        self.monitor.probeFailed(A, Failure(error.ConnectionRefusedError()), "refused")
+        self.monitor.reachable(A, "the answer probe connected")
+        self.assertEqual((self.state(A).state, self.state(A).silent), (UP, True))
+        self.monitor.answered(A, "ok")
+        self.assertTrue(self.state(A).silent)
+        self.monitor.answered(A, "ok")
+        self.assertFalse(self.state(A).silent)
+        loop = Failure(SelfLoopError("self-loop: 127.0.0.1:23790 is the gateway's own"))
+        self.monitor.probeFailed(B, loop, "self-loop")
+        self.monitor.reachable(B, "the answer probe connected")
+        self.assertEqual(self.state(B).state, DOWN)
+
+    def test_downIsNotSilent(self):
+        """A silent endpoint that goes down is down, not silent; misses of a down one decide nothing."""
+        self.miss(A, 3)
+        self.monitor.probeFailed(A, Failure(error.ConnectionRefusedError()), "refused")
+        self.assertEqual((self.state(A).state, self.state(A).silent), (DOWN, False))
+        self.miss(A, 3)
+        self.assertFalse(self.state(A).silent)
+
+    def test_capOfThree(self):
+        """
+        Of three endpoints, one may be silent (50%, rounded down, at least
+        one): the second to turn quiet answers slowly, usable, announced as
+        slow and never as silent; it is silent once the first answers again.
+        """
+        self.miss(A, 3)
+        self.miss(B, 3)
+        self.assertEqual((self.state(A).silent, self.state(B).silent), (True, False))
+        self.assertEqual((self.state(B).slow, self.state(B).usable), (True, True))
+        self.assertNotIn(("b:1", "silent", False, True), self.seen())
+        self.assertIn(("b:1", "slow", False, True), self.seen())
+        self.monitor.answered(A, "ok")
+        self.monitor.answered(A, "ok")
+        self.assertEqual((self.state(A).silent, self.state(B).silent), (False, True))
+        self.assertEqual(
+            self.seen()[-3:],
+            [("a:1", "silent", True, False), ("b:1", "silent", False, True),
+             ("b:1", "slow", True, False)],
+        )
+
+    def test_downDoesNotCount(self):
+        """Endpoints that are down do not count against the cap."""
+        self.monitor.probeFailed(A, Failure(error.ConnectionRefusedError()), "refused")
+        self.miss(B, 3)
+        self.assertTrue(self.state(B).silent)
+
+    def test_capFollowsTheEndpoints(self):
+        """The cap follows the number of endpoints: 2 of 5, 1 of 2; a percentage flag."""
+        from etcdgw.monitor import silentCap
+
+        self.assertEqual(
+            [silentCap(50, n) for n in (1, 2, 3, 4, 5, 7)], [1, 1, 1, 2, 2, 3]
+        )
+        self.assertEqual([silentCap(0, 5), silentCap(100, 5), silentCap(34, 3)], [1, 5, 1])
+        D, E = Endpoint("d", 1), Endpoint("e", 1)
+        self.pool.replaceEndpoints([A, B, C, D, E])
+        for endpoint in (A, B, C):
+            self.miss(endpoint, 3)
+        self.assertEqual([s.silent for s in self.pool.states()], [True, True, False, False, False])
+        self.assertTrue(self.state(C).slow)
+        self.pool.replaceEndpoints([A, B, C])
+        self.assertEqual([s.silent for s in self.pool.states()], [True, False, False])
+        self.assertEqual([s.slow for s in self.pool.states()], [False, True, True])
+
+    def test_etcdChecksAreEvidence(self):
+        """
+        An etcd check without an answer is a miss, one with any answer (503
+        included) an answer; one refused at connect is neither (down).
+        """
+        for _ in range(3):
+            self.monitor.checked(A, SILENT)
+        self.assertTrue(self.state(A).silent)
+        self.monitor.checked(A, BAD)
+        self.monitor.checked(A, BAD)
+        self.assertFalse(self.state(A).silent)
+        self.monitor.checked(B, CheckResult(False, "connection refused", refused=True))
+        self.assertEqual(self.monitor.changing(B), False)
+
+    def test_removedForgotten(self):
+        """An endpoint removed and added again starts over."""
+        self.miss(A, 2)
+        self.pool.replaceEndpoints([B, C])
+        self.pool.replaceEndpoints([A, B, C])
+        self.miss(A)
+        self.assertFalse(self.state(A).silent)
+
+
+class HintTests(MonitorCase):
+    def test_hintAsksForAProbe(self):
+        """A hint is handed to the hint handlers (the answer probes); it decides nothing."""
+        hinted = []
+        self.monitor.onHint(hinted.append)
+        self.monitor.hint(A)
+        self.assertEqual(hinted, [A])
+        self.assertEqual(self.changes, [])
+
+    def test_raisingHandler(self):
+        """A hint handler that raises is logged; the others are still called."""
+        hinted = []
+        self.monitor.onHint(lambda endpoint: 1 / 0)
+        self.monitor.onHint(hinted.append)
+        self.monitor.hint(A)
+        self.assertEqual(hinted, [A])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

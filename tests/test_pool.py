@@ -205,3 +205,84 @@ class ReplaceTests(SynchronousTestCase):
         self.assertEqual(set(picks(pool, 4)), {"b:1"})
         self.assertEqual(events[0]["removed"], ["a:1"])
         self.assertEqual(events[0]["added"], [])
+
+
+class SilenceTests(SynchronousTestCase):
+    """
+    What the monitor decides of an endpoint's answers, as the pool holds it:
+    silent ones get no new connection while another is usable; answering
+    slowly ones do; when every eligible one is silent, they still do.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.pool = UpstreamPool(parseEndpoints("a:1,b:1,c:1"), self.clock)
+        self.events = EventLoggingObserver.createWithCleanup(self, self.pool.log.observer)
+
+    def test_silentSkipped(self):
+        """A silent endpoint is not usable, and not picked; one answering slowly is."""
+        self.pool.setSilence(Endpoint("a", 1), True, False, "no answer")
+        self.pool.setSilence(Endpoint("b", 1), False, True, "no answer; cap")
+        self.assertEqual(picks(self.pool, 4), ["b:1", "c:1", "b:1", "c:1"])
+        self.assertEqual([s.usable for s in self.pool.states()], [False, True, True])
+
+    def test_setSilenceChangesLogged(self):
+        """Each change is returned and logged once: silent, answering slowly, answering."""
+        a = Endpoint("a", 1)
+        self.assertEqual(
+            self.pool.setSilence(a, False, True, "cap"), (Change(a, "slow", False, True, "cap"),)
+        )
+        self.assertEqual(
+            self.pool.setSilence(a, True, False, "room"),
+            (Change(a, "silent", False, True, "room"), Change(a, "slow", True, False, "room")),
+        )
+        self.assertEqual(self.pool.setSilence(a, True, False, "room"), ())
+        self.pool.setSilence(a, False, False, "answers again")
+        lines = [(e["old"], e["new"], e["log_level"]) for e in self.events if "old" in e]
+        self.assertEqual(
+            lines,
+            [
+                ("answering", "answering slowly", LogLevel.warn),
+                ("answering slowly", "silent", LogLevel.warn),
+                ("silent", "answering", LogLevel.info),
+            ],
+        )
+
+    def test_allSilentFailOpen(self):
+        """
+        Every eligible endpoint silent: pick still chooses among them (a
+        client sent to a member that may answer later beats a client
+        refused), said in one error line for the episode, one when it ends.
+        """
+        self.pool.markDown(Endpoint("c", 1), "refused")
+        for name in "ab":
+            self.pool.setSilence(Endpoint(name, 1), True, False, "no answer")
+        self.assertEqual(sorted(picks(self.pool, 4)), ["a:1", "a:1", "b:1", "b:1"])
+        errors = [e for e in self.events if "is silent (" in e["log_format"]]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["log_level"], LogLevel.error)
+        self.assertEqual(errors[0]["endpoints"], ["a:1", "b:1"])
+        self.pool.setSilence(Endpoint("a", 1), False, False, "answers again")
+        ended = [e for e in self.events if "answers again:" in e["log_format"]]
+        self.assertEqual(len(ended), 1)
+        self.assertEqual(picks(self.pool, 2), ["a:1", "a:1"])
+
+    def test_fallbackPrefersNotSilent(self):
+        """No usable endpoint: an unhealthy one that is not silent comes before a silent one."""
+        self.pool.setHealth(Endpoint("a", 1), UNHEALTHY, "503")
+        self.pool.setSilence(Endpoint("b", 1), True, False, "no answer")
+        self.pool.setHealth(Endpoint("c", 1), UNHEALTHY, "503")
+        self.pool.setAnswering(Endpoint("c", 1), False, "no answer in time")
+        self.assertEqual(picks(self.pool, 3), ["a:1"] * 3)
+        self.pool.markDown(Endpoint("a", 1), "refused")
+        self.assertEqual(picks(self.pool, 2), ["c:1"] * 2)
+        degraded = [e for e in self.events if "no endpoint is healthy" in e["log_format"]]
+        self.assertEqual(len(degraded), 1)
+
+    def test_rejoinAnswering(self):
+        """An endpoint removed and added again starts answering."""
+        self.pool.setSilence(Endpoint("a", 1), True, False, "no answer")
+        self.pool.replaceEndpoints(parseEndpoints("b:1,c:1"))
+        self.pool.replaceEndpoints(parseEndpoints("a:1,b:1,c:1"))
+        state = self.pool.stateOf(Endpoint("a", 1))
+        self.assertEqual((state.silent, state.slow, state.usable), (False, False, True))

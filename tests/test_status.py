@@ -154,6 +154,59 @@ class HealthTests(ServedTestCase):
         return self.get("/nope").addCallback(lambda r: self.assertEqual(r[0], 404))
 
 
+class ReadyzTests(ServedTestCase):
+    def test_usableIs200(self):
+        """/readyz is 200 while an endpoint is usable (here one of two: the other silent)."""
+        self.pool.setSilence(self.b, True, False, "no answer to 2 probes in a row")
+
+        def check(result):
+            code, headers, body = result
+            self.assertEqual(code, 200)
+            self.assertEqual(json.loads(body), {"status": "ready", "usable": 1, "total": 2})
+
+        return self.get("/readyz").addCallback(check)
+
+    def test_noneUsableIs503WithTheReason(self):
+        """
+        /readyz is 503 with the reason when no endpoint is usable, though
+        /health (an endpoint up) and /livez (listening) say otherwise.
+        """
+        self.pool.markDown(self.a, "refused")
+        self.pool.setSilence(self.b, True, False, "no answer to 2 probes in a row")
+
+        def check(result):
+            code, headers, body = result
+            self.assertEqual(code, 503)
+            self.assertEqual(
+                json.loads(body),
+                {
+                    "status": "not ready",
+                    "usable": 0,
+                    "total": 2,
+                    "reason": "no endpoint is usable: 1 down, 1 silent",
+                },
+            )
+            return self.get("/health").addCallback(lambda r: self.assertEqual(r[0], 200))
+
+        return self.get("/readyz").addCallback(check)
+
+    def test_reasons(self):
+        """The reason counts each kind: down, unhealthy, silent, not of the cluster."""
+        from etcdgw.status import unusableReason
+
+        c, d = Endpoint("10.0.0.3", 2379), Endpoint("10.0.0.4", 2379)
+        self.pool.replaceEndpoints([self.a, self.b, c, d])
+        self.pool.markDown(self.a, "refused")
+        self.pool.setHealth(self.b, UNHEALTHY, "503")
+        self.pool.setSilence(c, True, False, "no answer")
+        self.pool.setIdentity(d, "9", True, "7")
+        self.assertEqual(
+            unusableReason(self.pool),
+            "no endpoint is usable: 1 down, 1 unhealthy, 1 silent, "
+            "1 of another cluster or not proven",
+        )
+
+
 class StatusJSONTests(ServedTestCase):
     def test_statusJSON(self):
         """
@@ -175,6 +228,7 @@ class StatusJSONTests(ServedTestCase):
             self.assertEqual((b["state"], b["reason"]), ("down", "connection refused"))
             self.assertEqual(b["since"], "2027-01-15T08:00:05Z")
             self.assertEqual(b["sinceSeconds"], 3)
+            self.assertEqual((a["silent"], a["slow"], status["usable"]), (False, False, 1))
 
         return self.get("/status.json").addCallback(check)
 
@@ -198,6 +252,32 @@ class PageTests(SynchronousTestCase):
         self.assertEqual(page.rows["10.0.0.2:2379"]["reason"], "<refused>")  # escaped
         self.assertEqual(page.refreshed["data-source"], "server")
         self.assertIn("1/2 endpoints up", page.summary)
+
+    def test_silenceShown(self):
+        """
+        Each endpoint's answers are shown: answering, answering slowly,
+        silent (the row marked, the reason as its title); a down one "-".
+        """
+        clock = Clock()
+        a, b, c, d = (Endpoint(f"10.0.0.{n}", 2379) for n in (1, 2, 3, 4))
+        pool = UpstreamPool([a, b, c, d], clock)
+        pool.setSilence(b, False, True, "no answer; still used")
+        pool.setSilence(c, True, False, "no answer to 2 probes in a row")
+        pool.markDown(d, "refused")
+        page = parsePage(renderPage(gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock)).decode())
+        self.assertEqual(
+            [page.rows[f"{e}"]["answers"] for e in (a, b, c, d)],
+            ["answering", "answering slowly", "silent", "-"],
+        )
+        self.assertEqual(page.rows[str(c)]["_class"], "up unusable silent")
+        self.assertEqual(page.rows[str(b)]["_class"], "up slow")
+        html = renderPage(gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock)).decode()
+        self.assertIn('title="no answer to 2 probes in a row"', html)
+        # With --health-check=tcp nobody asks: no verdict is shown.
+        status = gatewayStatus(pool, GatewayFactory(pool, clock, 1.0), clock, healthCheck="tcp")
+        self.assertEqual(status["healthCheck"], "tcp")
+        page = parsePage(renderPage(status).decode())
+        self.assertEqual({row["answers"] for row in page.rows.values()}, {"-"})
 
 
 class ChromiumTests(ServedTestCase):

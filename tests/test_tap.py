@@ -199,8 +199,13 @@ class ConfigTests(SynchronousTestCase):
 
         self.patch(etcdgw.tap, "parseDuration", counting)
         o = parse("--dial-timeout=3s")
-        self.assertEqual(sorted(converted), sorted(["1m0s", "1s", "5s", "2s", "0s", "5s", "3s"]))
-        self.assertEqual((o["health-rise"], o["health-interval"], o["sync-interval"]), (2, 5.0, 0))
+        # --health-interval and --health-timeout default by --health-check
+        # (answer: 1s, 500ms), converted once the check is known.
+        self.assertEqual(
+            sorted(converted), sorted(["1m0s", "1s", "250ms", "0s", "5s", "3s", "1s", "500ms"])
+        )
+        self.assertEqual((o["health-rise"], o["health-interval"], o["sync-interval"]), (2, None, 0))
+        self.assertEqual((o.config.health.interval, o.config.health.timeout), (1.0, 0.5))
 
 
 class VersionTests(SynchronousTestCase):
@@ -303,7 +308,7 @@ class DurationFlagTests(SynchronousTestCase):
         self.assertEqual(
             set(flags),
             {"retry-delay", "dial-timeout", "health-interval", "health-timeout",
-             "sync-interval", "shutdown-grace", "discovery-refresh"},
+             "health-fastinter", "sync-interval", "shutdown-grace", "discovery-refresh"},
         )
         for name in flags:
             for value in ["9" * 400 + "h", "2562048h", "1" + "0" * 4000 + "ns"]:

@@ -258,7 +258,11 @@ class NameResolutionTests(TestCase):
         self.addCleanup(b.close)
         name = f"etcdgw-{uuid.uuid4().hex[:12]}.test"
         hosts.set(name, "127.0.0.2")
-        gw = GatewayProcess([f"--endpoints={name}:{a.port}", "--retry-delay=1s"], cwd=REPOSITORY)
+        # --health-check=tcp: the members count every connection they accept.
+        gw = GatewayProcess(
+            [f"--endpoints={name}:{a.port}", "--retry-delay=1s", "--health-check=tcp"],
+            cwd=REPOSITORY,
+        )
         self.addCleanup(gw.cleanup)
         gw.start()
 

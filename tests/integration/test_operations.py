@@ -190,6 +190,9 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
             f"--endpoints={self.cluster.endpoints},{dead}",
             "--retry-delay=1h",
             f"--metrics-addr={HOST}:{metricsPort}",
+            # Down endpoints probed every --retry-delay only (the answer
+            # probes, the default, probe every member every second).
+            "--health-check=tcp",
         ).start()
         base = f"http://{HOST}:{metricsPort}"
         member = self.cluster.endpoints

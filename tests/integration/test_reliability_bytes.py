@@ -125,8 +125,10 @@ class ByteExactnessTests(TestCase):
         self.addCleanup(self.echo.close)
         self.digest = ThreadedServer(digestHandler)
         self.addCleanup(self.digest.close)
-        self.echoGateway = startGateway(self, self.echo.address)
-        self.digestGateway = startGateway(self, self.digest.address)
+        # Members that are not etcd, which count every connection: no
+        # answer probes (--health-check=tcp, as etcd's gateway).
+        self.echoGateway = startGateway(self, self.echo.address, "--health-check=tcp")
+        self.digestGateway = startGateway(self, self.digest.address, "--health-check=tcp")
 
     def test_randomPayloadsBothDirections(self):
         """
@@ -231,7 +233,7 @@ class SlowReaderTests(TestCase):
         size = scaled(256 * MiB, 1024 * MiB)
         source = ThreadedServer(sourceHandler)
         self.addCleanup(source.close)
-        gw = startGateway(self, source.address)
+        gw = startGateway(self, source.address, "--health-check=tcp")
         # Warm up (imports, buffers) before the baseline.
         warm = socket.create_connection((gw.host, gw.port), timeout=10)
         warm.sendall(b"1048576\n")
@@ -304,8 +306,8 @@ class ResetTests(TestCase):
         self.addCleanup(echo.close)
         resetter = ThreadedServer(resetHandler)
         self.addCleanup(resetter.close)
-        gwEcho = startGateway(self, echo.address)
-        gwReset = startGateway(self, resetter.address)
+        gwEcho = startGateway(self, echo.address, "--health-check=tcp")
+        gwReset = startGateway(self, resetter.address, "--health-check=tcp")
         # One exchange each first, so lazily opened descriptors are counted.
         exchange(gwEcho.address, [b"warm"])
         before = {gw.pid: fdCount(gw.pid) for gw in (gwEcho, gwReset)}
@@ -372,7 +374,7 @@ class ResetTests(TestCase):
         count = scaled(100, 400)
         echo = ThreadedServer(resetRecordingEchoHandler)
         self.addCleanup(echo.close)
-        gw = startGateway(self, echo.address)
+        gw = startGateway(self, echo.address, "--health-check=tcp")
         for i in range(count):
             sock = socket.create_connection((gw.host, gw.port), timeout=10)
             sock.sendall(pattern(0, 64 * 1024 + i))
