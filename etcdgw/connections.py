@@ -44,6 +44,7 @@ or busy, and the proxy passes the error on to the client as a reset.
 
 import random as _random
 import socket
+from collections import deque
 
 import attr
 
@@ -112,7 +113,8 @@ def setMemberSocketOptions(sock):
 #: The period of the closing loop, seconds, at rates of 10 a second and
 #: more (below, one connection per period of 1/rate). Each wait is drawn
 #: from half to one and a half periods; the budget follows the time really
-#: elapsed, so the rate holds on average.
+#: elapsed, so the rate holds on average, and no second (counted back from
+#: any moment) sees more than the rate.
 TICK = 0.1
 #: How often the spread of held connections is looked at, with
 #: C{--rebalance}.
@@ -246,6 +248,9 @@ class ConnectionRegistry(Service):
         self._checkTimer = None
         self._budget = 0.0
         self._last = None
+        #: (time, connections closed) of the loop's turns of the last second.
+        self._recent = deque()
+        self._closedThisTurn = 0
 
     # Registration (the proxy): once per connection.
 
@@ -436,13 +441,23 @@ class ConnectionRegistry(Service):
         rate = self._rate()
         period = self._period()
         # What the time elapsed allows, never more than two periods' worth
-        # (a loop that waited does not burst).
-        self._budget = min(self._budget + (now - self._last) * rate, 2 * period * rate)
+        # (a loop that waited does not burst), nor more than the rate less
+        # what the last second closed.
+        recent = self._recent
+        while recent and recent[0][0] <= now - 1.0:
+            recent.popleft()
+        allowed = rate - sum(n for _, n in recent)
+        self._budget = min(
+            self._budget + (now - self._last) * rate, 2 * period * rate, max(allowed, 0)
+        )
         self._last = now
+        self._closedThisTurn = 0
         if self._episodes:
             self._closeSome()
         elif self._rebalancing is not None:
             self._moveSome()
+        if self._closedThisTurn:
+            recent.append((now, self._closedThisTurn))
         work = bool(self._episodes) or self._rebalancing is not None
         if work and self.running and self._otherUsable():
             self._timer = self.clock.callLater(
@@ -504,6 +519,7 @@ class ConnectionRegistry(Service):
         if not pairs:
             del self._pairs[key]
         self.closedBy[reason] += 1
+        self._closedThisTurn += 1
         try:
             pair.reset()
         except Exception:

@@ -161,6 +161,9 @@ class CloseTests(RegistryCase):
         self.assertNotIn(None, times)
         rate = len(times) / (times[-1] - times[0])
         self.assertTrue(40 <= rate <= 55, rate)
+        # No second, counted back from any close, holds more than the rate.
+        for i, t in enumerate(times):
+            self.assertLessEqual(sum(1 for u in times[i:] if u < t + 1.0), 50)
         # Not in one instant: spread over many distinct times.
         self.assertGreater(len(set(times)), 30)
 
