@@ -116,6 +116,12 @@ def setMemberSocketOptions(sock):
 #: elapsed, so the rate holds on average, and no second (counted back from
 #: any moment) sees more than the rate.
 TICK = 0.1
+#: After a moment when no member was usable (the closing was held back),
+#: how long the closing waits once one is, seconds: a blip that every
+#: member's check saw (a leader election, the gateway's own network) ends
+#: member by member, and the first one back should not get every client of
+#: the others, which are about to be back too.
+SETTLE = 5.0
 #: How often the spread of held connections is looked at, with
 #: C{--rebalance}.
 REBALANCE_CHECK = 5.0
@@ -251,6 +257,9 @@ class ConnectionRegistry(Service):
         #: (time, connections closed) of the loop's turns of the last second.
         self._recent = deque()
         self._closedThisTurn = 0
+        #: The loop stopped because no member was usable: it settles first
+        #: when it starts again (L{SETTLE}).
+        self._heldBack = False
 
     # Registration (the proxy): once per connection.
 
@@ -263,6 +272,12 @@ class ConnectionRegistry(Service):
         if pairs is None:
             pairs = self._pairs[key] = {}
         pairs[pair] = None
+        if self.running and key not in self._episodes:
+            state = self.pool.stateOf(pair.state.endpoint)
+            if state is None or not state.usable:
+                # A dial that raced its member's change (or a client sent
+                # there because no member is usable: then nothing happens).
+                self._reconsider()
 
     def unregister(self, pair):
         """
@@ -421,22 +436,28 @@ class ConnectionRegistry(Service):
         """
         work = bool(self._episodes) or self._rebalancing is not None
         if not (self.running and work and self._otherUsable()):
-            for episode in self._episodes.values():
-                episode.waited = True
+            if self.running and self._episodes:
+                self._heldBack = True
+                for episode in self._episodes.values():
+                    episode.waited = True
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
             self._last = None
             return
         if self._timer is None:
-            self._last = self.clock.seconds()
+            settle = SETTLE if self._heldBack else 0.0
+            jitter = self._random.uniform(0, self._period())
+            self._timer = self.clock.callLater(settle + jitter, self._tick)
+            self._last = self.clock.seconds() + settle
             self._budget = 0.0
-            self._timer = self.clock.callLater(
-                self._random.uniform(0, self._period()), self._tick
-            )
 
     def _tick(self):
         self._timer = None
+        if not self._otherUsable():
+            self._schedule()  # stops until a member is usable again
+            return
+        self._heldBack = False
         now = self.clock.seconds()
         rate = self._rate()
         period = self._period()

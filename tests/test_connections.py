@@ -23,6 +23,7 @@ from etcdgw.connections import (
     MEMBER_USER_TIMEOUT,
     REASONS,
     REBALANCE_CHECK,
+    SETTLE,
     ConnectionRegistry,
     _reasonFor,
     setMemberSocketOptions,
@@ -178,9 +179,34 @@ class CloseTests(RegistryCase):
         self.assertEqual([p.resetAt for p in onA], [None] * 3)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.monitor.probeSucceeded(C, "probe connected")
-        self.wait(1)
+        resumed = self.clock.seconds()
+        self.wait(SETTLE + 1)
         self.assertTrue(all(p.resetAt is not None for p in onA))
+        # It waited for the others to be back too, then closed.
+        self.assertGreaterEqual(min(p.resetAt for p in onA), resumed + SETTLE)
         self.assertIn("held back", self.events[-1]["outcome"])
+
+    def test_blipEndingMemberByMember(self):
+        """
+        Every member unhealthy for a moment, then back one by one: the first
+        one back does not get the others' clients.
+        """
+        registry = self.registry()
+        for endpoint in (A, B, C):
+            self.monitor.checked(endpoint, GOOD)
+        held = [self.hold(registry, endpoint, 20) for endpoint in (A, B, C)]
+        for endpoint in (A, B, C):
+            self.monitor.checked(endpoint, BAD)
+        self.wait(2)
+        self.monitor.checked(B, GOOD)
+        self.wait(1)
+        self.monitor.checked(A, GOOD)
+        self.monitor.checked(C, GOOD)
+        self.wait(SETTLE * 2)
+        self.assertEqual(registry.closedBy["unhealthy"], 0)
+        self.assertEqual(sum(1 for pairs in held for p in pairs if p.resetAt), 0)
+        # Logged as held back, and as ended by the members' return.
+        self.assertTrue(all("usable again" in e["outcome"] for e in self.events if "outcome" in e))
 
     def test_recoveredMemberKeepsTheRest(self):
         """A member usable again mid-way: the closing stops, the rest stay."""
@@ -279,6 +305,27 @@ class CloseTests(RegistryCase):
         self.wait(3)
         self.assertIsNotNone(late[0].resetAt)
         self.assertEqual(registry.closedBy["down"], 6)
+
+    def test_joinedAfterEpisode(self):
+        """A pair joined to a bad member after its episode ended (a racing dial) is closed."""
+        registry = self.registry()
+        self.hold(registry, A, 2)
+        self.down(A)
+        self.wait(1)
+        self.assertEqual(len(self.events), 2)
+        late = self.hold(registry, A, 1)
+        self.wait(1)
+        self.assertIsNotNone(late[0].resetAt)
+        self.assertEqual(registry.closedBy["down"], 3)
+
+    def test_joinedWhileNoneUsable(self):
+        """A client sent to a bad member because none is usable stays (fail open)."""
+        registry = self.registry()
+        for endpoint in (A, B, C):
+            self.down(endpoint)
+        late = self.hold(registry, A, 1)
+        self.wait(2)
+        self.assertIsNone(late[0].resetAt)
 
     def test_closedMeanwhile(self):
         """A pair that closed by itself is not closed again, nor counted."""

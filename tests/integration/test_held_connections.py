@@ -439,6 +439,13 @@ class _HeldCase(ClusterTestMixin, TestCase):
         """
         return {e["endpoint"]: e["active"] for e in gatewayStatus(self.metrics)["endpoints"]}
 
+    def allHealthy(self):
+        waitUntil(
+            lambda: all(e["health"] == "healthy" for e in gatewayStatus(self.metrics)["endpoints"]),
+            20,
+            message="every member healthy",
+        )
+
     def heldClosed(self):
         return gatewayStatus(self.metrics)["heldClosed"]
 
@@ -521,11 +528,11 @@ class _HeldCase(ClusterTestMixin, TestCase):
 
         waitUntil(allBack, within, interval=0.05, message=f"the clients of {victim} back")
         after = self.snapshot(clients, gw)
-        untouched = [
-            i for i, (_, _, endpoint) in enumerate(clients) if endpoint != victim
-        ]
+        untouched = [i for i, (_, _, endpoint) in enumerate(clients) if endpoint != victim]
         for i in untouched:
-            self.assertEqual(after[i], before[i], f"client {i} ({clients[i][0]}) lost its connection")
+            self.assertEqual(
+                after[i], before[i], f"client {i} ({clients[i][0]}) lost its connection"
+            )
         return [backs[i] for i in sorted(backs)], len(untouched)
 
     def victim(self, clients):
@@ -606,11 +613,7 @@ class HeldClientsTests(_HeldCase):
         gw = self.gateway(
             "--health-check=etcd", "--health-interval=1s", "--health-timeout=1s"
         )
-        waitUntil(
-            lambda: all(e["health"] == "healthy" for e in gatewayStatus(self.metrics)["endpoints"]),
-            20,
-            message="every member healthy",
-        )
+        self.allHealthy()
         clients = self.heldClients(gw)
         index, victim, counts = self.victim(clients)
         others = [i for i in range(3) if i != index]
@@ -662,11 +665,7 @@ class PacingTests(_HeldCase):
             "--health-timeout=1s",
             f"--held-close-rate={self.RATE}",
         )
-        waitUntil(
-            lambda: all(e["health"] == "healthy" for e in gatewayStatus(self.metrics)["endpoints"]),
-            20,
-            message="every member healthy",
-        )
+        self.allHealthy()
         clients = HeldHTTP(gw.host, gw.port, 3 * self.PER_MEMBER, openRate=1000).start(120)
         self.addCleanup(clients.stop)
         reopened = sum(c.connects for c in clients.conns) - len(clients.conns)
