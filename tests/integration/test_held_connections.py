@@ -741,8 +741,19 @@ class PacingTests(_HeldCase):
         --rebalance: after a member returns, held connections spread to
         within 20% of even, at the configured pace.
         """
+        self.rebalance("round-robin")
+
+    def test_rebalanceLeastConnections(self):
+        """
+        --rebalance with --policy=least-connections: each moved client lands
+        on the least loaded member, so about the excess moves, no more.
+        """
+        moved = self.rebalance("least-connections")
+        self.assertLessEqual(moved, 20)
+
+    def rebalance(self, policy):
         rate = 10
-        gw = self.gateway("--rebalance", f"--rebalance-rate={rate}")
+        gw = self.gateway("--rebalance", f"--rebalance-rate={rate}", f"--policy={policy}")
         clients = HeldHTTP(gw.host, gw.port, 60, every=1.0).start()
         self.addCleanup(clients.stop)
         victim = self.cluster.clientAddress(0)
@@ -773,16 +784,25 @@ class PacingTests(_HeldCase):
         t1 = time.monotonic()
         moved = self.heldClosed()["rebalanced"]
         log = gw.waitForLog("rebalancing ended")
+        # "rebalancing ended (even): moved N client connections in T s; ..."
+        ended = log[log.index("rebalancing ended") :].split("\n", 1)[0]
+        loggedMoved = int(ended.split("moved ", 1)[1].split()[0])
+        took = float(ended.split(" in ", 1)[1].split("s;", 1)[0])
         report(
-            "held.rebalance",
+            f"held.rebalance.{policy}",
             before=skewed,
             after=self.active(),
             even_after_s=round(t1 - t0, 1),
             moved=moved,
+            moving_s=took,
+            pace_per_s=round(loggedMoved / took, 1),
             rate=rate,
             answering=sum(1 for c in clients.conns if c.state in ("idle", "waiting")),
         )
         self.assertIn("held connections are uneven", log)
+        self.assertEqual(loggedMoved, moved)
         self.assertGreaterEqual(moved, 16)
-        # at most the pace: the rebalancing starts within one look (5 s)
-        self.assertLessEqual(moved, rate * (t1 - t0) + 2)
+        # at most the pace (a second counted back from any move holds at
+        # most the rate: over the whole, at most rate x (time + 1))
+        self.assertLessEqual(moved, rate * (took + 1))
+        return moved
