@@ -28,8 +28,9 @@ class GatewayCollector:
     @param gateway: the L{etcdgw.gateway.Gateway}, read at each scrape: its
         C{pool} and C{factory} (the counters), C{reactor} (the clock, for
         the age of endpoint states), C{connections} (the held connections
-        closed, by reason), C{allListeners} (their ports' counters) and C{discovery} (its C{rounds} and C{failures}, when the
-        gateway has SRV discovery).
+        closed, by reason), C{allListeners} (their ports' counters) and
+        C{discovery} (its C{rounds} and C{failures}, when the gateway has
+        SRV discovery).
     """
 
     def __init__(self, gateway):
