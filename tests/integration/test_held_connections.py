@@ -126,9 +126,16 @@ def connectionsOf(pid, remotePort):
     return ports
 
 
+class _EOF(OSError):
+    """
+    The connection was closed with a FIN (recv returned nothing).
+    """
+
+
 class _Conn:
     __slots__ = (
-        "index", "sock", "state", "buf", "started", "resets", "oks", "connects", "port",
+        "index", "sock", "state", "buf", "started", "resets", "kinds", "oks", "connects",
+        "port",
     )
 
     def __init__(self, index):
@@ -138,6 +145,7 @@ class _Conn:
         self.buf = b""
         self.started = None
         self.resets = []
+        self.kinds = []
         self.oks = []
         self.connects = 0
         self.port = None
@@ -151,8 +159,9 @@ class HeldHTTP:
     again that often. A connection reset or closed is recorded and opened
     again at once, as a real client would (C{reconnect}).
 
-    @ivar conns: per client: C{resets} (times), C{oks} (request start and
-        end), C{connects}.
+    @ivar conns: per client: C{resets} (times), C{kinds} (how each ended:
+        C{"reset"} or C{"eof"}), C{oks} (request start and end),
+        C{connects}.
     """
 
     def __init__(self, host, port, count, every=None, reconnect=True, openRate=1000):
@@ -206,6 +215,7 @@ class HeldHTTP:
         with self._lock:
             for conn in self.conns:
                 conn.resets = []
+                conn.kinds = []
                 conn.oks = []
 
     # the thread's side
@@ -226,8 +236,8 @@ class HeldHTTP:
                         self._connected(conn, now)
                     else:
                         self._readable(conn, now)
-                except OSError:
-                    self._lost(conn, now)
+                except OSError as e:
+                    self._lost(conn, now, "eof" if isinstance(e, _EOF) else "reset")
             while True:
                 with self._lock:
                     if not self._timers or self._timers[0][0] > now:
@@ -267,7 +277,7 @@ class HeldHTTP:
     def _readable(self, conn, now):
         data = conn.sock.recv(65536)
         if not data:
-            raise ConnectionResetError("closed")
+            raise _EOF("closed")
         conn.buf += data
         if conn.state != "waiting":
             return
@@ -293,7 +303,7 @@ class HeldHTTP:
         if self.every is not None:
             self._at(now + self.every, self._ask, conn)
 
-    def _lost(self, conn, now):
+    def _lost(self, conn, now, kind="reset"):
         if conn.sock is not None:
             try:
                 self._selector.unregister(conn.sock)
@@ -303,6 +313,7 @@ class HeldHTTP:
         conn.sock = None
         conn.state = "closed"
         conn.resets.append(now)
+        conn.kinds.append(kind)
         if self.reconnect and not self._stopped.is_set():
             self._at(now, self._open, conn)
 
@@ -593,8 +604,15 @@ class HeldClientsTests(_HeldCase):
         partition.start()
         backs, untouched = self.measure(clients, putter, t0, victim, gw, before, within=40)
         partition.stop()
+        kinds = [
+            kind
+            for k, client, endpoint in clients
+            if k == "http" and endpoint == victim
+            for kind in client.conns[0].kinds
+        ]
         report(
             "held.partitioned",
+            http_ended_by=kinds,
             clients=len(clients),
             spread=counts,
             victim=victim,
@@ -604,6 +622,8 @@ class HeldClientsTests(_HeldCase):
             held_closed=self.heldClosed(),
         )
         self.assertLessEqual(max(backs), 25.0)
+        # the member side timed out: the client was reset, not sent a FIN
+        self.assertTrue(kinds and set(kinds) == {"reset"}, kinds)
 
     def test_frozenWithEtcdChecks(self):
         """
@@ -724,6 +744,7 @@ class PacingTests(_HeldCase):
             held_closed=self.heldClosed(),
         )
         self.assertEqual(closed, held)
+        self.assertEqual({c.kinds[0] for c in clients.conns if c.kinds}, {"reset"})
         self.assertEqual(self.heldClosed()["unhealthy"], held)
         self.assertEqual(
             sum(1 for c in clients.conns if not c.resets), sum(spread.values()) - held
