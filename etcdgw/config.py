@@ -167,6 +167,27 @@ class HealthConfig:
     maxSilentShare: int
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class HeldConfig:
+    """
+    What is done with the client connections a member holds
+    (L{etcdgw.connections.ConnectionRegistry}).
+
+    @ivar close: close them, paced, when their member goes bad
+        (C{--held-close}).
+    @ivar closeRate: at most this many a second (C{--held-close-rate}).
+    @ivar rebalance: even out their spread over the members
+        (C{--rebalance}).
+    @ivar rebalanceRate: at most this many moved a second
+        (C{--rebalance-rate}).
+    """
+
+    close: bool
+    closeRate: int
+    rebalance: bool
+    rebalanceRate: int
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class WorkersConfig:
     """
@@ -197,6 +218,7 @@ class GatewayConfig:
     @ivar dialTimeout: C{--dial-timeout}, seconds.
     @ivar policy: C{--policy}, a name of L{etcdgw.pool.POLICIES}.
     @ivar health: the L{HealthConfig}.
+    @ivar held: the L{HeldConfig}.
     @ivar tls: the L{TLSFiles}.
     @ivar shutdownGrace: C{--shutdown-grace}, seconds.
     @ivar workers: the L{WorkersConfig}.
@@ -205,6 +227,7 @@ class GatewayConfig:
     source: SourceConfig
     listen: ListenConfig
     health: HealthConfig
+    held: HeldConfig
     metrics: object
     dialTimeout: float
     policy: str

@@ -27,6 +27,7 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
 
 from etcdgw import fast
+from etcdgw.connections import ConnectionRegistry
 from etcdgw.duration import formatDuration
 from etcdgw.health import HealthService, guardedProbe
 from etcdgw.listen import (
@@ -170,6 +171,9 @@ class Gateway:
         subscribers hear each change.
     @ivar guard: the L{etcdgw.selfloop.SelfLoopGuard}.
     @ivar factory: the L{etcdgw.proxy.GatewayFactory}.
+    @ivar connections: the L{etcdgw.connections.ConnectionRegistry}: the
+        live forwarded pairs, closed when their member goes bad (and
+        rebalanced with C{--rebalance}); it follows the monitor.
     @ivar config: the L{etcdgw.config.GatewayConfig} it was built from.
     @ivar ownProcess: built on the process's own reactor (twistd's): the
         gateway takes over its signals and event dispatch when it starts.
@@ -199,6 +203,7 @@ class Gateway:
     factory: object
     monitor: object = None
     guard: object = None
+    connections: object = None
     config: object = None
     ownProcess: bool = False
     service: object = None
@@ -315,16 +320,26 @@ def buildGateway(config, reactor=None):
     )
     guard = SelfLoopGuard(config.listen.address)
     probe = guardedProbe(guard)
+    connections = _connectionRegistry(config, pool, monitor, reactor)
     gateway = Gateway(
         reactor=reactor,
         pool=pool,
         monitor=monitor,
         guard=guard,
-        factory=GatewayFactory(pool, reactor, config.dialTimeout, monitor=monitor, guard=guard),
+        connections=connections,
+        factory=GatewayFactory(
+            pool,
+            reactor,
+            config.dialTimeout,
+            monitor=monitor,
+            guard=guard,
+            connections=connections,
+        ),
         config=config,
         ownProcess=ownProcess,
     )
     gateway.service = GatewayService(gateway.startUp)
+    _attach(gateway, "connections", connections)
     clients, operator = _connectionCaps(config.listen.maxConnections)
     gateway.listener = _clientListener(gateway, clients)
     gateway.health = _attach(gateway, "health", _probes(gateway, probe))
@@ -430,6 +445,25 @@ def _pool(config, reactor):
     endpoints = () if config.source.discovery is not None else config.source.endpoints
     _announceEndpoints(endpoints)
     return UpstreamPool(list(endpoints), reactor, policy=config.policy)
+
+
+def _connectionRegistry(config, pool, monitor, reactor):
+    """
+    The connection registry (C{--held-close}, C{--rebalance} and their
+    rates), following C{monitor}'s decisions once started.
+    """
+    held = config.held
+    registry = ConnectionRegistry(
+        pool,
+        monitor,
+        reactor,
+        closeHeld=held.close,
+        closeRate=held.closeRate,
+        rebalance=held.rebalance,
+        rebalanceRate=held.rebalanceRate,
+    )
+    log.info("{description}", description=registry.describe())
+    return registry
 
 
 def _connectionCaps(given):

@@ -27,9 +27,10 @@ class GatewayCollector:
 
     @param gateway: the L{etcdgw.gateway.Gateway}, read at each scrape: its
         C{pool} and C{factory} (the counters), C{reactor} (the clock, for
-        the age of endpoint states), C{allListeners} (their ports'
-        counters) and C{discovery} (its C{rounds} and C{failures}, when the
-        gateway has SRV discovery).
+        the age of endpoint states), C{connections} (the held connections
+        closed, by reason), C{allListeners} (their ports' counters) and
+        C{discovery} (its C{rounds} and C{failures}, when the gateway has
+        SRV discovery).
     """
 
     def __init__(self, gateway):
@@ -63,9 +64,25 @@ class GatewayCollector:
             "Client connections closed at once because no endpoint was up.",
             value=factory.refused,
         )
+        yield from self._held()
         yield from self._endpoints()
         yield from self._listener()
         yield from self._discovery()
+
+    def _held(self):
+        connections = self.gateway.connections
+        if connections is None:
+            return
+        family = CounterMetricFamily(
+            f"{PREFIX}_held_closed",
+            "Client connections the gateway closed with a reset because their member "
+            "went down, unhealthy, silent, was removed or is of another cluster, or to "
+            "rebalance, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in connections.closedBy.items():
+            family.add_metric([reason], count)
+        yield family
 
     def _endpoints(self):
         now = self.gateway.reactor.seconds()

@@ -7,7 +7,11 @@ The proxy decides nothing about endpoints: it asks the pool for one
 monitor (L{etcdgw.monitor.Monitor.dialFailed},
 L{etcdgw.monitor.Monitor.dialSucceeded}), and counts its dials and
 connections on the pool. Whether a connection reached the gateway itself is
-the self-loop guard's question (L{etcdgw.selfloop.SelfLoopGuard}).
+the self-loop guard's question (L{etcdgw.selfloop.SelfLoopGuard}). Each
+joined pair is registered with the connection registry
+(L{etcdgw.connections.ConnectionRegistry}), once when joined and once when
+closed, which may close it (L{ClientProtocol.reset}) when its member goes
+bad; nothing is done per forwarded chunk.
 """
 
 import collections
@@ -20,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from etcdgw.connections import ConnectionRegistry, setMemberSocketOptions
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.monitor import legacyMonitor
 from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
@@ -33,6 +38,20 @@ def _noDelay(transport):
         transport.setTcpNoDelay(True)
     except (AttributeError, OSError):
         pass  # not TCP (a unix socket) or already closed
+
+
+def _keepAlive(transport):
+    """
+    Keep-alive and C{TCP_USER_TIMEOUT} on a member connection
+    (L{setMemberSocketOptions}): so a member that vanished from the network
+    under it is noticed, and the client reset.
+    """
+    if getattr(transport, "fast", False):
+        return  # set when the socket was made
+    try:
+        setMemberSocketOptions(transport.getHandle())
+    except AttributeError:
+        pass  # a test transport
 
 
 @implementer(IHalfCloseableProtocol)
@@ -101,6 +120,7 @@ class UpstreamProtocol(_Side):
         self.client = client
 
     def connectionMade(self):
+        _keepAlive(self.transport)
         connected(self)
 
     def dataReceived(self, data):
@@ -111,7 +131,9 @@ class UpstreamProtocol(_Side):
 
     def connectionLost(self, reason):
         if self.state is not None:
-            self.client.factory.pool.connectionClosed(self.state)
+            factory = self.client.factory
+            factory.connections.unregister(self.client)
+            factory.pool.connectionClosed(self.state)
         self.client = None
         self._closePeer(reason)
 
@@ -247,6 +269,7 @@ class ClientProtocol(_Side):
         # _failed) closes the member connection too.
         upstream.peer = self
         self.peer = upstream
+        factory.connections.register(self)
         _noDelay(upstream.transport)
         self._write = writerFor(upstream.transport)
         upstream._write = writerFor(self.transport)
@@ -264,8 +287,21 @@ class ClientProtocol(_Side):
             self.state.toUpstream.n += len(data)
             self._write(data)
 
+    def reset(self):
+        """
+        Close this client's connection and its member connection, both with
+        a reset (the connection registry's: the member went bad, or the
+        pair is moved): the client notices at once and reconnects.
+        """
+        peer = self.peer
+        self.transport.abortConnection()
+        if peer is not None and peer.transport is not None:
+            peer.transport.abortConnection()
+
     def connectionLost(self, reason):
         self.connected = 0
+        if self.state is not None:
+            self.factory.connections.unregister(self)
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -296,6 +332,8 @@ class GatewayFactory(Factory):
     @ivar monitor: the L{etcdgw.monitor.Monitor} dial outcomes go to.
     @ivar guard: the L{etcdgw.selfloop.SelfLoopGuard} each member connection
         passes before it is joined to its client.
+    @ivar connections: the L{etcdgw.connections.ConnectionRegistry} each
+        joined pair is registered with.
     @ivar clients: the client connections open now.
     @ivar accepted: client connections accepted since start.
     @ivar refused: clients closed because no endpoint was up.
@@ -311,18 +349,26 @@ class GatewayFactory(Factory):
     noisy = False
     log = Logger()
 
-    def __init__(self, pool, reactor, dialTimeout, monitor=None, guard=None):
+    def __init__(self, pool, reactor, dialTimeout, monitor=None, guard=None, connections=None):
         """
         @param monitor: the gateway's monitor (by default the pool's, for
             the old wiring: see L{etcdgw.monitor.legacyMonitor}).
         @param guard: the gateway's self-loop guard (by default one that
             knows no listener until L{listeners} is set).
+        @param connections: the gateway's connection registry (by default
+            one that only keeps count: it acts only once started as a
+            service).
         """
         self.pool = pool
         self.reactor = reactor
         self.dialTimeout = dialTimeout
         self.monitor = monitor if monitor is not None else legacyMonitor(pool, reactor)
         self.guard = guard if guard is not None else SelfLoopGuard()
+        self.connections = (
+            connections
+            if connections is not None
+            else ConnectionRegistry(pool, self.monitor, reactor)
+        )
         self.clients = set()
         self.accepted = 0
         self.refused = 0

@@ -45,7 +45,9 @@ def _iso(seconds):
     )
 
 
-def gatewayStatus(pool, factory, clock, listeners=(), source=None, healthCheck=None):
+def gatewayStatus(
+    pool, factory, clock, listeners=(), source=None, healthCheck=None, connections=None
+):
     """
     The gateway's state now, as a JSON-ready dict (what C{/status.json}
     serves and the status page shows).
@@ -55,6 +57,8 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None, healthCheck=N
         whose one-line description is shown, or L{None}.
     @param healthCheck: C{--health-check} (with C{tcp} nobody asks the
         members for an answer: the page shows no verdict), or L{None}.
+    @param connections: the L{etcdgw.connections.ConnectionRegistry}, whose
+        counts of held connections closed (by reason) are shown, or L{None}.
     """
     now = clock.seconds()
     endpoints = []
@@ -99,8 +103,17 @@ def gatewayStatus(pool, factory, clock, listeners=(), source=None, healthCheck=N
             "accepted": factory.accepted,
             "refused": factory.refused,
         },
+        "heldClosed": _heldClosed(connections),
         "endpoints": endpoints,
     }
+
+
+def _heldClosed(connections):
+    """
+    The held connections the gateway closed, by reason (every reason, 0
+    included), or L{None} without a registry.
+    """
+    return dict(connections.closedBy) if connections is not None else None
 
 
 def _json(request, value, code=200):
@@ -128,24 +141,25 @@ class StatusJSON(Resource):
 class Health(Resource):
     """
     C{/health}: 200 when at least one endpoint is up, 503 otherwise; the
-    JSON body gives the counts.
+    JSON body gives the counts, and the held connections closed by reason
+    (C{heldClosed}).
     """
 
     isLeaf = True
 
-    def __init__(self, pool):
+    def __init__(self, pool, connections=None):
         super().__init__()
         self.pool = pool
+        self.connections = connections
 
     def render_GET(self, request):
         up = self.pool.upCount()
         total = len(self.pool.endpoints)
         healthy = up > 0
-        return _json(
-            request,
-            {"status": "ok" if healthy else "unavailable", "up": up, "total": total},
-            200 if healthy else 503,
-        )
+        body = {"status": "ok" if healthy else "unavailable", "up": up, "total": total}
+        if self.connections is not None:
+            body["heldClosed"] = _heldClosed(self.connections)
+        return _json(request, body, 200 if healthy else 503)
 
     render_HEAD = render_GET
 
@@ -397,6 +411,11 @@ def _summary(status):
         text += f"; listening on {status['listen']}"
     if status.get("source"):
         text += f"; endpoints from {status['source']}"
+    closed = {reason: n for reason, n in (status.get("heldClosed") or {}).items() if n}
+    if closed:
+        text += "; held connections closed: " + ", ".join(
+            f"{n} {reason}" for reason, n in closed.items()
+        )
     return text
 
 
@@ -531,6 +550,7 @@ def statusSite(gateway, registry=None):
             gateway.listeners,
             gateway.source,
             healthCheck=healthCheck,
+            connections=gateway.connections,
         )
 
     if registry is None:
@@ -538,7 +558,7 @@ def statusSite(gateway, registry=None):
     top = StatusPage(status)
     top.putChild(b"status.json", StatusJSON(status))
     top.putChild(FRAGMENT_PATH.encode("ascii"), StatusFragment(status))
-    top.putChild(b"health", Health(gateway.pool))
+    top.putChild(b"health", Health(gateway.pool, gateway.connections))
     top.putChild(b"livez", Livez(gateway.listeners))
     top.putChild(b"readyz", Readyz(gateway.pool))
     top.putChild(b"metrics", MetricsResource(registry))

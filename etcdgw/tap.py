@@ -21,6 +21,7 @@ from etcdgw.config import (
     ClientCertificate,
     GatewayConfig,
     HealthConfig,
+    HeldConfig,
     ListenConfig,
     PEMFile,
     SourceConfig,
@@ -54,6 +55,11 @@ HEALTH_DEFAULTS = {
     "tcp": {"health-interval": "1s", "health-timeout": "500ms", "health-fall": "2"},
     "etcd": {"health-interval": "5s", "health-timeout": "2s", "health-fall": "3"},
 }
+#: The defaults of --held-close-rate and --rebalance-rate, a second.
+HELD_CLOSE_RATE = 100
+REBALANCE_RATE = 5
+#: The largest --held-close-rate and --rebalance-rate.
+MAX_RATE = 1000000
 #: The largest --workers.
 MAX_WORKERS = 256
 #: The flags that only mean something with --discovery-srv.
@@ -168,6 +174,17 @@ def _share(text):
             f"--max-silent-share: {_quoted(text)} is not a percentage from 0 to 100 "
             "(e.g. 50 or 50%)"
         ) from None
+def _onOff(name):
+    """
+    The converter of the switch C{--name}: C{on} or C{off}, as a bool.
+    """
+
+    def convert(text):
+        if text not in ("on", "off"):
+            raise usage.UsageError(f"--{name}: {_quoted(text)} is not on or off")
+        return text == "on"
+
+    return convert
 
 
 def _maxConnections(text):
@@ -395,6 +412,14 @@ class Options(usage.Options):
             "Accept SRV records that cannot be verified (plain etcd-client records, "
             "TLS endpoints without a valid certificate).",
         ],
+        [
+            "rebalance",
+            None,
+            "Even out the client connections members hold (after a member returns, "
+            "all sit on the others): the oldest of the most loaded member are closed, "
+            "at most --rebalance-rate a second, until each member is within 20% of "
+            "its share; the clients reconnect. Off by default.",
+        ],
     ]
 
     optParameters = [
@@ -526,6 +551,32 @@ class Options(usage.Options):
             "keep its quorum. Members that refuse connections are down, not silent, "
             "and do not count.",
             _share,
+        ],
+        [
+            "held-close",
+            None,
+            "on",
+            "on: when a member goes down, unhealthy, silent, leaves the endpoint list "
+            "or shows another cluster ID, the client connections it holds are closed "
+            "with a reset (paced, never while no other member is usable), so clients "
+            "reconnect to a good member at once. off: they stay until they end.",
+            _onOff("held-close"),
+        ],
+        [
+            "held-close-rate",
+            None,
+            None,
+            f"At most this many held connections closed a second, jittered (1 to "
+            f"{MAX_RATE}) [default: {HELD_CLOSE_RATE}].",
+            _number("held-close-rate", 1, MAX_RATE),
+        ],
+        [
+            "rebalance-rate",
+            None,
+            None,
+            f"With --rebalance, at most this many connections moved a second (1 to "
+            f"{MAX_RATE}) [default: {REBALANCE_RATE}].",
+            _number("rebalance-rate", 1, MAX_RATE),
         ],
         [
             "health-cert-file",
@@ -720,6 +771,7 @@ class Options(usage.Options):
             source=source,
             listen=listen,
             health=health,
+            held=self._held(),
             metrics=self["metrics-addr"],
             dialTimeout=self["dial-timeout"],
             policy=self["policy"],
@@ -787,6 +839,21 @@ class Options(usage.Options):
             if flag == name:
                 return convert(defaults[name])
         raise KeyError(name)
+    def _held(self):
+        """
+        The L{HeldConfig}: --held-close and its rate, --rebalance and its
+        rate.
+        """
+        if self["held-close-rate"] is not None and not self["held-close"]:
+            raise usage.UsageError("--held-close-rate needs --held-close=on")
+        if self["rebalance-rate"] is not None and not self["rebalance"]:
+            raise usage.UsageError("--rebalance-rate needs --rebalance")
+        return HeldConfig(
+            close=self["held-close"],
+            closeRate=self["held-close-rate"] or HELD_CLOSE_RATE,
+            rebalance=bool(self["rebalance"]),
+            rebalanceRate=self["rebalance-rate"] or REBALANCE_RATE,
+        )
 
     def _discovery(self, trustedCA):
         """

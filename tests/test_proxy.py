@@ -1,3 +1,5 @@
+import socket
+
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock, StringTransport
@@ -5,6 +7,7 @@ from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from etcdgw.connections import MEMBER_USER_TIMEOUT
 from etcdgw.endpoint import Endpoint, parseEndpoints
 from etcdgw.etcdhealth import CheckResult
 from etcdgw.monitor import Monitor
@@ -425,3 +428,87 @@ class AcceptPathTests(ProxyCase):
         # bring the self-loop back.
         self.monitor.checked(loop, CheckResult(True, "ok", answered=True))
         self.assertFalse(self.pool.isUp(loop))
+
+
+class KeepAliveTCP(FakeTCP):
+    """
+    A FakeTCP whose handle is a real (unconnected) socket, as a stock
+    transport's is.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.socket = socket.socket()
+
+    def getHandle(self):
+        return self.socket
+
+
+class HeldTests(ProxyCase):
+    """
+    Each joined pair is registered with the connection registry, once, and
+    the registry can reset it.
+    """
+
+    key = ("10.0.0.1", 2379)
+
+    def test_registeredWhileJoined(self):
+        """A pair is registered when joined and unregistered when either side closes."""
+        client, ctransport = self.accept()
+        self.assertEqual(self.factory.connections.held(), {})
+        upstream, utransport = self.connectUpstream()
+        self.assertEqual(self.factory.connections.held(), {self.key: 1})
+        ctransport.lose(error.ConnectionDone())
+        self.assertEqual(self.factory.connections.held(), {})
+        utransport.lose(error.ConnectionDone())
+        self.assertEqual(self.factory.connections.held(), {})
+        self.assertEqual(self.pool.stateOf(Endpoint(*self.key)).active, 0)
+
+    def test_memberSideClosingUnregisters(self):
+        """The member side closing first unregisters the pair too."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        utransport.lose(error.ConnectionLost())
+        self.assertEqual(self.factory.connections.held(), {})
+
+    def test_resetAbortsBothSides(self):
+        """reset() aborts the client's connection and the member's."""
+        client, ctransport = self.accept()
+        upstream, utransport = self.connectUpstream()
+        client.reset()
+        self.assertTrue(ctransport.disconnected)
+        self.assertTrue(utransport.disconnected)
+
+    def test_memberDownResetsItsPairs(self):
+        """With the registry running, a member marked down has its pairs reset; others stay."""
+        registry = self.factory.connections
+        registry.startService()
+        self.addCleanup(registry.stopService)
+        first, firstTransport = self.accept()
+        upstream, firstUpstream = self.connectUpstream()
+        second, secondTransport = self.accept()
+        upstream2, secondUpstream = self.connectUpstream()
+        self.assertEqual(self.lastDial()[:2], ("10.0.0.2", 2379))
+        self.monitor.dialFailed(
+            self.pool.stateOf(Endpoint(*self.key)), Failure(error.ConnectionRefusedError())
+        )
+        self.reactor.advance(1)
+        self.assertTrue(firstTransport.disconnected and firstUpstream.disconnected)
+        self.assertFalse(secondTransport.disconnected or secondUpstream.disconnected)
+        self.assertEqual(registry.closedBy["down"], 1)
+
+    def test_keepAliveOnStockMemberConnection(self):
+        """A member connection on Twisted's own transport gets keep-alive and TCP_USER_TIMEOUT."""
+        client, ctransport = self.accept()
+        host, port, dialFactory, timeout = self.lastDial()
+        upstream = dialFactory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = KeepAliveTCP(peerAddress=IPv4Address("TCP", host, port))
+        self.addCleanup(transport.socket.close)
+        transport.protocol = upstream
+        upstream.makeConnection(transport)
+        handle = transport.getHandle()
+        self.assertEqual(handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertEqual(
+            handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            MEMBER_USER_TIMEOUT * 1000,
+        )

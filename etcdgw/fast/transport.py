@@ -50,6 +50,7 @@ import socket
 from twisted.internet import main, tcp
 from twisted.internet.posixbase import PosixReactorBase
 
+from etcdgw.connections import setMemberSocketOptions
 from etcdgw.fast.gate import SLOTTED
 from etcdgw.fast.relay import _NO_ROOM, READ_SIZE
 from etcdgw.fast.relay import buffer as _buffer
@@ -507,7 +508,8 @@ class GatewayServer(FastTransport, tcp.Server):
 
 class GatewayClient(FastTransport, tcp.Client):
     """
-    A connection to an etcd member, with C{TCP_NODELAY} set before connecting.
+    A connection to an etcd member, with C{TCP_NODELAY}, keep-alive and
+    C{TCP_USER_TIMEOUT} (L{setMemberSocketOptions}) set before connecting.
     """
 
     __slots__ = _CONNECTION_SLOTS + ("addr", "realAddress", "connector", "_requiresResolution")
@@ -524,6 +526,7 @@ class GatewayClient(FastTransport, tcp.Client):
     def createInternetSocket(self):
         s = super().createInternetSocket()
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        setMemberSocketOptions(s)
         return s
 
 

@@ -225,7 +225,11 @@ class OperationsTests(ClusterTestMixin, unittest.TestCase):
         self.assertEqual(found[("etcd_gateway_endpoint_up", dead)], 1)
         self.assertLess(found[("etcd_gateway_endpoint_state_seconds", dead)], 5)
         code, body = _get(base + "/health")
-        self.assertEqual((code, json.loads(body)), (200, {"status": "ok", "up": 2, "total": 2}))
+        health = json.loads(body)
+        # (and the held connections closed, by reason: none here)
+        closed = health.pop("heldClosed")
+        self.assertEqual((code, health), (200, {"status": "ok", "up": 2, "total": 2}))
+        self.assertEqual(set(closed.values()), {0})
 
         # It stops answering: the next SIGHUP takes it out.
         answering.close()
