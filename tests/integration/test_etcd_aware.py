@@ -200,6 +200,9 @@ class LeastConnectionsTests(_Base):
         self.assertEqual(sorted(before), [0, 0, 0, 1, 1, 1])
         self.cluster.restart(2)
         gw.waitForLog(f"endpoint {back} down -> up", timeout=10)
+        # With the answer probe (the default check), a member back up gets
+        # clients once it has answered (silent -> answering).
+        gw.waitForLog(f"endpoint {back} silent -> answering", timeout=10)
         after = [openHeld() for _ in range(3)]
         self.assertEqual(after, [2, 2, 2])
         # Loads are even now (3, 3, 3): the next ones rotate again.
