@@ -827,3 +827,43 @@ class PacingTests(_HeldCase):
         # most the rate: over the whole, at most rate x (time + 1))
         self.assertLessEqual(moved, rate * (took + 1))
         return moved
+
+
+class FrozenDefaultFlagsTests(_HeldCase):
+    """
+    The default flags (answer probes, 1 s interval): a frozen member's held
+    clients work again within 5 s; the others keep their connections.
+    """
+
+    def test_frozenDefaultFlags(self):
+        """A member frozen (SIGSTOP) holding >= 3 held clients: each back within 5 s."""
+        gw = self.gateway()
+        clients = self.heldClients(gw)
+        index, victim, counts = self.victim(clients)
+        self.assertGreaterEqual(counts[victim], 3)
+        self.assertEqual(
+            {kind for kind, _, e in clients if e == victim}, {"watch", "http"}, counts
+        )
+        others = [i for i in range(3) if i != index]
+        putter = self.putter(others)
+        time.sleep(1)
+        before = self.snapshot(clients, gw)
+        t0 = time.monotonic()
+        self.cluster.freeze(index)
+        backs, untouched = self.measure(clients, putter, t0, victim, gw, before, within=15)
+        closed = self.heldClosed()
+        self.cluster.thaw(index)
+        report(
+            "held.frozen-default-flags",
+            clients=len(clients),
+            spread=counts,
+            victim=victim,
+            back_s=[round(b, 2) for b in backs],
+            worst_s=round(max(backs), 2),
+            others_untouched=untouched,
+            held_closed=closed,
+        )
+        self.assertEqual(closed["silent"], counts[victim])
+        self.assertEqual(sum(closed.values()), counts[victim])
+        self.assertLessEqual(max(backs), 5.0)
+
