@@ -867,3 +867,62 @@ class FrozenDefaultFlagsTests(_HeldCase):
         self.assertEqual(sum(closed.values()), counts[victim])
         self.assertLessEqual(max(backs), 5.0)
 
+
+class AllFrozenTests(_HeldCase):
+    """
+    The default flags, every member frozen: nothing is cut (the cascade
+    guard keeps all but one "answering slowly", which is no place to move
+    clients to), the gateway lives on, and every client resumes on thaw.
+    """
+
+    FROZEN = 12
+
+    def test_allFrozen(self):
+        gw = self.gateway()
+        clients = self.heldClients(gw)
+        putter = self.putter(range(3))
+        time.sleep(1)
+        before = self.snapshot(clients, gw)
+        for i in range(3):
+            self.cluster.freeze(i)
+        time.sleep(self.FROZEN)
+        during = gatewayStatus(self.metrics)  # the gateway answers
+        silence = {e["endpoint"]: (e.get("silent"), e.get("slow")) for e in during["endpoints"]}
+        closed = self.heldClosed()
+        cut = self.snapshot(clients, gw)
+        t0 = time.monotonic()
+        for i in range(3):
+            self.cluster.thaw(i)
+        backs = {}
+
+        def allBack():
+            for i, (kind, client, _) in enumerate(clients):
+                if i in backs:
+                    continue
+                if kind == "watch":
+                    back = backAfter(client.values, putter.issued, t0)
+                else:
+                    back = answeredAfter(client.conns[0], t0)
+                if back is not None:
+                    backs[i] = back
+            return len(backs) == len(clients)
+
+        waitUntil(allBack, 30, interval=0.05, message="every client working after the thaw")
+        after = self.snapshot(clients, gw)
+        log = gw.log()
+        report(
+            "held.all-frozen",
+            clients=len(clients),
+            frozen_s=self.FROZEN,
+            silence=silence,
+            held_closed=closed,
+            connections_changed=sum(1 for b, a in zip(before, after) if b != a),
+            back_after_thaw_s=[round(backs[i], 2) for i in sorted(backs)],
+            worst_s=round(max(backs.values()), 2),
+        )
+        self.assertEqual(sum(closed.values()), 0, closed)
+        self.assertEqual(cut, before)
+        self.assertEqual(after, before)
+        self.assertTrue(gw.running())
+        self.assertNotIn("Traceback", log)
+        self.assertLessEqual(max(backs.values()), 10.0)
