@@ -14,9 +14,10 @@ bad member leaves those where they are; the registry moves them:
     notices at once and reconnects through the gateway, to a usable member.
     Paced: at most C{--held-close-rate} a second, in small jittered batches,
     so ten thousand watchers do not reconnect in the same millisecond.
-    Never while no other member is usable (fail open: a client cut with
-    nowhere to go is worse off); the closing resumes when one becomes
-    usable. A member that becomes usable again mid-way keeps what it still
+    Never while no other member is usable and answering normally (fail
+    open: a client cut with nowhere to go is worse off; a member the
+    cascade guard keeps in use although it answers no probe, "answering
+    slowly", is no place to go); the closing resumes when one is. A member that becomes usable again mid-way keeps what it still
     holds. Connections on usable members are never touched.
   - B{Rebalancing} (C{--rebalance}, opt-in): when the usable members of the
     preferred tier hold uneven shares of the held connections (after a
@@ -122,6 +123,10 @@ TICK = 0.1
 #: member by member, and the first one back should not get every client of
 #: the others, which are about to be back too.
 SETTLE = 5.0
+#: While the closing is held back and some member is usable but not
+#: answering normally (see L{ConnectionRegistry._answering}), how often it
+#: looks again, seconds.
+RECHECK = 0.5
 #: How often the spread of held connections is looked at, with
 #: C{--rebalance}.
 REBALANCE_CHECK = 5.0
@@ -252,6 +257,7 @@ class ConnectionRegistry(Service):
         self._rebalancing = None
         self._timer = None
         self._checkTimer = None
+        self._recheckTimer = None
         self._budget = 0.0
         self._last = None
         #: (time, connections closed) of the loop's turns of the last second.
@@ -312,10 +318,10 @@ class ConnectionRegistry(Service):
         super().stopService()
         self.monitor.unsubscribe(self._changed)
         self.pool.removeObserver(self._poolChanged)
-        for timer in (self._timer, self._checkTimer):
+        for timer in (self._timer, self._checkTimer, self._recheckTimer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._checkTimer = None
+        self._timer = self._checkTimer = self._recheckTimer = None
         for key in list(self._episodes):
             self._endEpisode(key, "the gateway is stopping")
         if self._rebalancing is not None:
@@ -363,8 +369,31 @@ class ConnectionRegistry(Service):
 
     def _otherUsable(self):
         """
-        Whether some member is usable (every member with an episode is
-        not): closing sends clients there.
+        Whether some member is usable and answering normally (every member
+        with an episode is not usable): closing sends clients there. One the
+        cascade guard keeps in use while it answers no probe ("answering
+        slowly") does not count: with every member quiet (all frozen, or
+        all slow) the guard keeps all but a few usable, and moving the
+        silent ones' clients onto those would cut clients for nothing
+        (fail open).
+        """
+        return any(self._answering(state) for state in self.pool.states())
+
+    def _answering(self, state):
+        """
+        Whether C{state}'s member is usable and answering normally: not
+        kept in use by the cascade guard ("answering slowly"), and not
+        between two verdicts after a missed probe (members frozen together
+        miss their probes a few hundred milliseconds apart: the first one
+        silent must not send its clients to the others meanwhile).
+        """
+        return state.usable and not state.slow and not self.monitor.changing(state.endpoint)
+
+    def _waitingForAnswers(self):
+        """
+        Whether some member is usable but not answering normally: its
+        verdict may change without any announcement (one missed probe, then
+        an answer), so the held-back closing looks again every L{RECHECK}.
         """
         return any(state.usable for state in self.pool.states())
 
@@ -440,17 +469,27 @@ class ConnectionRegistry(Service):
                 self._heldBack = True
                 for episode in self._episodes.values():
                     episode.waited = True
+                if self._recheckTimer is None and self._waitingForAnswers():
+                    self._recheckTimer = self.clock.callLater(RECHECK, self._recheck)
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
             self._last = None
             return
+        if self._recheckTimer is not None:
+            if self._recheckTimer.active():
+                self._recheckTimer.cancel()
+            self._recheckTimer = None
         if self._timer is None:
             settle = SETTLE if self._heldBack else 0.0
             jitter = self._random.uniform(0, self._period())
             self._timer = self.clock.callLater(settle + jitter, self._tick)
             self._last = self.clock.seconds() + settle
             self._budget = 0.0
+
+    def _recheck(self):
+        self._recheckTimer = None
+        self._schedule()
 
     def _tick(self):
         self._timer = None

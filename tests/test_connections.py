@@ -257,6 +257,127 @@ class CloseTests(RegistryCase):
         self.assertEqual(registry.closedBy["unhealthy"], 0)
         self.assertEqual([p.resetAt for p in onA], [None, None])
 
+    def quiet(self, *endpoints):
+        """
+        Every probe of C{endpoints} unanswered (they answered before):
+        silent or, over the cap, answering slowly.
+        """
+        for endpoint in (A, B, C):
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+        for endpoint in endpoints:
+            self.monitor.unanswered(endpoint, "no answer in 500ms")
+
+    def test_allQuietFailsOpen(self):
+        """
+        Every member quiet (all frozen): the cascade guard keeps all but one
+        "answering slowly", hence usable; the silent one's connections stay
+        (answering slowly, the others are no place to move clients to).
+        """
+        registry = self.registry()
+        held = [self.hold(registry, endpoint, 4) for endpoint in (A, B, C)]
+        self.quiet(A, B, C)
+        states = self.pool.states()
+        self.assertEqual(sorted((s.silent, s.slow) for s in states),
+                         [(False, True), (False, True), (True, False)])
+        self.wait(SETTLE * 2)
+        self.assertEqual(sum(registry.closedBy.values()), 0)
+        self.assertEqual(sum(1 for pairs in held for p in pairs if p.resetAt), 0)
+        self.assertEqual(self.events[0]["reason"], "silent")
+        # They answer again: the episode ends, nothing was closed.
+        for endpoint in (A, B, C):
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+        self.wait(1)
+        self.assertEqual(sum(1 for pairs in held for p in pairs if p.resetAt), 0)
+        self.assertEqual(sum(registry.closedBy.values()), 0)
+        ends = [e for e in self.events if "outcome" in e]
+        self.assertTrue(ends)
+        for end in ends:
+            self.assertIn("usable again", end["outcome"])
+            self.assertEqual(end["closed"], 0)
+        self.assertIn("held back", ends[0]["outcome"])
+
+    def test_frozenTogetherMissApart(self):
+        """
+        Members frozen together miss their probes a moment apart: the first
+        one silent does not send its clients to the others, which have
+        missed a probe already, before they turn slow too.
+        """
+        self.monitor.fall = 2
+        registry = self.registry()
+        onA = self.hold(registry, A, 4)
+        for endpoint in (A, B, C):
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+        for endpoint in (A, B, C):
+            self.monitor.unanswered(endpoint, "no answer in 500ms")
+        self.monitor.unanswered(A, "no answer in 500ms")
+        self.assertTrue(self.pool.stateOf(A).silent)
+        self.wait(2)
+        self.assertEqual([p.resetAt for p in onA], [None] * 4)
+        self.monitor.unanswered(B, "no answer in 500ms")
+        self.monitor.unanswered(C, "no answer in 500ms")
+        self.wait(SETTLE * 2)
+        self.assertEqual([p.resetAt for p in onA], [None] * 4)
+        self.assertEqual(sum(registry.closedBy.values()), 0)
+        for endpoint in (A, B, C):
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+
+    def test_missedOneThenAnswers(self):
+        """
+        The only other member missed one probe, then answers: no decision
+        is announced, and the held-back closing resumes by itself.
+        """
+        self.monitor.fall = 2
+        registry = self.registry()
+        onA = self.hold(registry, A, 2)
+        self.down(C)
+        for endpoint in (A, B):
+            self.monitor.answered(endpoint, "HTTP/1.1 200")
+            self.monitor.unanswered(endpoint, "no answer in 500ms")
+        self.monitor.unanswered(A, "no answer in 500ms")
+        self.wait(2)
+        self.assertEqual([p.resetAt for p in onA], [None] * 2)
+        self.monitor.answered(B, "HTTP/1.1 200")
+        answered = self.clock.seconds()
+        self.wait(SETTLE + 2)
+        self.assertTrue(all(p.resetAt is not None for p in onA))
+        self.assertGreaterEqual(min(p.resetAt for p in onA), answered + SETTLE)
+
+    def test_silentMovedToAnsweringMember(self):
+        """
+        One member silent, one answering slowly, one answering: the silent
+        one's connections are closed (the answering one takes them); the
+        slow one keeps its own.
+        """
+        registry = self.registry()
+        onA = self.hold(registry, A, 3)
+        onB = self.hold(registry, B, 3)
+        self.quiet(A, B)
+        self.assertEqual(
+            [(s.silent, s.slow) for s in self.pool.states()],
+            [(True, False), (False, True), (False, False)],
+        )
+        self.wait(1)
+        self.assertTrue(all(p.resetAt is not None for p in onA))
+        self.assertTrue(all(p.resetAt is None for p in onB))
+        self.assertEqual(registry.closedBy["silent"], 3)
+
+    def test_slowOthersThenOneAnswers(self):
+        """
+        Held back while the others answer only slowly; closed (after
+        settling) once one answers normally again.
+        """
+        registry = self.registry()
+        onA = self.hold(registry, A, 3)
+        self.quiet(A, B, C)
+        self.wait(SETTLE + 1)
+        self.assertEqual([p.resetAt for p in onA], [None] * 3)
+        self.monitor.answered(C, "HTTP/1.1 200")
+        back = self.clock.seconds()
+        self.wait(SETTLE + 1)
+        self.assertTrue(all(p.resetAt is not None for p in onA))
+        self.assertGreaterEqual(min(p.resetAt for p in onA), back + SETTLE)
+
     def test_removed(self):
         """A member that left the endpoint list: its connections are closed."""
         registry = self.registry()

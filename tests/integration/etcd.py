@@ -899,3 +899,105 @@ class ClusterTestMixin:
         state.remaining.discard(self._testMethodName)
         if not state.remaining:
             state.stop()
+
+
+class PeerPartition:
+    """
+    Cut member C{i} of C{cluster} off from its peers only (its client port
+    stays reachable): nft rules on loopback drop every packet to and from
+    its peer port, and every packet of the connections it dials to the
+    other members' peer ports (etcd's raft streams run both ways over the
+    connection the reader dials), both ways. The member's own connections
+    are told apart by its cgroup (v2): L{start} restarts the member inside a
+    cgroup of its own (children inherit the cgroup of the process that
+    forks them; a socket keeps the cgroup it was made in). Root only; the
+    rules' table, and the cgroup, are removed by L{stop}.
+    """
+
+    CGROUP2 = "/sys/fs/cgroup/unified"
+
+    def __init__(self, cluster, i):
+        self.cluster = cluster
+        self.i = i
+        name = f"etcdgw_peers_{os.getpid()}_{cluster.members[i].peerPort}"
+        self.table = name
+        self.cgroup = os.path.join(self.CGROUP2, name)
+        self.active = False
+
+    @classmethod
+    def require(cls):
+        """
+        Why this cannot run here (a message), or L{None}.
+        """
+        if shutil.which("nft") is None or os.geteuid() != 0:
+            return "needs nft and root"
+        if not os.path.exists(os.path.join(cls.CGROUP2, "cgroup.procs")):
+            return f"needs cgroup v2 at {cls.CGROUP2}"
+        return None
+
+    def isolateMember(self, timeout=30):
+        """
+        Restart the member inside its own cgroup (this process joins it
+        for the fork only), then wait for the cluster to be healthy.
+        """
+        os.makedirs(self.cgroup, exist_ok=True)
+        root = os.path.join(os.path.dirname(self.cgroup), "cgroup.procs")
+        with open("/proc/self/cgroup") as f:
+            mine = [line.split(":", 2)[2].strip() for line in f if line.startswith("0::")]
+        back = os.path.join(self.CGROUP2, mine[0].lstrip("/"), "cgroup.procs") if mine else root
+        with open(os.path.join(self.cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            self.cluster.restart(self.i, wait=False)
+        finally:
+            with open(back, "w") as f:
+                f.write(str(os.getpid()))
+        self.cluster.waitHealthy(timeout=timeout)
+
+    def start(self):
+        own = self.cluster.members[self.i].peerPort
+        others = ", ".join(
+            str(m.peerPort) for j, m in enumerate(self.cluster.members) if j != self.i
+        )
+        path = os.path.relpath(self.cgroup, "/sys/fs/cgroup")
+        rules = (
+            f"table inet {self.table} {{\n"
+            f"  chain output {{\n"
+            f"    type filter hook output priority 0; policy accept;\n"
+            f'    oifname "lo" tcp dport {own} drop\n'
+            f'    oifname "lo" tcp sport {own} drop\n'
+            f'    oifname "lo" socket cgroupv2 level 1 "{path}" tcp dport {{ {others} }} drop\n'
+            f"  }}\n"
+            f"  chain input {{\n"
+            f"    type filter hook input priority 0; policy accept;\n"
+            f'    iifname "lo" tcp sport {{ {others} }} socket cgroupv2 level 1 "{path}" drop\n'
+            f"  }}\n"
+            f"}}\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules.encode(), check=True)
+        self.active = True
+
+    def stop(self):
+        """
+        Remove the rules (the member stays in its cgroup until it stops).
+        """
+        if self.active:
+            subprocess.run(["nft", "delete", "table", "inet", self.table], check=False)
+            self.active = False
+
+    def cleanup(self):
+        self.stop()
+        if os.path.isdir(self.cgroup):
+            with open(os.path.join(self.cgroup, "cgroup.procs")) as f:
+                pids = f.read().split()
+            root = os.path.join(self.CGROUP2, "cgroup.procs")
+            for pid in pids:
+                try:
+                    with open(root, "w") as f:
+                        f.write(pid)
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self.cgroup)
+            except OSError:
+                pass
