@@ -23,7 +23,6 @@ import signal
 
 import attr
 from twisted.application.service import MultiService
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.logger import Logger
 
 from etcdgw import fast
@@ -37,7 +36,7 @@ from etcdgw.listen import (
     describeListenError,
     listenEndpoint,
 )
-from etcdgw.listenaddr import parseListenAddress
+from etcdgw.listenaddr import isResolved, parseListenAddress
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import GatewayFactory
 from etcdgw.sdnotify import SystemdNotifier, SystemdNotifyService, watchdogInterval
@@ -79,17 +78,6 @@ def failStart(message):
     log.critical("{message}", message=message)
     _stderrLine(f"etcd-gateway: error: {message}")
     raise StartError(message)
-
-
-def isResolved(address):
-    """
-    Whether the parsed listen address C{address} can be listened on as it
-    is: not a TCP address whose host is a name (or a scoped IPv6 literal).
-    L{etcdgw.tap.Options} keeps such a host as given; its
-    L{ListenerService} resolves it when it starts.
-    """
-    host = address.host
-    return not host or isIPAddress(host) or (isIPv6Address(host) and "%" not in host)
 
 
 class ListenerService(ListeningService):

@@ -10,6 +10,7 @@ addresses are L{etcdgw.listen}'s.
 import socket
 
 import attr
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 
 from etcdgw.endpoint import EndpointError, formatHostPort, splitHostPort
 
@@ -226,3 +227,14 @@ def _isIP(host):
         except OSError:
             pass
     return False
+
+
+def isResolved(address):
+    """
+    Whether the parsed listen address C{address} can be listened on as it
+    is: not a TCP address whose host is a name (or a scoped IPv6 literal).
+    L{etcdgw.tap.Options} keeps such a host as given; its
+    L{etcdgw.gateway.ListenerService} resolves it when it starts.
+    """
+    host = address.host
+    return not host or isIPAddress(host) or (isIPv6Address(host) and "%" not in host)

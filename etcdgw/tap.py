@@ -30,8 +30,15 @@ from etcdgw.config import (
 )
 from etcdgw.duration import DurationError, parseDuration
 from etcdgw.endpoint import EndpointError, parseEndpoints, splitHostPort
-from etcdgw.gateway import buildGateway, isResolved
-from etcdgw.listenaddr import ENDPOINT_TYPES, ListenAddress, ListenError, parseListenAddress, parseMode
+from etcdgw.gateway import buildGateway
+from etcdgw.listenaddr import (
+    ENDPOINT_TYPES,
+    ListenAddress,
+    ListenError,
+    isResolved,
+    parseListenAddress,
+    parseMode,
+)
 from etcdgw.pool import POLICIES
 from etcdgw.selfloop import SelfLoopError, checkSelfLoop
 from etcdgw.tlsfiles import TLSFileError, checkKeyPair, loadCertificates, readPEMFile
