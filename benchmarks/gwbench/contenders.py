@@ -70,10 +70,13 @@ class Contenders:
             time.sleep(0.2)
         raise BenchError("etcd member does not answer /version:\n" + tail(p.bench_log))
 
-    def command(self, name, listen, upstreams):
+    def command(self, name, listen, upstreams, etcd=True):
         """Command (and cwd, env) for contender `name` listening on `listen`,
         forwarding to the list of upstream ports; (None, None, None) if it cannot
-        take that many upstreams."""
+        take that many upstreams.  `etcd` says whether the upstreams are etcd
+        members: where they are not (iperf3, the idle holder, the firehose),
+        ours checks them as etcd's gateway and HAProxy do, by TCP only
+        (--health-check=tcp), since its default check asks GET /version."""
         a = self.args
         eps = ",".join("%s:%d" % (HOST, p) for p in upstreams)
         if name == "etcd":
@@ -100,17 +103,19 @@ class Contenders:
                    "--listen-addr=%s:%d" % (HOST, listen)]
             if name == "ours-w2":
                 cmd.append("--workers=2")
+            if not etcd:
+                cmd.append("--health-check=tcp")
             cmd.extend(a.ours_arg)
             return cmd, REPO, env
         raise BenchError("unknown contender " + name)
 
     @contextlib.contextmanager
-    def gateway(self, name, upstreams):
+    def gateway(self, name, upstreams, etcd=True):
         """Contender `name` forwarding to `upstreams`, listening and settled: yields
         (process, port), or (None, None) if it cannot take these upstreams.  Stopped
         on leaving the block, also when it failed to start."""
         listen = free_port()
-        cmd, cwd, env = self.command(name, listen, upstreams)
+        cmd, cwd, env = self.command(name, listen, upstreams, etcd)
         if cmd is None:
             yield None, None
             return

@@ -86,7 +86,7 @@ class Scenarios:
         a = self.args
         iport = free_port()
         with self._upstream("iperf3-server", [a.iperf3, "-s", "-p", str(iport)], iport), \
-                self.contenders.gateway(name, [iport]) as (gw, port):
+                self.contenders.gateway(name, [iport], etcd=False) as (gw, port):
             rc, out, cpu_s, load, other_cores = self._measured(
                 gw, "iperf3", [a.iperf3, "-c", HOST, "-p", str(port), "-t", str(a.bulk_seconds),
                                "-J"], a.bulk_seconds + 30)
@@ -112,7 +112,7 @@ class Scenarios:
         hport = free_port()
         socks = []
         with self._helper("holder", hport, "300") as holder, \
-                self.contenders.gateway(name, [hport]) as (gw, port):
+                self.contenders.gateway(name, [hport], etcd=False) as (gw, port):
             try:
                 time.sleep(0.5)
                 load = loadavg()
@@ -214,7 +214,7 @@ class Scenarios:
         cap = size / rate * 1.5 + 20
         fport = free_port()
         with self._helper("firehose", fport, size, cap + 10), \
-                self.contenders.gateway(name, [fport]) as (gw, port), \
+                self.contenders.gateway(name, [fport], etcd=False) as (gw, port), \
                 socket.socket() as s:
             time.sleep(0.5)
             rss0 = rss_kb(gw.pid)
