@@ -600,6 +600,28 @@ class EchoProcess:
         self.process.wait(10)
         shutil.rmtree(self.directory, ignore_errors=True)
 
+def synDroppingAddress(case):
+    """
+    C{host:port} of a listener whose accept queue is full (backlog 0, filled
+    by connections nobody accepts): Linux then drops new SYNs, as a member
+    with a full accept queue does. Closed at C{case}'s cleanup.
+    """
+    hole = socket.socket()
+    hole.bind((HOST, 0))
+    hole.listen(0)
+    filler = []
+    case.addCleanup(lambda: [s.close() for s in filler + [hole]])
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        filler.append(s)
+    time.sleep(0.2)
+    return f"{HOST}:{hole.getsockname()[1]}"
+
 
 def startGateway(case, endpoints, *args, gatewayClass=None, **kwargs):
     """

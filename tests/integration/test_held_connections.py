@@ -969,7 +969,7 @@ class LeaderlessTests(_HeldCase):
         for _, _, endpoint in clients:
             counts[endpoint] = counts.get(endpoint, 0) + 1
         self.assertGreaterEqual(counts.get(victim, 0), 2, counts)
-        putter = self.putter([i for i in range(3) if i != index])
+        self.putter([i for i in range(3) if i != index])  # events for the watchers
         time.sleep(1)
         before = self.snapshot(clients, gw)
         mine = [i for i, (_, _, e) in enumerate(clients) if e == victim]

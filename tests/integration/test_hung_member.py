@@ -42,6 +42,7 @@ from tests.integration.reliability_helpers import (
     gatewayStatus,
     report,
     startGateway,
+    synDroppingAddress,
 )
 
 KEY = base64.b64encode(b"hung/k").decode()
@@ -173,21 +174,7 @@ class HungMemberTests(ClusterTestMixin, TestCase):
         within about 2 s of the start, and no client waits a dial timeout
         on it after that.
         """
-        hole = socket.socket()
-        hole.bind((HOST, 0))
-        hole.listen(0)
-        filler = []
-        self.addCleanup(lambda: [s.close() for s in filler + [hole]])
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(hole.getsockname())
-            except BlockingIOError:
-                pass
-            filler.append(s)
-        time.sleep(0.2)
-        blackhole = f"{HOST}:{hole.getsockname()[1]}"
+        blackhole = synDroppingAddress(self)
         metrics = f"{HOST}:{freePort()}"
         gw = startGateway(self, blackhole + "," + self.cluster.endpoints, "--metrics-addr=" + metrics)
         silentAfter = waitFor(lambda: states(metrics)[blackhole]["silent"], 10)

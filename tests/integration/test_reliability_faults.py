@@ -29,6 +29,7 @@ from tests.integration.reliability_helpers import (
     report,
     scaled,
     startGateway,
+    synDroppingAddress,
     waitUntil,
 )
 
@@ -249,21 +250,7 @@ class FaultTests(ClusterTestMixin, TestCase):
         A member whose accept queue is full (SYNs dropped) costs the first
         client one --dial-timeout at most, and nothing after it is marked down.
         """
-        hole = socket.socket()
-        hole.bind((HOST, 0))
-        hole.listen(0)
-        filler = []
-        self.addCleanup(lambda: [s.close() for s in filler + [hole]])
-        for _ in range(4):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(hole.getsockname())
-            except BlockingIOError:
-                pass
-            filler.append(s)
-        time.sleep(0.2)
-        blackhole = f"{HOST}:{hole.getsockname()[1]}"
+        blackhole = synDroppingAddress(self)
         gw = startGateway(
             self,
             blackhole + "," + self.cluster.endpoints,
