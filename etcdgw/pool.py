@@ -116,7 +116,7 @@ class EndpointState:
     @ivar healthReason: why it has that health.
     @ivar clusterID: the etcd cluster ID the member reported, or L{None}.
     @ivar foreign: the member reported another cluster ID than the one the
-        gateway serves (L{etcdgw.etcdhealth.ClusterIdentity}): it is never
+        gateway serves (L{etcdgw.monitor.ClusterIdentity}): it is never
         picked.
     @ivar learned: the endpoint came from a member list, not from the
         configuration (C{--endpoints}, SRV): it never votes on the cluster ID
@@ -489,7 +489,7 @@ class UpstreamPool:
     def setIdentity(self, endpoint, clusterID, foreign, majority=None, proven=None):
         """
         Record the cluster ID C{endpoint} reported, and the verdict of
-        L{etcdgw.etcdhealth.ClusterIdentity}: C{foreign} (of another cluster
+        L{etcdgw.monitor.ClusterIdentity}: C{foreign} (of another cluster
         than the gateway's, C{majority}: never picked; logged at error level,
         once) and C{proven} (it reported C{majority}; by default, whether
         C{clusterID == majority}): a learned endpoint gets clients only once

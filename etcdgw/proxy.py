@@ -354,7 +354,7 @@ class GatewayFactory(Factory):
         @param monitor: the gateway's monitor (by default the pool's, for
             the old wiring: see L{etcdgw.monitor.legacyMonitor}).
         @param guard: the gateway's self-loop guard (by default one that
-            knows no listener until L{listeners} is set).
+            knows no listener).
         @param connections: the gateway's connection registry (by default
             one that only keeps count: it acts only once started as a
             service).
@@ -402,18 +402,6 @@ class GatewayFactory(Factory):
             self._lastRefusalLog = now
             self._unloggedRefusals = 0
         client.transport.loseConnection()
-
-    @property
-    def listeners(self):
-        """
-        The listeners of the self-loop guard (L{SelfLoopGuard.listeners}); set
-        by the old wiring, which builds no guard of its own.
-        """
-        return self.guard.listeners
-
-    @listeners.setter
-    def listeners(self, listeners):
-        self.guard.listeners = list(listeners)
 
     def starve(self, client):
         self.starved[client] = None

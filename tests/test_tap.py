@@ -698,7 +698,7 @@ class ListenerFlagsTests(SynchronousTestCase):
         web = gateway.service.getServiceNamed("metrics")
         self.assertIs(web, gateway.web)
         self.assertLessEqual(web.endpoint.maxConnections, 64)
-        self.assertEqual(gateway.factory.listeners, [gateway.listener, web])
+        self.assertEqual(gateway.guard.listeners, [gateway.listener, web])
         self.assertEqual(web.flag, "--metrics-addr")
 
     def test_listenMode(self):
