@@ -25,7 +25,7 @@ setup(
         "prometheus_client>=0.17",
     ],
     extras_require={
-        "test": ["hypothesis>=6.0"],
+        "test": ["hypothesis>=6.0", "grpcio>=1.50"],
     },
     classifiers=[
         "Framework :: Twisted",
