@@ -376,11 +376,36 @@ class EtcdProber:
         return d
 
     def _failed(self, reason, endpoint):
-        return CheckResult(
+        result = CheckResult(
             False,
             describeCheckFailure(reason),
             refused=bool(reason.check(error.ConnectionRefusedError)),
         )
+        if not reason.check(defer.TimeoutError, error.TimeoutError):
+            return result
+        return self._alive(endpoint, result)
+
+    def _alive(self, endpoint, result):
+        """
+        The health question timed out: is the member alive all the same?
+        etcd 3.4's C{/health} waits up to a second for a quorum read, so
+        during an election a live follower does not answer it within a
+        shorter C{--health-timeout}, exactly like a frozen member. Ask
+        C{/version}, which etcd serves from memory: any HTTP answer in time
+        means the member answers (slowly), so when no member is healthy the
+        pool's fallback (L{etcdgw.pool.UpstreamPool.pick}) prefers it to a
+        member that answers nothing at all.
+        """
+
+        def answered(answer):
+            return attr.evolve(
+                result, detail=f"{result.detail}; /version answered HTTP {answer[0]}",
+                answered=True,
+            )
+
+        d = self.client.request(endpoint, b"GET", "/version")
+        d.addCallbacks(answered, lambda _: result)
+        return d
 
 
 #: What the HTTP client wraps the reasons of a failed request in (each

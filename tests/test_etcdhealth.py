@@ -317,6 +317,41 @@ class ProberTests(SynchronousTestCase):
         self.assertEqual((result.healthy, result.refused), (False, True))
         self.assertEqual(result.detail, "connection refused")
 
+    def test_timeoutButAlive(self):
+        """
+        A member whose health question times out but whose /version answers
+        (a live follower during an election: etcd 3.4's /health waits up to
+        1s for a quorum read) is unhealthy but answered: the fallback
+        prefers it to a frozen member, which answers neither.
+        """
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): defer.TimeoutError(),
+                (b"GET", "/version"): (200, b'{"etcdserver":"3.4.23"}'),
+            }
+        )
+        result = self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual((result.healthy, result.answered), (False, True))
+        self.assertEqual(result.detail, "no answer in time; /version answered HTTP 200")
+
+    def test_timeoutAndSilent(self):
+        """A member that answers neither question has not answered."""
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): defer.TimeoutError(),
+                (b"GET", "/version"): defer.TimeoutError(),
+            }
+        )
+        result = self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual((result.healthy, result.answered), (False, False))
+        self.assertEqual(result.detail, "no answer in time")
+
+    def test_refusedAsksNothingMore(self):
+        """Only a timeout leads to the /version question."""
+        client = FakeClient({(b"GET", "/readyz"): error.ConnectionRefusedError()})
+        self.successResultOf(EtcdProber(client)(A))
+        self.assertEqual(client.asked, ["/readyz"])
+
     def test_noStatus(self):
         """Health still counts when the status call fails; the cluster ID is unknown."""
         client = FakeClient(
