@@ -276,7 +276,7 @@ class HungMemberTests(ClusterTestMixin, TestCase):
         silentSamples = slowSamples = mostSilent = 0
         thirdSilent = False
         try:
-            end = time.monotonic() + 20.0
+            end = time.monotonic() + 10.0
             while time.monotonic() < end:
                 now = states(self.metrics)
                 samples += 1
