@@ -299,7 +299,9 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         err = 0;
         sent = 0;
-        Py_BEGIN_ALLOW_THREADS
+        /* The GIL is kept: both calls are non-blocking (the reactor's
+         * sockets), and taking it back per event is a measurable share
+         * of a small request's cost. */
         n = recv(src, view.buf, (size_t)readSize, 0);
         if (n < 0) {
             err = errno;
@@ -313,7 +315,6 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     sent = -1;
             }
         }
-        Py_END_ALLOW_THREADS
         answer = NULL;
         if (n < 0) {
             if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) {
