@@ -112,7 +112,10 @@ class Contenders:
             if not etcd:
                 cmd.append("--health-check=tcp")
             cmd.extend(a.ours_arg)
-            return cmd, REPO, env
+            # python -m puts its working directory first on sys.path: ours-py
+            # runs from the directory of the stub, so the stub comes first
+            # (from REPO, REPO's built C step would).
+            return cmd, PURE_PYTHON if name == "ours-py" else REPO, env
         raise BenchError("unknown contender " + name)
 
     @contextlib.contextmanager
