@@ -56,8 +56,9 @@ maps first (L{detach}): the maps, the program and the redirect belong to
 this process. The successor puts it in its own maps.
 
 Where C{bpf(2)} fails (not root, an old kernel, seccomp, a kernel without
-sockmap) L{open} raises L{Unavailable} with the reason; the gateway then
-forwards with the copy path and says so in one line.
+sockmap) L{open} raises L{Unavailable} with the reason, in one line (the
+tests skip with it, or fail with it under CI; were the mode offered, the
+gateway would log it once and copy).
 """
 
 import ctypes
@@ -144,8 +145,7 @@ def _libcSyscall():
     number = _SYS_BPF.get(os.uname().machine)
     if number is None:
         raise Unavailable(f"bpf(2) number unknown on {os.uname().machine}")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    syscall = libc.syscall
+    syscall = _libc().syscall
     syscall.restype = ctypes.c_long
     syscall.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint)
 
