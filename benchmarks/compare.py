@@ -118,7 +118,7 @@ def main(argv=None):
         contenders = ["ours" if has_plugin else "twisted-portforward", "etcd", "haproxy"]
     tests = _names(a.tests, ALL_TESTS, "test")
     problems = check_tools(a, contenders, tests)
-    if ("ours" in contenders or "ours-w2" in contenders) and not has_plugin:
+    if {"ours", "ours-py", "ours-w2"} & set(contenders) and not has_plugin:
         problems.append("`%s -m twisted --help` does not list etcd-gateway: install the project "
                         "(pip install -e %s) or use --only etcd,haproxy,twisted-portforward"
                         % (a.python, REPO))

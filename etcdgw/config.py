@@ -222,6 +222,8 @@ class GatewayConfig:
     @ivar tls: the L{TLSFiles}.
     @ivar shutdownGrace: C{--shutdown-grace}, seconds.
     @ivar workers: the L{WorkersConfig}.
+    @ivar forward: C{--forward}: C{"copy"} (the only value offered; see
+        L{etcdgw.fast.kernel} for C{kernel}, refused).
     """
 
     source: SourceConfig
@@ -234,3 +236,4 @@ class GatewayConfig:
     tls: TLSFiles
     shutdownGrace: float
     workers: WorkersConfig
+    forward: str = "copy"

@@ -194,6 +194,25 @@ def _onOff(name):
     return convert
 
 
+def _forward(text):
+    """
+    The converter of C{--forward} (issue 16): C{copy}. C{kernel} (BPF
+    sockmap redirect, L{etcdgw.fast.kernel}) is refused: on Linux 6.18 it
+    lets a slow reader's writer fill kernel memory without bound, and wedges
+    a socket that had bytes queued when it joined the map (README, "Kernel
+    forwarding").
+    """
+    if text == "kernel":
+        raise usage.UsageError(
+            "--forward=kernel: not offered: the kernel's sockmap redirect does not slow "
+            "a writer for a slow reader (1 GiB went into kernel memory in 2.5 s); see "
+            "README, Kernel forwarding"
+        )
+    if text != "copy":
+        raise usage.UsageError(f"--forward: {_quoted(text)} is not copy or kernel")
+    return text
+
+
 def _maxConnections(text):
     """
     The converter of C{--max-connections}: a number from 1 to 999999999.
@@ -608,6 +627,15 @@ class Options(usage.Options):
             _duration("sync-interval"),
         ],
         [
+            "forward",
+            None,
+            "copy",
+            "How bytes go from one socket of a pair to the other: copy (through the "
+            "gateway: a C step, splice(2) for bulk). kernel (BPF sockmap redirect) is "
+            "refused: it does not keep backpressure (README, Kernel forwarding).",
+            _forward,
+        ],
+        [
             "shutdown-grace",
             None,
             "5s",
@@ -785,6 +813,7 @@ class Options(usage.Options):
             tls=TLSFiles(trustedCA, caCertificates, healthClient, discoveryClient),
             shutdownGrace=self["shutdown-grace"],
             workers=workers,
+            forward=self["forward"],
         )
 
     def _listen(self):

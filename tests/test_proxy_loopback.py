@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw.endpoint import Endpoint
 from etcdgw.fast import gate, relay, transport
@@ -593,4 +593,64 @@ class StockLoopbackTests(LoopbackTests):
 
     def setUp(self):
         self.patch(gate, "_decision", gate.Verdict("under test", ("the stock path under test",)))
+        return super().setUp()
+
+
+class LeanDispatchLoopbackTests(LoopbackTests):
+    """
+    The same with the gateway's lean dispatch on the reactor (as the
+    gateway runs): where the C step is built, the ready joined transports of
+    each epoll batch are served by its batch step (C{serve}, issue 16).
+    """
+
+    def setUp(self):
+        from etcdgw.fast import dispatch
+
+        if not dispatch.leanDispatch(reactor):
+            raise SkipTest("not the epoll reactor")
+        self.addCleanup(_twistedDispatch)
+        self.served = 0
+        serve = dispatch._serve
+        if serve is not None:
+
+            def counted(events, *args):
+                rest, answers = serve(events, *args)
+                self.served += len(events) - len(rest) - len(answers)
+                return rest, answers
+
+            self.patch(dispatch, "_serve", counted)
+        return super().setUp()
+
+    @defer.inlineCallbacks
+    def test_servedInOneCall(self):
+        """Where the C step is built, requests and answers are served by the batch step."""
+        if not relay.RELAY_IN_C:
+            raise SkipTest("the C step was not built")
+        client = yield self.connect()
+        upstream = yield self.upstream()
+        for i in range(20):
+            client.transport.write(b"request %d;" % i)
+            yield waitFor(lambda: b"".join(upstream.received).endswith(b"request %d;" % i))
+        client.transport.loseWriteConnection()
+        yield client.lost
+        self.assertGreater(self.served, 10)
+
+
+def _twistedDispatch():
+    """
+    Give the reactor Twisted's own dispatch back (leanDispatch sets its
+    own on the instance).
+    """
+    for name in ("doPoll", "doIteration"):
+        reactor.__dict__.pop(name, None)
+
+
+class LeanDispatchCopyOnlyLoopbackTests(LeanDispatchLoopbackTests):
+    """
+    The lean dispatch's batch step without splice: partial sends (answers
+    it leaves to Python) and the queue behind them.
+    """
+
+    def setUp(self):
+        self.patch(transport, "SPLICE", False)
         return super().setUp()

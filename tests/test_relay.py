@@ -188,6 +188,154 @@ class CRelayTests(RelayTestsMixin, TestCase):
         self.assertTrue(relayModule.RELAY_IN_C)
         self.assertIs(relayModule.relay, self.relay)
         self.assertIs(transport._relay, self.relay)
+        self.assertIsNotNone(relayModule.serve)
+
+
+class _Count:
+    def __init__(self):
+        self.n = 0
+
+
+class FakeFast:
+    """
+    What the batch step (serve) reads of a joined transport and of its
+    target (the attributes of etcdgw.fast.transport.FastTransport).
+    """
+
+    def __init__(self, fd, target=None):
+        self._fd = fd
+        self._target = target
+        self._pipe = None
+        self._count = _Count()
+        self._tempDataLen = 0
+        self.dataBuffer = b""
+        self.disconnecting = 0
+        self._writeDisconnecting = False
+        self.connected = 1
+        self._pipeSource = None
+        self._pipeBytes = 0
+
+
+class ServeTests(CRelayTests):
+    """
+    The batch step (serve in _relay.c, used by etcdgw.fast.dispatch) gives
+    the same answers as relay for a served transport (the contract tests
+    above, run through it), and leaves to Python every event it may not
+    serve, on the same conditions as transport._maySendNow.
+    """
+
+    def setUp(self):
+        super().setUp()
+        import _etcdgw_relay
+
+        self.serve = _etcdgw_relay.serve
+        self.target = FakeFast(self.dst.fileno())
+        self.source = FakeFast(self.src.fileno(), self.target)
+
+    def served(self, events, selectables=None, fastType=FakeFast):
+        if selectables is None:
+            selectables = {self.src.fileno(): self.source}
+        return self.serve(
+            events, selectables, relayModule.buffer, fastType, relayModule.READ_SIZE
+        )
+
+    def step(self):
+        before = self.source._count.n
+        rest, answers = self.served([(self.src.fileno(), 1)])
+        self.assertEqual(rest, [])
+        if answers:
+            ((transport, target, answer),) = answers
+            self.assertEqual((transport, target), (self.source, self.target))
+            if isinstance(answer, OSError):
+                raise answer
+            return answer
+        return (self.source._count.n - before) or None
+
+    def test_notADescriptor(self):
+        """A closed descriptor: the OSError is the answer, not a crash."""
+        fd = os.dup(self.src.fileno())
+        os.close(fd)
+        self.source._fd = fd
+        self.assertRaises(OSError, self.step)
+
+    def assertLeft(self, events, **kwargs):
+        """C{events} are all left to Python, untouched; nothing read."""
+        self.client.sendall(b"data")
+        rest, answers = self.served(events, **kwargs)
+        self.assertEqual((rest, answers), (events, []))
+        self.assertEqual(self.source._count.n, 0)
+
+    def test_otherEventsLeft(self):
+        """Writes, hang-ups, errors, unknown descriptors and other types are left."""
+        fd = self.src.fileno()
+        self.assertLeft([(fd, 4), (fd, 1 | 16), (fd, 8)])
+        self.assertLeft([(fd + 1000, 1)])
+        self.assertLeft([(fd, 1)], fastType=_Count)
+        self.assertLeft([(fd, 1)], selectables={fd: object()})
+
+    def test_unjoinedOrSplicingLeft(self):
+        """A transport not joined, or splicing, is left (doRead copies or splices)."""
+        self.source._target = None
+        self.assertLeft([(self.src.fileno(), 1)])
+        self.source._target = self.target
+        self.source._pipe = (5, 6)
+        self.assertLeft([(self.src.fileno(), 1)])
+
+    def test_maySendNowAsPython(self):
+        """
+        Each condition that makes transport._maySendNow say no makes the
+        batch step leave the event; with none, both say yes.
+        """
+        pipeSource = FakeFast(-1)
+        pipeSource._pipeBytes = 10
+        for name, value in [
+            ("_tempDataLen", 3),
+            ("dataBuffer", b"queued"),
+            ("disconnecting", 1),
+            ("_writeDisconnecting", True),
+            ("connected", 0),
+            ("_pipeSource", pipeSource),
+        ]:
+            self.target = FakeFast(self.dst.fileno())
+            self.source._target = self.target
+            setattr(self.target, name, value)
+            self.assertFalse(transport._maySendNow(self.target), name)
+            self.assertLeft([(self.src.fileno(), 1)])
+        self.target = FakeFast(self.dst.fileno())
+        self.target._pipeSource = FakeFast(-1)  # a pipe into it, empty
+        self.source._target = self.target
+        self.assertTrue(transport._maySendNow(self.target))
+        self.client.sendall(b"abc")
+        self.assertEqual(self.stepUntilAnswer(), 6 * len(b"data") + 3)  # all that waited
+
+    def test_bulkReadAnswered(self):
+        """A read that fills the buffer is answered (doRead starts splicing), not counted."""
+        self.client.sendall(b"b" * (4 * relayModule.READ_SIZE))
+        for _ in range(100):
+            rest, answers = self.served([(self.src.fileno(), 1)])
+            if answers:
+                break
+        ((_, _, answer),) = answers
+        self.assertEqual(answer, relayModule.READ_SIZE)
+        self.assertEqual(self.source._count.n, 0)
+
+    def test_manyInOneCall(self):
+        """Several ready transports of one batch are served in one call, in order."""
+        client2, src2 = _tcpPair()
+        dst2, member2 = _tcpPair()
+        for sock in (client2, src2, dst2, member2):
+            self.addCleanup(sock.close)
+        source2 = FakeFast(src2.fileno(), FakeFast(dst2.fileno()))
+        self.client.sendall(b"one")
+        client2.sendall(b"two!")
+        selectables = {self.src.fileno(): self.source, src2.fileno(): source2}
+        for _ in range(100):
+            self.served([(self.src.fileno(), 1), (src2.fileno(), 1)], selectables)
+            if self.source._count.n and source2._count.n:
+                break
+        self.assertEqual((self.source._count.n, source2._count.n), (3, 4))
+        self.assertEqual(_readAll(self.member, 3), b"one")
+        self.assertEqual(_readAll(member2, 4), b"two!")
 
 
 class StaleBuildTests(TestCase):
@@ -210,12 +358,13 @@ class StaleBuildTests(TestCase):
             if contract is not None:
                 stale.CONTRACT = contract
             sys.modules["_etcdgw_relay"] = stale
-            self.assertIs(relayModule._load(), relayModule._relayPython)
+            self.assertEqual(relayModule._load(), (relayModule._relayPython, None))
         current = types.ModuleType("_etcdgw_relay")
         current.relay = lambda src, dst, buffer: None
+        current.serve = lambda *args: None
         current.CONTRACT = relayModule.CONTRACT
         sys.modules["_etcdgw_relay"] = current
-        self.assertIs(relayModule._load(), current.relay)
+        self.assertEqual(relayModule._load(), (current.relay, current.serve))
 
 
 class FakePipeTransport:

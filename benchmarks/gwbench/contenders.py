@@ -1,6 +1,7 @@
 """The processes compared: one real etcd member upstream, and each contender
-(ours, ours with two workers, etcd's gateway, HAProxy, Twisted's portforward)
-started in front of given upstream ports."""
+(ours, ours in pure Python, ours with two workers, etcd's gateway, HAProxy,
+Twisted's portforward, and "direct": no proxy, the client straight to the
+upstream) started in front of given upstream ports."""
 
 import contextlib
 import os
@@ -10,7 +11,10 @@ import time
 from gwbench import HOST, REPO, BenchError
 from gwbench.processes import free_port, http_get_version, tail, wait_listening
 
-ALL_CONTENDERS = ("ours", "ours-w2", "etcd", "haproxy", "twisted-portforward")
+ALL_CONTENDERS = ("ours", "ours-py", "ours-w2", "etcd", "haproxy", "twisted-portforward",
+                  "direct")
+#: Put first on PYTHONPATH for "ours-py": hides the C forwarding step.
+PURE_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "purepython")
 
 HAPROXY_CFG = """\
 global
@@ -98,7 +102,9 @@ class Contenders:
             return [a.python, "-m", "twisted", "portforward",
                     "--port=tcp:%d:interface=%s" % (listen, HOST),
                     "--host=" + HOST, "--dest_port=%d" % upstreams[0]], REPO, env
-        if name in ("ours", "ours-w2"):
+        if name == "ours-py":
+            env["PYTHONPATH"] = PURE_PYTHON + os.pathsep + env["PYTHONPATH"]
+        if name in ("ours", "ours-py", "ours-w2"):
             cmd = [a.python, "-m", "twisted", "etcd-gateway", "--endpoints=" + eps,
                    "--listen-addr=%s:%d" % (HOST, listen)]
             if name == "ours-w2":
@@ -106,7 +112,10 @@ class Contenders:
             if not etcd:
                 cmd.append("--health-check=tcp")
             cmd.extend(a.ours_arg)
-            return cmd, REPO, env
+            # python -m puts its working directory first on sys.path: ours-py
+            # runs from the directory of the stub, so the stub comes first
+            # (from REPO, REPO's built C step would).
+            return cmd, PURE_PYTHON if name == "ours-py" else REPO, env
         raise BenchError("unknown contender " + name)
 
     @contextlib.contextmanager
@@ -114,6 +123,19 @@ class Contenders:
         """Contender `name` forwarding to `upstreams`, listening and settled: yields
         (process, port), or (None, None) if it cannot take these upstreams.  Stopped
         on leaving the block, also when it failed to start."""
+        if name == "direct":
+            # No proxy: the tools go straight to the upstream; a process
+            # that does nothing stands in for the gateway (its CPU and
+            # memory are nil). One upstream only (not the SYN test).
+            if len(upstreams) != 1:
+                yield None, None
+                return
+            p = self.procs.start("direct", ["sleep", "100000"])
+            try:
+                yield p, upstreams[0]
+            finally:
+                self.procs.stop(p)
+            return
         listen = free_port()
         cmd, cwd, env = self.command(name, listen, upstreams, etcd)
         if cmd is None:

@@ -18,6 +18,14 @@ one client must never close the port every later client needs.) It also
 takes at most L{MAX_EVENTS} events per turn, where Twisted asks for (and
 allocates room for) one per open descriptor.
 
+Where the C forwarding step is built, every event of a batch that is data
+to read on a joined fast transport whose target may be sent to now is
+served in one call into C (C{serve} in C{_relay.c}, issue 16): the
+interpreter runs nothing for it; what C leaves (every other event, and the
+answers that need the transport: end of stream, bulk, a partial or failed
+send, a receive error) is handled here as before, the answers by
+C{FastTransport._relayed}, what C{doRead} does with them.
+
 L{_doPoll} is a copy of C{twisted.internet.epollreactor.EPollReactor.doPoll}
 (Twisted 25.5 to 26.x) and must stay in step with it and with
 C{posixbase._PollLikeMixin._doReadOrWrite}, whose handling of a read it
@@ -40,6 +48,9 @@ _log = Logger(namespace="etcdgw.fast.dispatch")
 _IN = select.EPOLLIN
 #: At most this many ready descriptors are taken from one epoll_wait.
 MAX_EVENTS = 1024
+#: The C batch step and what it needs (set by leanDispatch; None: every
+#: event through Python).
+_serve = _buffer = _FastTransport = _READ_SIZE = None
 
 
 def _doPoll(self, timeout):
@@ -56,6 +67,16 @@ def _doPoll(self, timeout):
         raise
     selectables = self._selectables
     dispatch = self._doReadOrWrite
+    if _serve is not None and events:
+        events, answers = _serve(events, selectables, _buffer, _FastTransport, _READ_SIZE)
+        for transport, target, answer in answers:
+            try:
+                why = transport._relayed(target, answer)
+            except BaseException as e:
+                log.err(None, "Unhandled error in doRead")
+                why = e
+            if why:
+                self._disconnectSelectable(transport, why, True)
     for fd, event in events:
         selectable = selectables.get(fd)
         if selectable is None:
@@ -107,5 +128,10 @@ def leanDispatch(reactor):
         return False
     if type(reactor) is not EPollReactor:
         return False
+    global _serve, _buffer, _FastTransport, _READ_SIZE
+    from etcdgw.fast import relay, transport
+
+    _serve, _buffer, _READ_SIZE = relay.serve, relay.buffer, relay.READ_SIZE
+    _FastTransport = transport.FastTransport
     reactor.doPoll = reactor.doIteration = types.MethodType(_doPoll, reactor)
     return True

@@ -20,7 +20,7 @@ buffer = bytearray(READ_SIZE)
 view = memoryview(buffer)
 _buffers = (buffer,)
 #: The C module's answers this module expects (see CONTRACT in _relay.c).
-CONTRACT = 2
+CONTRACT = 3
 #: send(2) errors that mean "no room now", not a broken connection (as
 #: Twisted's own write path counts them: EWOULDBLOCK and ENOBUFS).
 _NO_ROOM = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ENOBUFS))
@@ -57,12 +57,15 @@ def _load():
     try:
         import _etcdgw_relay
     except ImportError:
-        return _relayPython
+        return _relayPython, None
     if getattr(_etcdgw_relay, "CONTRACT", None) != CONTRACT:
-        return _relayPython  # a build of older sources: its answers differ
-    return _etcdgw_relay.relay
+        return _relayPython, None  # a build of older sources: its answers differ
+    return _etcdgw_relay.relay, _etcdgw_relay.serve
 
 
-relay = _load()
+relay, serve = _load()
 #: Whether the forwarding step runs in C.
 RELAY_IN_C = relay is not _relayPython
+#: serve(events, selectables, buffer, fastType, readSize): the forwarding
+#: step for every ready joined transport of one epoll batch, in C (see
+#: _relay.c; etcdgw.fast.dispatch uses it); None where C was not built.

@@ -168,6 +168,16 @@ class FastTransport:
             r = _relay(self._fd, target._fd, _buffer)
         except OSError:
             return main.CONNECTION_LOST
+        return self._relayed(target, r)
+
+    def _relayed(self, target, r):
+        """
+        What C{doRead} does with the forwarding step's answer C{r} (also
+        given the answers the lean dispatch's batch step, C{serve} in
+        _relay.c, leaves to Python: an OSError there is a lost connection).
+
+        @return: what C{doRead} returns.
+        """
         if r.__class__ is int:
             if not r:
                 self._eof = True
@@ -178,6 +188,8 @@ class FastTransport:
             return None
         if r is None:
             return None
+        if isinstance(r, OSError):
+            return main.CONNECTION_LOST
         n, sent = r
         if sent < 0:
             target._sendFailed()  # what arrived goes down with it
