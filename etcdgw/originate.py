@@ -276,10 +276,13 @@ def _memberTransportClasses():
         return _classes
     from twisted.internet import tcp
 
+    from etcdgw.fast.relay import buffer as _buffer
     from etcdgw.fast.relay import view as _view
     from etcdgw.fast.transport import GatewayClient, GatewayConnector
 
-    limit = len(_view) - 16384  # a read always has room for a whole record
+    #: A TLS record holds at most this much (2**14 bytes).
+    record = 16384
+    limit = len(_view) - record  # a read always has room for a whole record
 
     class TLSMemberClient(GatewayClient):
         """
@@ -288,14 +291,20 @@ def _memberTransportClasses():
         socket (the bytes differ on each side): what it reads and decrypts
         goes to L{sinkTo}'s write (the client transport's), what the client
         sends comes through L{write}.
+
+        Once the handshake is done, reads and writes call the stdlib
+        socket's SSL object (C{SSLSocket._sslobj}, CPython's C object: one
+        call each way, no Python wrapper), as C{SSLSocket.recv_into} and
+        C{send} do after their checks; where a Python has no such object,
+        the socket's own methods.
         """
 
-        __slots__ = ("_tls", "_handshake", "_sink")
+        __slots__ = ("_tls", "_ssl", "_handshake", "_sink")
         portable = False
         originated = True
 
         def __init__(self, *args, **kwargs):
-            self._tls = self._handshake = self._sink = None
+            self._tls = self._ssl = self._handshake = self._sink = None
             super().__init__(*args, **kwargs)
 
         # The handshake
@@ -343,6 +352,7 @@ def _memberTransportClasses():
                 self._handshakeFailed(TLSHandshakeError(e.strerror or str(e)))
                 return
             d, self._handshake = self._handshake, None
+            self._ssl = getattr(self._tls, "_sslobj", None) or self._tls
             self.startReading()
             if self.dataBuffer or self._tempDataLen:
                 self.startWriting()
@@ -366,30 +376,35 @@ def _memberTransportClasses():
         # Reading
 
         def doRead(self):
-            if self._tls is None:
+            tls = self._ssl
+            if tls is None:
+                if self._handshake is not None:
+                    self._handshakeStep()
+                    return None
                 return super().doRead()  # before TLS: nothing is expected
-            if self._handshake is not None:
-                self._handshakeStep()
-                return None
-            tls = self._tls
+            # One record per read (at most 2**14 bytes): a short one means
+            # nothing more was there a moment ago (epoll says when more
+            # comes); full ones are read on, into the same buffer, so bulk
+            # data goes to the client in large writes.
             read = 0
             done = None
-            while read < limit:
-                try:
-                    n = tls.recv_into(_view[read:])
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    break
-                except ssl.SSLError:
-                    done = main.CONNECTION_LOST
-                    break
-                except OSError:
-                    done = main.CONNECTION_LOST
-                    break
-                if not n:
-                    self._eof = True
-                    done = main.CONNECTION_DONE
-                    break
-                read += n
+            try:
+                while True:
+                    n = tls.read(record, _view[read:])
+                    if not n:
+                        self._eof = True
+                        done = main.CONNECTION_DONE
+                        break
+                    read += n
+                    if n < record or read > limit:
+                        break
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                self._eof = True
+                done = main.CONNECTION_DONE
+            except OSError:
+                done = main.CONNECTION_LOST
             if read:
                 sink = self._sink
                 if sink is not None:
@@ -402,11 +417,19 @@ def _memberTransportClasses():
         # Writing
 
         def write(self, data):
-            if self._handshake is not None or self._tls is None or not _mayWrite(self):
+            tls = self._ssl
+            if (
+                tls is None
+                or self._tempDataLen
+                or self.dataBuffer
+                or self.disconnecting
+                or self._writeDisconnecting
+                or not self.connected
+            ):
                 tcp.Connection.write(self, bytes(data))
                 return
             try:
-                sent = self._tls.send(data)
+                sent = tls.write(data)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
             except OSError:
@@ -421,7 +444,7 @@ def _memberTransportClasses():
             # Never cut to SEND_LIMIT: a write OpenSSL asked to retry must
             # be retried with the same bytes, or more.
             try:
-                return self._tls.send(data)
+                return self._ssl.write(data)
             except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 return 0
             except OSError:
@@ -431,7 +454,7 @@ def _memberTransportClasses():
             if self._handshake is not None:
                 self._handshakeStep()
                 return None
-            if self._tls is None:
+            if self._ssl is None:
                 return super().doWrite()
             return tcp.Connection.doWrite(self)
 
@@ -456,7 +479,7 @@ def _memberTransportClasses():
             raise RuntimeError("a TLS member connection cannot be joined socket to socket")
 
         def connectionLost(self, reason):
-            self._sink = None
+            self._sink = self._ssl = None
             d, self._handshake = self._handshake, None
             if d is not None:
                 d.errback(
@@ -464,25 +487,68 @@ def _memberTransportClasses():
                 )
             return super().connectionLost(reason)
 
+    class TLSClientSide:
+        """
+        Mixin for a client connection (a L{GatewayServer}, or a subclass of
+        it: the listener's counted one) whose member side is TLS: what
+        it reads goes to the member transport's C{write} (which encrypts and
+        sends it), without the protocols: C{FastTransport._copyRead} for a
+        joined transport, minus the relay step, which cannot encrypt. A
+        client transport becomes one when it is joined (its class is
+        swapped: the same slots, no state of its own); its protocol still
+        hears of half-closes and closes. Must stay in step with
+        C{FastTransport.doRead}/C{_copyRead}.
+        """
+
+        __slots__ = ()
+
+        def doRead(self):
+            try:
+                n = self.socket.recv_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError:
+                return main.CONNECTION_LOST
+            if not n:
+                self._eof = True
+                return main.CONNECTION_DONE
+            target = self._target
+            if target is None:
+                self.protocol.dataReceived(_view[:n])
+            else:
+                self._count.n += n
+                target.write(_view[:n])
+            return None
+
     class TLSMemberConnector(GatewayConnector):
         def _makeTransport(self):
             return TLSMemberClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
-    _classes = (TLSMemberClient, TLSMemberConnector)
+    _classes = (TLSMemberClient, TLSMemberConnector, TLSClientSide)
     return _classes
 
 
 _classes = None
+_clientSides = {}
 
 
-def _mayWrite(transport):
-    return not (
-        transport._tempDataLen
-        or transport.dataBuffer
-        or transport.disconnecting
-        or transport._writeDisconnecting
-        or not transport.connected
-    )
+def _clientSide(cls):
+    """
+    The class a client transport of class C{cls} becomes once joined to a
+    TLS member transport (see C{TLSClientSide}), made once per class; or
+    L{None} when C{cls} is not one of the fast path's (it then reads
+    through its protocol, as Twisted's own transports do).
+    """
+    made = _clientSides.get(cls)
+    if made is None and cls not in _clientSides:
+        from etcdgw.fast.transport import GatewayServer
+
+        mixin = _memberTransportClasses()[2]
+        made = None
+        if issubclass(cls, GatewayServer):
+            made = type("TLSJoined" + cls.__name__, (mixin, cls), {"__slots__": ()})
+        _clientSides[cls] = made
+    return made
 
 
 def _sslText(e):
@@ -726,6 +792,11 @@ class OriginatingClient(ClientProtocol):
             from etcdgw.fast import writerFor
 
             member.sinkTo(writerFor(self.transport), state.fromUpstream)
+            client = self.transport
+            clientSide = _clientSide(type(client))
+            if clientSide is not None and client._target is None:
+                client.__class__ = clientSide
+                client._target, client._count = member, state.toUpstream
         else:
             from etcdgw.fast import writerFor
 
