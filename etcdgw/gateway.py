@@ -314,7 +314,7 @@ def buildGateway(config, reactor=None):
         maxSilentShare=config.health.maxSilentShare,
     )
     guard = SelfLoopGuard(config.listen.address)
-    probe = guardedProbe(guard)
+    probe = guardedProbe(guard)  # in originate mode, a TLS handshake (_originate)
     connections = _connectionRegistry(config, pool, monitor, reactor)
     gateway = Gateway(
         reactor=reactor,
@@ -333,7 +333,7 @@ def buildGateway(config, reactor=None):
         config=config,
         ownProcess=ownProcess,
     )
-    _originate(gateway)
+    probe = _originate(gateway) or probe
     gateway.service = GatewayService(gateway.startUp)
     _attach(gateway, "connections", connections)
     clients, operator = _connectionCaps(config.listen.maxConnections)
@@ -417,11 +417,14 @@ def _originate(gateway):
     """
     C{--upstream-tls=originate}: the one L{etcdgw.originate.UpstreamTLS},
     and client connections that originate TLS to their member.
+
+    @return: the probe of members that are down and of SIGHUP (a TLS
+        handshake), or L{None} when not originating.
     """
     settings = gateway.config.upstreamTLS
     if not settings.originate:
-        return
-    from etcdgw.originate import OriginatingClient
+        return None
+    from etcdgw.originate import OriginatingClient, tlsProbe
 
     gateway.upstreamTLS = settings.settings()
     gateway.factory.protocol = OriginatingClient
@@ -439,6 +442,7 @@ def _originate(gateway):
             "certificate, any name): anyone on the path to a member can read and change "
             "every request; never use this in production"
         )
+    return tlsProbe(gateway.upstreamTLS, gateway.guard)
 
 
 def _announceEndpoints(endpoints, originate=False):

@@ -33,6 +33,7 @@ import socket
 import ssl
 import tempfile
 
+from OpenSSL import SSL
 from twisted.internet import defer, error, main
 from twisted.internet.interfaces import (
     IHandshakeListener,
@@ -40,12 +41,14 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from etcdgw.dial import dial
+from etcdgw.dial import connected, dial
 from etcdgw.proxy import ClientProtocol, UpstreamProtocol
+from etcdgw.selfloop import SelfLoopError
 from etcdgw.tls import ClientTLS, TLSHandshakeError, TLSSettingsError
 from etcdgw.verify import CertificateRefused
 
@@ -167,8 +170,12 @@ class UpstreamTLS:
         self.client = client
         self.insecure = insecure
         self._read = read
+        #: SIGHUP reloads taken, and refused (a bad file).
         self.reloads = 0
         self.refusedReloads = 0
+        #: Forwarded connections' handshakes that failed (refused
+        #: certificates, alerts, timeouts): each a failed dial.
+        self.handshakeFailures = 0
         self._current = _Settings(*self._bytes(ca, client), insecure)
 
     @staticmethod
@@ -276,8 +283,10 @@ def _memberTransportClasses():
         return _classes
     from twisted.internet import tcp
 
+    from etcdgw.fast.relay import _NO_ROOM
     from etcdgw.fast.relay import buffer as _buffer
     from etcdgw.fast.relay import view as _view
+    from etcdgw.fast.transport import _maySendNow
     from etcdgw.fast.transport import GatewayClient, GatewayConnector
 
     #: A TLS record holds at most this much (2**14 bytes).
@@ -299,12 +308,13 @@ def _memberTransportClasses():
         the socket's own methods.
         """
 
-        __slots__ = ("_tls", "_ssl", "_handshake", "_sink")
+        __slots__ = ("_tls", "_ssl", "_handshake", "_sink", "_sinkFast")
         portable = False
         originated = True
 
         def __init__(self, *args, **kwargs):
             self._tls = self._ssl = self._handshake = self._sink = None
+            self._sinkFast = False
             super().__init__(*args, **kwargs)
 
         # The handshake
@@ -365,12 +375,13 @@ def _memberTransportClasses():
             d.errback(Failure(exception))
             self.abortConnection()
 
-        def sinkTo(self, write, count):
+        def sinkTo(self, client, count):
             """
-            Hand what this connection reads (decrypted) to C{write} (the
-            client transport's), adding its size to C{count}.
+            Hand what this connection reads (decrypted) to the transport
+            C{client}, adding its size to C{count}.
             """
-            self._sink = write
+            self._sink = client
+            self._sinkFast = getattr(client, "fast", False)
             self._count = count
 
         # Reading
@@ -389,15 +400,13 @@ def _memberTransportClasses():
             read = 0
             done = None
             try:
-                while True:
+                read = n = tls.read(record, _buffer)
+                while n == record and read <= limit:
                     n = tls.read(record, _view[read:])
-                    if not n:
-                        self._eof = True
-                        done = main.CONNECTION_DONE
-                        break
                     read += n
-                    if n < record or read > limit:
-                        break
+                if not n:
+                    self._eof = True
+                    done = main.CONNECTION_DONE
             except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 pass
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -405,13 +414,26 @@ def _memberTransportClasses():
                 done = main.CONNECTION_DONE
             except OSError:
                 done = main.CONNECTION_LOST
-            if read:
-                sink = self._sink
-                if sink is not None:
-                    self._count.n += read
-                    sink(_view[:read])
-                else:
-                    self.protocol.dataReceived(_view[:read])
+            if not read:
+                return done
+            client = self._sink
+            if client is None:
+                self.protocol.dataReceived(_view[:read])
+                return done
+            self._count.n += read
+            if self._sinkFast and _maySendNow(client):
+                # FastTransport.write, inlined: send at once, queue the rest.
+                try:
+                    sent = client.socket.send(_view[:read])
+                except OSError as e:
+                    if e.errno not in _NO_ROOM:
+                        client._sendFailed()
+                        return done
+                    sent = 0
+                if sent < read:
+                    tcp.Connection.write(client, bytes(_view[sent:read]))
+            else:
+                client.write(bytes(_view[:read]))
             return done
 
         # Writing
@@ -515,9 +537,29 @@ def _memberTransportClasses():
             target = self._target
             if target is None:
                 self.protocol.dataReceived(_view[:n])
-            else:
-                self._count.n += n
+                return None
+            self._count.n += n
+            tls = target._ssl
+            if (
+                tls is None
+                or target._tempDataLen
+                or target.dataBuffer
+                or target.disconnecting
+                or target._writeDisconnecting
+                or not target.connected
+            ):
                 target.write(_view[:n])
+                return None
+            # TLSMemberClient.write, inlined.
+            try:
+                sent = tls.write(_view[:n])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError:
+                target._sendFailed()
+                return None
+            if sent < n:
+                tcp.Connection.write(target, bytes(_view[sent:n]))
             return None
 
     class TLSMemberConnector(GatewayConnector):
@@ -768,6 +810,8 @@ class OriginatingClient(ClientProtocol):
                     outcome = Failure(
                         TLSHandshakeError("the member closed the connection in the handshake")
                     )
+                if outcome.check(CertificateRefused, TLSHandshakeError, SSL.Error):
+                    tls.handshakeFailures += 1
                 if not result.called:
                     result.errback(outcome)
                 return None
@@ -789,9 +833,7 @@ class OriginatingClient(ClientProtocol):
         if getattr(member, "originated", False):
             self._write = member.write
             upstream._write = None
-            from etcdgw.fast import writerFor
-
-            member.sinkTo(writerFor(self.transport), state.fromUpstream)
+            member.sinkTo(self.transport, state.fromUpstream)
             client = self.transport
             clientSide = _clientSide(type(client))
             if clientSide is not None and client._target is None:
@@ -813,3 +855,86 @@ class OriginatingClient(ClientProtocol):
         else:
             self.transport.resumeProducing()
 
+
+
+# Probes: a TLS handshake, as the forwarded connections make it.
+
+
+@implementer(IHandshakeListener)
+class _TLSProbe(Protocol):
+    """
+    One probe connection: past the self-loop guard, a TLS handshake with
+    the forwarded connections' settings; then closed.
+    """
+
+    def __init__(self, guard):
+        self._guard = guard
+        self.loop = None
+        self.handshake = None
+
+    def connectionMade(self):
+        if self._guard is not None:
+            self.loop = self._guard.reachedItself(self.transport)
+        connected(self)
+
+    def dataReceived(self, data):
+        pass
+
+    def handshakeCompleted(self):
+        d, self.handshake = self.handshake, None
+        if d is not None:
+            d.callback(None)
+
+    def connectionLost(self, reason):
+        d, self.handshake = self.handshake, None
+        if d is not None:
+            d.errback(reason)
+
+
+def tlsProbe(upstreamTLS, guard=None):
+    """
+    The probe of C{--health-check=tcp} and C{etcd} (members that are down)
+    and SIGHUP in originate mode, as a C{probe(reactor, endpoint, timeout)}:
+    connect and make the TLS handshake the forwarded connections make
+    (ALPN http/1.1), within C{timeout}; a member whose certificate is
+    refused stays down, with the reason, instead of being brought up by a
+    TCP connect only to fail every client's dial.
+    """
+
+    def probe(reactor, endpoint, timeout):
+        run = _Handshake(reactor, timeout)
+        result = defer.Deferred(lambda d: run.cancel())
+
+        def connectedProbe(probe):
+            run.upstream = probe
+            if probe.loop is not None:
+                raise SelfLoopError(f"self-loop: {probe.loop}")
+            transport = probe.transport
+            run.startTimer(probe)
+            if getattr(transport, "originated", False):
+                return transport.startClientTLS(
+                    upstreamTLS.sslContext(ALPN_HTTP11), endpoint.serverName
+                )
+            done = probe.handshake = defer.Deferred()
+            transport.startTLS(upstreamTLS.creator(endpoint.serverName, [b"http/1.1"]))
+            return done
+
+        def finished(outcome):
+            run.stopTimer()
+            probe, run.upstream = run.upstream, None
+            if probe is not None and probe.transport is not None:
+                probe.transport.abortConnection()
+            if isinstance(outcome, Failure):
+                if run.timedOut:
+                    outcome = Failure(TLSHandshakeError(f"no TLS handshake within {timeout}s"))
+                if not result.called:
+                    result.errback(outcome)
+            elif not result.called:
+                result.callback(None)
+
+        run.step = dial(memberReactor(reactor), endpoint, lambda addr: _TLSProbe(guard), timeout)
+        run.step.addCallback(connectedProbe)
+        run.step.addBoth(finished)
+        return result
+
+    return probe

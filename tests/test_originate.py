@@ -407,6 +407,40 @@ class OriginateLoopbackTests(TestCase):
         yield self.settled()
 
 
+    @defer.inlineCallbacks
+    def test_tlsProbe(self):
+        """
+        The probe of down members (tcp and etcd checks, SIGHUP) makes the
+        handshake: a member with a good certificate passes, one naming
+        another host fails with the reason.
+        """
+        from etcdgw.dial import describeFailure
+        from etcdgw.originate import tlsProbe
+
+        probe = tlsProbe(self.certs.upstreamTLS())
+        good = Endpoint("127.0.0.1", self.members["good"][1], tls=True)
+        other = Endpoint("127.0.0.1", self.members["other"][1], tls=True)
+        self.assertIsNone((yield probe(reactor, good, 5)))
+        failure = yield self.assertFailure(probe(reactor, other, 5), Exception)
+        from twisted.python.failure import Failure
+
+        reason = describeFailure(Failure(failure))
+        self.assertIn("TLS handshake failed", reason)
+        self.assertIn("127.0.0.1", reason)
+        self.assertEqual(self.members["other"][0].received, [])
+
+    @defer.inlineCallbacks
+    def test_handshakeFailuresCounted(self):
+        """A refused handshake of a forwarded connection is counted."""
+        port = yield self.gateway("other", "good")
+        client = yield self.connect(port)
+        client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+        yield waitFor(lambda: client.data.endswith(b"\r\n\r\n"))
+        self.assertEqual(self.factory.upstreamTLS.handshakeFailures, 1)
+        client.transport.loseConnection()
+        yield client.lost
+
+
 class StockOriginateLoopbackTests(OriginateLoopbackTests):
     """
     The same on Twisted's own transports (TLS by startTLS): what the
@@ -430,3 +464,28 @@ class MemberReactorTests(SynchronousTestCase):
 
 
 
+
+
+class ReloadHookTests(SynchronousTestCase):
+    def test_sighupReloadsUpstreamTLS(self):
+        """SIGHUP's reload reads the origination files again (signals' hook)."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from etcdgw.gateway import buildGateway
+
+        certs = _Certificates()
+        self.addCleanup(certs.cleanup)
+        options = Options()
+        options.parseOptions(
+            [
+                "--upstream-tls=originate",
+                "--endpoints=127.0.0.1:1",
+                "--cacert=" + certs.ca,
+                "--cert=" + certs.client[0],
+                "--key=" + certs.client[1],
+            ]
+        )
+        gateway = buildGateway(options.config, MemoryReactorClock())
+        self.assertIsInstance(gateway.factory.buildProtocol(None), OriginatingClient)
+        gateway.reload.reload()
+        self.assertEqual(gateway.upstreamTLS.reloads, 1)
