@@ -441,7 +441,9 @@ class _Attempt:
     def _connect(self):
         prober = self.prober
         prober._drop(self.endpoint.key)
-        context = prober.context if self.endpoint.tls else None
+        # Originate mode: every member is spoken to over TLS, as clients' are.
+        tls = self.endpoint.tls or prober.upstreamTLS is not None
+        context = prober.context if tls else None
         request = versionRequest(self.endpoint)
         # Our own timer ends the probe first; the dial's is a backstop.
         d = self._dialing = dial(
@@ -452,7 +454,7 @@ class _Attempt:
                 request,
                 context,
                 self.endpoint.serverName,
-                verify=prober.verifies and self.endpoint.tls,
+                verify=prober.verifies and tls,
             ),
             prober.timeout + 1,
         )

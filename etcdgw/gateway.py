@@ -624,7 +624,9 @@ def _etcdClient(config, reactor, upstreamTLS=None):
     policy = upstreamTLS
     if policy is None:
         policy = config.tls.clientTLS(config.tls.etcdClient)
-    return etcdhealth.EtcdClient(reactor, config.health.timeout, policy)
+    return etcdhealth.EtcdClient(
+        reactor, config.health.timeout, policy, allTLS=upstreamTLS is not None
+    )
 
 
 def _etcdChecks(gateway, client):

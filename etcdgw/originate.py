@@ -795,6 +795,7 @@ class OriginatingClient(ClientProtocol):
             else:
                 done = upstream.handshake = defer.Deferred()
                 transport.startTLS(tls.creator(endpoint.serverName, [alpn.encode("ascii")]))
+                transport.portable = False  # its TLS session lives in this process
             done.addCallback(lambda _: upstream)
             return done
 

@@ -306,3 +306,100 @@ class OriginateTests(TestCase):
         self.gateway.waitForLog("upstream TLS files read again", timeout=5)
         self.assertTrue(put(self.address, "originate/hup", "h"))
         self.assertEqual(get(self.address, "originate/hup"), "h")
+
+    def _gateway(self, *args):
+        metrics = f"{HOST}:{freePort()}"
+        fixture = self.fixture
+        members = [f"localhost:{fixture.cluster.clientPort(i)}" for i in range(3)]
+        bad = [f"localhost:{s.port}" for s in fixture.refused.values()]
+        gw = GatewayProcess(
+            [
+                "--endpoints=" + ",".join(members + bad),
+                "--upstream-tls=originate",
+                "--cacert=" + fixture.tls.ca,
+                "--cert=" + fixture.tls.clientCert,
+                "--key=" + fixture.tls.clientKey,
+                "--metrics-addr=" + metrics,
+                *args,
+            ],
+            cwd=REPOSITORY,
+        )
+        self.addCleanup(gw.cleanup)
+        gw.start()
+        return gw, metrics
+
+    def _states(self, metrics):
+        return {e["endpoint"]: e for e in gatewayStatus(metrics)["endpoints"]}
+
+    def test_healthChecksAndFailover(self):
+        """
+        --health-check=etcd and tcp in originate mode: the etcd checks speak
+        TLS with the same settings (good members healthy), the TCP probes of
+        down members make the handshake (refused members stay down, not
+        brought up by a connect; the etcd checks find them unhealthy, saying
+        why); a killed member is down, clients go on
+        through the others, and a watch held on it resumes elsewhere.
+        """
+        fixture = self.fixture
+        cluster = fixture.cluster
+        started = time.monotonic()
+        etcdGW, etcdMetrics = self._gateway(
+            "--health-check=etcd", "--health-interval=300ms", "--health-timeout=1s"
+        )
+        tcpGW, tcpMetrics = self._gateway("--health-check=tcp", "--retry-delay=300ms")
+        good = {f"localhost:{cluster.clientPort(i)}" for i in range(3)}
+        bad = {f"localhost:{s.port}" for s in fixture.refused.values()}
+
+        def etcdJudged():
+            # A refused handshake is an unhealthy (and silent) member to the
+            # etcd checks: no client goes there, the reason is shown.
+            states = self._states(etcdMetrics)
+            return all(states[e]["health"] == "healthy" for e in good) and all(
+                not states[e]["usable"] and "TLS handshake failed" in states[e]["healthReason"]
+                for e in bad
+            )
+
+        waitUntil(etcdJudged, 10, message="etcd checks judged every member")
+        for i in range(12):  # the tcp gateway learns of the refused members by dialling them
+            self.assertTrue(put(tcpGW.address, f"originate/tcp{i}", "t"))
+        time.sleep(1.0)  # three --retry-delay probes of the down members
+        states = self._states(tcpMetrics)
+        for e in bad:
+            self.assertEqual(states[e]["state"], "down", states[e])
+            self.assertIn("TLS handshake failed", states[e]["reason"])
+        print(f"\netcd and tcp checks settled in {time.monotonic() - started:.1f}s")
+
+        # Failover, and a held watch, through the first gateway.
+        watch = subprocess.Popen(
+            ["etcdctl", "--endpoints=" + self.address, "watch", "originate/held"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, ETCDCTL_API="3"),
+        )
+        self.addCleanup(watch.wait)
+        self.addCleanup(watch.kill)
+
+        def holder():
+            states = self._states(fixture.metrics)
+            held = [i for i in range(3) if states[f"localhost:{cluster.clientPort(i)}"]["active"]]
+            return held
+
+        held = waitUntil(holder, 5, message="the watch held on a member")
+        victim = held[0]
+        killed = time.monotonic()
+        cluster.kill(victim)
+        self.addCleanup(cluster.restart, victim)
+        cluster.waitHealthy([i for i in range(3) if i != victim], timeout=15)
+        for i in range(10):
+            self.assertTrue(put(self.address, f"originate/failover{i}", "f", timeout=5))
+        self.assertTrue(put(self.address, "originate/held", "after"))
+        deadline = time.monotonic() + 10
+        line = ""
+        while time.monotonic() < deadline and line != "after":
+            line = watch.stdout.readline().strip()
+        self.assertEqual(line, "after")
+        print(f"member {victim} killed: failover and the held watch back in "
+              f"{time.monotonic() - killed:.1f}s")
+        victimName = f"localhost:{cluster.clientPort(victim)}"
+        self.assertEqual(self._states(fixture.metrics)[victimName]["state"], "down")
