@@ -403,3 +403,45 @@ class OriginateTests(TestCase):
               f"{time.monotonic() - killed:.1f}s")
         victimName = f"localhost:{cluster.clientPort(victim)}"
         self.assertEqual(self._states(fixture.metrics)[victimName]["state"], "down")
+
+
+class BadInputTests(TestCase):
+    """
+    Bad origination input through twistd: one line naming it, exit 1,
+    nothing started.
+    """
+
+    def test_oneLineExit1(self):
+        """
+        A non-loopback listen address, a missing CA, a key of another
+        certificate: each one line, status 1, no traceback.
+        """
+        import sys
+
+        from tests.certs import CertificateAuthority
+        from tests.integration.gateway import checkoutEnvironment
+        from tests.integration.test_gateway import _TWISTD
+
+        directory = tempfile.mkdtemp(prefix="etcdgw-originate-bad-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        ca = CertificateAuthority("bad input CA")
+        cert, _ = ca.issue(directory, "a", ("localhost",))
+        _, otherKey = ca.issue(directory, "b", ("localhost",))
+        pidfile = os.path.join(directory, "twistd.pid")
+        cases = [
+            (["--listen-addr=0.0.0.0:23790"], "--originate-remote-clients"),
+            (["--cacert=" + os.path.join(directory, "missing.pem")], "--cacert"),
+            (["--cert=" + cert, "--key=" + otherKey], "is not the one of the certificate"),
+        ]
+        for args, expected in cases:
+            proc = subprocess.run(
+                [sys.executable, "-c", _TWISTD, "--pidfile=" + pidfile, "-n", "etcd-gateway",
+                 "--upstream-tls=originate", *args],
+                capture_output=True, text=True, timeout=30, env=checkoutEnvironment(),
+            )
+            output = (proc.stdout + proc.stderr).strip()
+            self.assertEqual(proc.returncode, 1, output)
+            self.assertEqual(len(output.splitlines()), 1, output)
+            self.assertIn(expected, output)
+            self.assertNotIn("Traceback", output)
+            self.assertFalse(os.path.exists(pidfile))
