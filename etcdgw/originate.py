@@ -649,11 +649,22 @@ class _TLSUpstream(UpstreamProtocol):
     TLS handshake (the stock path) and of a connection lost before it.
     """
 
-    __slots__ = ("handshake",)
+    __slots__ = ("handshake", "memberClosed")
 
     def __init__(self, client):
         super().__init__(client)
         self.handshake = None
+        #: The member closed the connection before the pair was joined.
+        self.memberClosed = False
+
+    def readConnectionLost(self):
+        if self.peer is None:
+            # Before the handshake (or in it): the member gave up on this
+            # connection; there is nothing to pass on.
+            self.memberClosed = True
+            self.transport.abortConnection()
+            return
+        super().readConnectionLost()
 
     def handshakeCompleted(self):
         d, self.handshake = self.handshake, None
@@ -784,11 +795,24 @@ class OriginatingClient(ClientProtocol):
             waiting.addCallback(handshake, upstream)
             return waiting
 
-        def handshake(alpn, upstream):
+        def handshake(alpn, upstream, redialled=False):
             run.step = None
             transport = upstream.transport
-            if transport is None or not transport.connected:
-                raise TLSHandshakeError("the member closed the connection before the handshake")
+            if transport is None or not transport.connected or upstream.memberClosed:
+                if redialled:
+                    raise TLSHandshakeError(
+                        "the member closed the connection before the handshake"
+                    )
+                # The member closed the connection while the client was still
+                # silent (an idle timeout of its own): not its fault; dial
+                # again, once, now that the protocol is known.
+                run.upstream = None
+                again = run.step = dial(
+                    memberReactor(reactor), endpoint, lambda addr: _TLSUpstream(self), timeout
+                )
+                again.addCallback(lambda fresh: setattr(run, "upstream", fresh) or fresh)
+                again.addCallback(lambda fresh: handshake(alpn, fresh, redialled=True))
+                return again
             run.startTimer(upstream)
             if getattr(transport, "originated", False):
                 done = transport.startClientTLS(tls.sslContext(alpn), endpoint.serverName)

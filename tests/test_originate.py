@@ -242,7 +242,10 @@ class _Echo(protocol.Protocol):
         self.factory.received.append(data)
         if not self.said:
             self.said = True
-            self.transport.write((self.transport.negotiatedProtocol or b"none") + b":")
+            alpn = getattr(self.transport, "negotiatedProtocol", None)
+            if alpn is None:  # TLS started on a TCP transport: its TLS protocol knows
+                alpn = getattr(self.transport.protocol, "negotiatedProtocol", None)
+            self.transport.write((alpn or b"none") + b":")
         self.transport.write(data)
 
 
@@ -330,7 +333,7 @@ class OriginateLoopbackTests(TestCase):
 
     def memberTransport(self):
         (client,) = self.factory.clients
-        return client.peer.transport
+        return client.peer.transport if client.peer is not None else None
 
     @defer.inlineCallbacks
     def exchange(self, first, alpn):
@@ -439,6 +442,53 @@ class OriginateLoopbackTests(TestCase):
         self.assertEqual(self.factory.upstreamTLS.handshakeFailures, 1)
         client.transport.loseConnection()
         yield client.lost
+
+
+    @defer.inlineCallbacks
+    def test_memberClosesIdleConnection(self):
+        """
+        A member that closes the connection dialled for a client that has
+        not spoken yet (an idle timeout of its own) is dialled again once
+        the client speaks: not a failed dial, the member stays up.
+        """
+        options = _serverOptions(self.certs, self.certs.member)
+        factory = protocol.Factory.forProtocol(_ClosesFirst)
+        factory.connections = []
+        factory.received = []
+        factory.options = options
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.members["closes"] = (factory, listening.getHost().port)
+        port = yield self.gateway("closes")
+        client = yield self.connect(port)
+        yield waitFor(lambda: len(factory.connections) == 1 and factory.connections[0].closed)
+        yield waitFor(lambda: self.memberTransport() is None)
+        client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+        yield waitFor(lambda: client.data.endswith(b"\r\n\r\n"))
+        self.assertEqual(client.data, b"http/1.1:GET / HTTP/1.1\r\n\r\n")
+        (state,) = self.pool.states()
+        self.assertEqual(state.state, "up")
+        self.assertEqual(state.dialFailures, 0)
+        self.assertEqual(len(factory.connections), 2)
+        client.transport.loseConnection()
+        yield client.lost
+
+
+class _ClosesFirst(_Echo):
+    """
+    A member that closes its first connection at once, before any
+    handshake, and speaks TLS on the others.
+    """
+
+    closed = False
+
+    def connectionMade(self):
+        super().connectionMade()
+        if len(self.factory.connections) == 1:
+            self.closed = True
+            self.transport.loseConnection()
+        else:
+            self.transport.startTLS(self.factory.options)
 
 
 class StockOriginateLoopbackTests(OriginateLoopbackTests):
