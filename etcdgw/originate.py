@@ -140,6 +140,10 @@ class _Settings:
             alpn: _sslContext(ca, certificate, key, insecure, alpn)
             for alpn in (ALPN_H2, ALPN_HTTP11)
         }
+        #: The latest resumable session per (ALPN, server name, port), made
+        #: with these settings (a reload starts afresh: a session resumed
+        #: skips the certificate check its first handshake made).
+        self.sessions = {}
 
 
 class UpstreamTLS:
@@ -191,6 +195,23 @@ class UpstreamTLS:
         The stdlib context of a forwarded connection offering C{alpn}.
         """
         return self._current.contexts[alpn]
+
+    def resumption(self, alpn, endpoint):
+        """
+        What a forwarded connection to C{endpoint} offering C{alpn} needs to
+        resume a TLS session (as HAProxy does): C{(context, session, keep)},
+        the session to offer (or L{None}) and C{keep(session)}, which
+        remembers the session the connection gets, for the next one.
+        Sessions are kept per settings: one made before a reload is never
+        offered after it.
+        """
+        settings = self._current
+        key = (alpn, endpoint.serverName, endpoint.port)
+
+        def keep(session):
+            settings.sessions[key] = session
+
+        return settings.contexts[alpn], settings.sessions.get(key), keep
 
     @property
     def clientTLS(self):
@@ -308,31 +329,37 @@ def _memberTransportClasses():
         the socket's own methods.
         """
 
-        __slots__ = ("_tls", "_ssl", "_handshake", "_sink", "_sinkFast")
+        __slots__ = ("_tls", "_ssl", "_handshake", "_sink", "_sinkFast", "_keep")
         portable = False
         originated = True
 
         def __init__(self, *args, **kwargs):
-            self._tls = self._ssl = self._handshake = self._sink = None
+            self._tls = self._ssl = self._handshake = self._sink = self._keep = None
             self._sinkFast = False
             super().__init__(*args, **kwargs)
 
         # The handshake
 
-        def startClientTLS(self, context, serverName):
+        def startClientTLS(self, context, serverName, session=None, keep=None):
             """
             Make the TLS handshake on this connection.
 
+            @param session: an C{ssl.SSLSession} of C{context} to resume, or
+                L{None}.
+            @param keep: called with the session this connection gets (once
+                the member has sent it, with its first data), or L{None}.
             @return: a Deferred firing (with L{None}) once it is done, or
                 failing with L{CertificateRefused} or L{TLSHandshakeError};
                 the connection is lost with it.
             """
             d = self._handshake = defer.Deferred()
+            self._keep = keep
             try:
                 self.socket = self._tls = context.wrap_socket(
                     self.socket,
                     server_hostname=serverName,
                     do_handshake_on_connect=False,
+                    session=session,
                 )
             except (ssl.SSLError, ValueError, OSError) as e:
                 self._handshake = None
@@ -416,6 +443,12 @@ def _memberTransportClasses():
                 done = main.CONNECTION_LOST
             if not read:
                 return done
+            if self._keep is not None:
+                # The member's session ticket came before its first data.
+                session = self._tls.session
+                if session is not None and session.has_ticket:
+                    keep, self._keep = self._keep, None
+                    keep(session)
             client = self._sink
             if client is None:
                 self.protocol.dataReceived(_view[:read])
@@ -815,7 +848,8 @@ class OriginatingClient(ClientProtocol):
                 return again
             run.startTimer(upstream)
             if getattr(transport, "originated", False):
-                done = transport.startClientTLS(tls.sslContext(alpn), endpoint.serverName)
+                context, session, keep = tls.resumption(alpn, endpoint)
+                done = transport.startClientTLS(context, endpoint.serverName, session, keep)
             else:
                 done = upstream.handshake = defer.Deferred()
                 transport.startTLS(tls.creator(endpoint.serverName, [alpn.encode("ascii")]))

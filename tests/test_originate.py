@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.ssl import Certificate, CertificateOptions, PrivateCertificate
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from etcdgw.config import ClientCertificate, PEMFile
 from etcdgw.endpoint import Endpoint
@@ -281,6 +281,7 @@ def _serverOptions(certs, pair):
         caCerts=[ca.original],
         requireCertificate=True,
         acceptableProtocols=[b"h2", b"http/1.1"],
+        enableSessionTickets=True,
     )
 
 
@@ -443,6 +444,25 @@ class OriginateLoopbackTests(TestCase):
         client.transport.loseConnection()
         yield client.lost
 
+
+    @defer.inlineCallbacks
+    def test_sessionResumed(self):
+        """
+        On the fast path, a new connection to a member resumes the TLS
+        session of an earlier one (as HAProxy does): a cheaper handshake.
+        """
+        if not self.fast:
+            raise SkipTest("Twisted's own TLS makes a full handshake each time")
+        port = yield self.gateway("good")
+        reused = []
+        for i in range(2):
+            client = yield self.connect(port)
+            client.transport.write(b"GET / HTTP/1.1\r\n\r\n")
+            yield waitFor(lambda: client.data.endswith(b"\r\n\r\n"))
+            reused.append(self.memberTransport()._tls.session_reused)
+            client.transport.loseConnection()
+            yield client.lost
+        self.assertEqual(reused, [False, True])
 
     @defer.inlineCallbacks
     def test_memberClosesIdleConnection(self):
