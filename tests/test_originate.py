@@ -559,3 +559,33 @@ class ReloadHookTests(SynchronousTestCase):
         self.assertIsInstance(gateway.factory.buildProtocol(None), OriginatingClient)
         gateway.reload.reload()
         self.assertEqual(gateway.upstreamTLS.reloads, 1)
+
+
+class MetricsTests(SynchronousTestCase):
+    def test_originateMetrics(self):
+        """
+        /metrics says which endpoints are down for a refused TLS handshake,
+        and counts handshake failures and SIGHUP reloads.
+        """
+        from prometheus_client import generate_latest
+        from twisted.internet.testing import MemoryReactorClock
+
+        from etcdgw.gateway import buildGateway
+        from etcdgw.metrics import gatewayRegistry
+
+        certs = _Certificates()
+        self.addCleanup(certs.cleanup)
+        options = Options()
+        options.parseOptions(
+            ["--upstream-tls=originate", "--endpoints=127.0.0.1:1,127.0.0.1:2", "--cacert=" + certs.ca]
+        )
+        gateway = buildGateway(options.config, MemoryReactorClock())
+        endpoint = gateway.pool.endpoints[0]
+        gateway.pool.markDown(endpoint, "TLS handshake failed: certificate has expired")
+        gateway.upstreamTLS.handshakeFailures = 3
+        gateway.upstreamTLS.reload()
+        text = generate_latest(gatewayRegistry(gateway, process=False)).decode()
+        self.assertIn(f'etcd_gateway_endpoint_tls_refused{{endpoint="{endpoint}"}} 1.0', text)
+        self.assertIn('etcd_gateway_endpoint_tls_refused{endpoint="127.0.0.1:2"} 0.0', text)
+        self.assertIn("etcd_gateway_upstream_tls_handshake_failures_total 3.0", text)
+        self.assertIn('etcd_gateway_upstream_tls_reloads_total{result="taken"} 1.0', text)
