@@ -398,6 +398,21 @@ class OriginateLoopbackTests(TestCase):
         self.assertEqual(self.members["other"][0].received, [])
 
     @defer.inlineCallbacks
+    def test_insecureSkipsVerification(self):
+        """
+        --insecure-skip-tls-verify: a member whose certificate names another
+        host carries the client (and nothing else is skipped: still TLS).
+        """
+        port = yield self.gateway("other", insecure=True)
+        client = yield self.connect(port)
+        client.transport.write(PREFACE)
+        yield waitFor(lambda: client.data == b"h2:" + PREFACE)
+        (state,) = self.pool.states()
+        self.assertEqual(state.state, "up")
+        client.transport.loseConnection()
+        yield client.lost
+
+    @defer.inlineCallbacks
     def test_clientLeavesBeforeSpeaking(self):
         """
         A client that closes before its first byte ends its member
