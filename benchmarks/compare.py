@@ -89,6 +89,11 @@ def parse_args(argv):
     p.add_argument("--rst", action="store_true",
                    help="print the tables as reStructuredText (for BENCHMARKS.rst)")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with all logs")
+    p.add_argument("--upstream-tls-originate", action="store_true",
+                   help="instead of the usual run: ours with --upstream-tls=originate against "
+                        "HAProxy doing the same (tcp mode, ALPN h2/http1.1 by req.payload(0,3), "
+                        "ssl verify required verifyhost ... crt ...) to a TLS etcd member with "
+                        "--client-cert-auth; tests wrk and bulk only (see gwbench/tlsorigin.py)")
     return p.parse_args(argv)
 
 
@@ -111,6 +116,8 @@ def main(argv=None):
     if a.rounds < 1 or a.rounds > 50:
         raise SystemExit("--rounds must be 1..50")
 
+    if a.upstream_tls_originate:
+        return main_tls_originate(a)
     has_plugin, has_workers = plugin_available(a.python)
     if a.only:
         contenders = _names(a.only, ALL_CONTENDERS, "contender")
@@ -177,6 +184,39 @@ def main(argv=None):
         save(a.json, a, info, contenders, tests, results, slow, ours)
         log("raw results saved to " + a.json)
     return 130 if interrupted else 0
+
+
+def main_tls_originate(a):
+    """--upstream-tls-originate: TLS origination, ours against HAProxy (issue 15)."""
+    import json
+
+    from gwbench.tlsorigin import run_tls_originate
+
+    tests = _names(a.tests, ("wrk", "bulk"), "test") if a.tests != ",".join(ALL_TESTS) \
+        else ["wrk", "bulk"]
+    problems = check_tools(a, ["ours", "haproxy"], tests)
+    if not shutil.which("openssl"):
+        problems.append("openssl (the command) makes the certificates: apt-get install openssl")
+    if problems:
+        print("cannot run the benchmark:\n" + "\n".join(problems), file=sys.stderr)
+        return 2
+    raise_nofile(a.nofile)
+    tmpdir = tempfile.mkdtemp(prefix="etcdgw-bench-tls-")
+    procs = Procs(tmpdir)
+    try:
+        result = run_tls_originate(a, procs, tests)
+    finally:
+        procs.stop_all()
+        if a.keep_logs:
+            log("logs kept in " + tmpdir)
+        else:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"mode": "upstream-tls-originate", "machine": machine_info(a), **result},
+                      f, indent=1, default=str)
+        log("raw results saved to " + a.json)
+    return 0
 
 
 def run(a, scenarios, contenders, tests, slow_set, results, slow):

@@ -18,6 +18,12 @@ and each probe is then a new handshake, which costs the member far more
 (measured: see the README), so that is logged once, naming the flag that
 avoids it.
 
+With C{--upstream-tls=originate} the probe's TLS is the forwarded
+connections' (L{etcdgw.originate.UpstreamTLS}: C{--cacert}, C{--cert},
+C{--key}) and it verifies the member as they do: a member whose certificate
+is refused (another CA, another name, expired) has FAILED, with the reason,
+and is down, for clients could not use it.
+
 Each probe's outcome (an L{Outcome}) is evidence for the monitor
 (L{etcdgw.monitor.Monitor}): an answer (L{Monitor.answered}), none in
 C{--health-timeout} (L{Monitor.unanswered}), or a connect that failed at
@@ -50,7 +56,7 @@ from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.duration import formatDuration
 from etcdgw.endpoint import formatHostPort
 from etcdgw.selfloop import SelfLoopError
-from etcdgw.verify import sslErrorText
+from etcdgw.verify import CertificateRefused, peerVerifier, sslErrorText
 
 __all__ = [
     "ANSWERED",
@@ -238,11 +244,16 @@ class _AnswerClient(Protocol):
     @ivar handshaken: the TLS handshake completed (always, for plain).
     """
 
-    def __init__(self, guard, request, context=None, serverName=None):
+    def __init__(self, guard, request, context=None, serverName=None, verify=False):
         self._guard = guard
         self._request = request
         self._context = context
         self._serverName = serverName
+        self.verifying = verify and context is not None
+        #: Called (no argument) once a verifying handshake is done.
+        self.onHandshake = None
+        #: Why the member's certificate was refused (with C{verify}).
+        self.certificateRefused = None
         self._tls = None
         self._queued = None
         self._reader = None
@@ -269,10 +280,18 @@ class _AnswerClient(Protocol):
                 name = self._serverName
                 if name and not (isIPAddress(name) or isIPv6Address(name)):
                     tls.set_tlsext_host_name(name.encode("idna"))
+                if self.verifying:
+                    tls.set_verify(
+                        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+                        peerVerifier(name, name, self._refuseCertificate),
+                    )
                 self._handshake()
             except SSL.Error as e:  # not expected: the context was checked at start
                 self.broken = f"TLS set-up failed: {sslErrorText(e)}"
         connected(self)
+
+    def _refuseCertificate(self, reason):
+        self.certificateRefused = reason
 
     def ask(self, attempt):
         """
@@ -346,6 +365,9 @@ class _AnswerClient(Protocol):
             return
         self.handshaken = True
         self._flush()
+        if self.onHandshake is not None:
+            onHandshake, self.onHandshake = self.onHandshake, None
+            onHandshake()
         if self._queued is not None:
             request, self._queued = self._queued, None
             self._tlsSend(request)
@@ -381,7 +403,9 @@ class _AnswerClient(Protocol):
         self._flush()
         self.abort()
         if attempt is not None:
-            if e is None:
+            if self.certificateRefused is not None:
+                attempt.refusedCertificate(self.certificateRefused)
+            elif e is None:
                 attempt.answered("closed TLS (close_notify)")
             else:
                 attempt.refusedTLS(e)
@@ -417,13 +441,21 @@ class _Attempt:
     def _connect(self):
         prober = self.prober
         prober._drop(self.endpoint.key)
-        context = prober.context if self.endpoint.tls else None
+        # Originate mode: every member is spoken to over TLS, as clients' are.
+        tls = self.endpoint.tls or prober.upstreamTLS is not None
+        context = prober.context if tls else None
         request = versionRequest(self.endpoint)
         # Our own timer ends the probe first; the dial's is a backstop.
         d = self._dialing = dial(
             prober.reactor,
             self.endpoint,
-            lambda addr: _AnswerClient(prober.guard, request, context, self.endpoint.serverName),
+            lambda addr: _AnswerClient(
+                prober.guard,
+                request,
+                context,
+                self.endpoint.serverName,
+                verify=prober.verifies and tls,
+            ),
             prober.timeout + 1,
         )
         d.addCallbacks(self._connected, self._dialFailed)
@@ -445,7 +477,15 @@ class _Attempt:
             self._finish(Outcome(SILENT, protocol.broken))
             return
         self.prober._kept[self.endpoint.key] = protocol
+        if protocol.verifying and not protocol.handshaken:
+            # A member verified as clients' connections verify it is
+            # reachable once its handshake passed, not at its TCP connect.
+            protocol.onHandshake = self._reachable
+        else:
+            self._reachable()
         self._ask(protocol, reused=False)
+
+    def _reachable(self):
         if self.onConnected is not None and not self.deferred.called:
             try:
                 self.onConnected()
@@ -483,6 +523,13 @@ class _Attempt:
 
     def answered(self, status):
         self._finish(Outcome(ANSWERED, status or "answered"))
+
+    def refusedCertificate(self, reason):
+        self._finish(
+            Outcome(
+                FAILED, f"TLS handshake failed: {reason}", Failure(CertificateRefused(reason))
+            )
+        )
 
     def refusedTLS(self, e):
         self.prober._tlsRefused(self.endpoint, e)
@@ -556,7 +603,14 @@ class AnswerProber:
 
     log = Logger()
 
-    def __init__(self, reactor, timeout, guard=None, context=None):
+    def __init__(self, reactor, timeout, guard=None, context=None, upstreamTLS=None):
+        """
+        @param upstreamTLS: the L{etcdgw.originate.UpstreamTLS} of
+            C{--upstream-tls=originate}: each new TLS connection takes its
+            context (current settings) and verifies the member with it.
+        """
+        self.upstreamTLS = upstreamTLS
+        self.verifies = upstreamTLS is not None and not upstreamTLS.insecure
         self.reactor = reactor
         self.timeout = timeout
         self.guard = guard
@@ -568,6 +622,10 @@ class AnswerProber:
 
     @property
     def context(self):
+        if self.upstreamTLS is not None:
+            context = self.upstreamTLS.context()
+            context.set_alpn_protos([b"http/1.1"])
+            return context
         if self._context is None:
             self._context = probeContext()
         return self._context

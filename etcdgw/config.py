@@ -87,6 +87,42 @@ class TLSFiles:
         return self.health if self.health is not None else self.discovery
 
 
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class UpstreamTLSConfig:
+    """
+    C{--upstream-tls} and the TLS settings of origination.
+
+    @ivar mode: C{"passthrough"} (clients speak TLS to the members through
+        the gateway, untouched; the default) or C{"originate"} (clients speak
+        plaintext; the gateway speaks TLS to the members).
+    @ivar ca: C{--cacert}'s L{PEMFile}, or L{None} (the system store).
+    @ivar client: the L{ClientCertificate} of C{--cert}/C{--key}, or
+        L{None}.
+    @ivar insecure: C{--insecure-skip-tls-verify}.
+    @ivar remoteClients: C{--originate-remote-clients}: a listen address
+        that is not loopback is allowed in originate mode.
+    """
+
+    mode: str = "passthrough"
+    ca: PEMFile = None
+    client: ClientCertificate = None
+    insecure: bool = False
+    remoteClients: bool = False
+
+    @property
+    def originate(self):
+        return self.mode == "originate"
+
+    def settings(self):
+        """
+        The L{etcdgw.originate.UpstreamTLS} made from the bytes read at
+        parse time (which SIGHUP reads again from the same paths).
+        """
+        from etcdgw.originate import UpstreamTLS
+
+        return UpstreamTLS(self.ca, self.client, self.insecure)
+
+
 @attr.s(frozen=True, slots=True, auto_attribs=True)
 class SourceConfig:
     """
@@ -222,6 +258,7 @@ class GatewayConfig:
     @ivar tls: the L{TLSFiles}.
     @ivar shutdownGrace: C{--shutdown-grace}, seconds.
     @ivar workers: the L{WorkersConfig}.
+    @ivar upstreamTLS: the L{UpstreamTLSConfig}.
     @ivar forward: C{--forward}: C{"copy"} (the only value offered; see
         L{etcdgw.fast.kernel} for C{kernel}, refused).
     """
@@ -236,4 +273,5 @@ class GatewayConfig:
     tls: TLSFiles
     shutdownGrace: float
     workers: WorkersConfig
+    upstreamTLS: UpstreamTLSConfig = UpstreamTLSConfig()
     forward: str = "copy"

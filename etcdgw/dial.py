@@ -167,5 +167,11 @@ def describeFailure(reason):
         return "connection refused"
     if reason.check(error.DNSLookupError):
         return f"DNS lookup failed: {value}"
+    if type(value).__module__.partition(".")[0] in ("OpenSSL", "etcdgw", "service_identity"):
+        from etcdgw.tls import describeTLSError  # pyOpenSSL: loaded only for a TLS failure
+
+        tls = describeTLSError(value)
+        if tls is not None:
+            return tls
     text = str(value).strip() or reason.type.__name__
     return " ".join(text.split())

@@ -110,7 +110,14 @@ class EtcdClient:
         certificate).
     """
 
-    def __init__(self, reactor, timeout, tlsPolicy=None):
+    def __init__(self, reactor, timeout, tlsPolicy=None, allTLS=False):
+        """
+        @param allTLS: speak TLS to every endpoint, https or not
+            (C{--upstream-tls=originate}: an endpoint SRV discovery found
+            as plain is still spoken to over TLS, as clients' connections
+            are).
+        """
+        self.allTLS = allTLS
         self.reactor = reactor
         self.timeout = timeout
         self.tlsPolicy = tlsPolicy if tlsPolicy is not None else ClientTLS()
@@ -131,6 +138,8 @@ class EtcdClient:
             connection error, with L{EtcdHTTPError} for an answer longer than
             L{MAX_BODY}, or with L{defer.TimeoutError} after C{timeout}.
         """
+        if self.allTLS and not endpoint.tls:
+            endpoint = attr.evolve(endpoint, tls=True)
         headers = Headers({b"user-agent": [b"etcd-gateway"]})
         producer = None
         if body is not None:

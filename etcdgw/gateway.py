@@ -184,6 +184,9 @@ class Gateway:
     @ivar workers: the L{WorkersService} (C{--workers} above 1).
     @ivar supervisorWatch: the L{SupervisorWatch} of a worker.
     @ivar notify: the L{SystemdNotifyService} (C{$NOTIFY_SOCKET}).
+    @ivar upstreamTLS: the L{etcdgw.originate.UpstreamTLS} of
+        C{--upstream-tls=originate} (every member connection's TLS
+        settings; SIGHUP reads its files again), else L{None}.
     """
 
     reactor: object
@@ -209,6 +212,7 @@ class Gateway:
     workers: object = None
     supervisorWatch: object = None
     notify: object = None
+    upstreamTLS: object = None
 
     @property
     def listeners(self):
@@ -265,18 +269,21 @@ class Gateway:
         from etcdgw import discovery
 
         source = self.config.source
+        found = source.discovery
+        if self.upstreamTLS is not None:
+            # Originate mode: validation trusts and presents what the
+            # forwarded connections do (the one set of TLS settings).
+            found = attr.evolve(found, trust=self.upstreamTLS)
         try:
-            endpoints, first = discovery.discoverAtStart(
-                source.discovery, list(source.fallback) or None
-            )
+            endpoints, first = discovery.discoverAtStart(found, list(source.fallback) or None)
         except discovery.DiscoveryError as e:
             failStart(str(e))
         self.pool.replaceEndpoints(endpoints, reason="configured")
-        _announceEndpoints(endpoints)
+        _announceEndpoints(endpoints, self.upstreamTLS is not None)
         self.discovery = self.source = _attach(
             self,
             "discovery",
-            discovery.DiscoveryService(self.pool, self.reactor, source.discovery, first),
+            discovery.DiscoveryService(self.pool, self.reactor, found, first),
         )
 
 
@@ -307,7 +314,7 @@ def buildGateway(config, reactor=None):
         maxSilentShare=config.health.maxSilentShare,
     )
     guard = SelfLoopGuard(config.listen.address)
-    probe = guardedProbe(guard)
+    probe = guardedProbe(guard)  # in originate mode, a TLS handshake (_originate)
     connections = _connectionRegistry(config, pool, monitor, reactor)
     gateway = Gateway(
         reactor=reactor,
@@ -326,6 +333,7 @@ def buildGateway(config, reactor=None):
         config=config,
         ownProcess=ownProcess,
     )
+    probe = _originate(gateway) or probe
     gateway.service = GatewayService(gateway.startUp)
     _attach(gateway, "connections", connections)
     clients, operator = _connectionCaps(config.listen.maxConnections)
@@ -405,7 +413,39 @@ def _signals(gateway):
     return signal.signal if gateway.ownProcess else None
 
 
-def _announceEndpoints(endpoints):
+def _originate(gateway):
+    """
+    C{--upstream-tls=originate}: the one L{etcdgw.originate.UpstreamTLS},
+    and client connections that originate TLS to their member.
+
+    @return: the probe of members that are down and of SIGHUP (a TLS
+        handshake), or L{None} when not originating.
+    """
+    settings = gateway.config.upstreamTLS
+    if not settings.originate:
+        return None
+    from etcdgw.originate import OriginatingClient, tlsProbe
+
+    gateway.upstreamTLS = settings.settings()
+    gateway.factory.protocol = OriginatingClient
+    gateway.factory.upstreamTLS = gateway.upstreamTLS
+    log.info(
+        "upstream TLS: originate: clients speak plaintext to the gateway, which speaks "
+        "TLS to the members (trusting {ca}, presenting {cert}; ALPN h2 or http/1.1 per "
+        "connection)",
+        ca=settings.ca.path if settings.ca is not None else "the system's trust store",
+        cert=settings.client.certificate.path if settings.client is not None else "no certificate",
+    )
+    if settings.insecure:
+        log.critical(
+            "--insecure-skip-tls-verify: member certificates are NOT verified (any "
+            "certificate, any name): anyone on the path to a member can read and change "
+            "every request; never use this in production"
+        )
+    return tlsProbe(gateway.upstreamTLS, gateway.guard)
+
+
+def _announceEndpoints(endpoints, originate=False):
     """
     Say, once, which endpoints take etcd's client port by default, and
     which are https (TLS passes through).
@@ -417,7 +457,7 @@ def _announceEndpoints(endpoints):
             endpoints=defaulted,
         )
     for endpoint in endpoints:
-        if endpoint.tls:
+        if endpoint.tls and not originate:
             log.info(
                 "endpoint {endpoint} is https: TLS passes through the gateway end to "
                 "end, untouched; clients speak TLS to the gateway as to the member",
@@ -431,7 +471,7 @@ def _pool(config, reactor):
     whose first round, at start, gives them.
     """
     endpoints = () if config.source.discovery is not None else config.source.endpoints
-    _announceEndpoints(endpoints)
+    _announceEndpoints(endpoints, config.upstreamTLS.originate)
     return UpstreamPool(list(endpoints), reactor, policy=config.policy)
 
 
@@ -535,7 +575,13 @@ def _probes(gateway, probe):
             client.certificate.data if client is not None else None,
             client.key.data if client is not None else None,
         )
-    prober = AnswerProber(gateway.reactor, health.timeout, guard=gateway.guard, context=context)
+    prober = AnswerProber(
+        gateway.reactor,
+        health.timeout,
+        guard=gateway.guard,
+        context=context,
+        upstreamTLS=gateway.upstreamTLS,
+    )
     return AnswerService(
         gateway.pool,
         gateway.reactor,
@@ -560,23 +606,26 @@ def _etcdAware(gateway):
     sync = config.source.syncInterval > 0
     if not (checks or sync):
         return None, None
-    client = _etcdClient(config, gateway.reactor)
+    client = _etcdClient(config, gateway.reactor, gateway.upstreamTLS)
     return (
         _etcdChecks(gateway, client) if checks else None,
         _memberSync(gateway, client) if sync else None,
     )
 
 
-def _etcdClient(config, reactor):
+def _etcdClient(config, reactor, upstreamTLS=None):
     """
     The HTTP client of etcd checks and member-list reads: trusting
     C{--trusted-ca-file}, presenting C{--health-cert-file} (or
-    C{--discovery-cert-file}).
+    C{--discovery-cert-file}); in originate mode, with C{upstreamTLS}.
     """
     from etcdgw import etcdhealth
 
+    policy = upstreamTLS
+    if policy is None:
+        policy = config.tls.clientTLS(config.tls.etcdClient)
     return etcdhealth.EtcdClient(
-        reactor, config.health.timeout, config.tls.clientTLS(config.tls.etcdClient)
+        reactor, config.health.timeout, policy, allTLS=upstreamTLS is not None
     )
 
 

@@ -168,6 +168,39 @@ class GatewayCollector:
             for value in HEALTH_VALUES:
                 families["health"].add_metric(label + [value], 1 if state.health == value else 0)
         yield from families.values()
+        yield from self._upstreamTLS()
+
+    def _upstreamTLS(self):
+        """
+        C{--upstream-tls=originate}: which endpoints are down because their
+        TLS handshake was refused, handshakes failed, SIGHUP reloads.
+        """
+        tls = self.gateway.upstreamTLS
+        if tls is None:
+            return
+        refused = GaugeMetricFamily(
+            f"{PREFIX}_endpoint_tls_refused",
+            "1 when the endpoint is down because its TLS handshake failed (certificate "
+            "refused: another CA, another name, expired; or an alert).",
+            labels=["endpoint"],
+        )
+        for state in self.gateway.pool.states():
+            down = not state.up and "TLS handshake failed" in (state.reason or "")
+            refused.add_metric([str(state.endpoint)], 1 if down else 0)
+        yield refused
+        yield CounterMetricFamily(
+            f"{PREFIX}_upstream_tls_handshake_failures",
+            "TLS handshakes of forwarded connections that failed (each a failed dial).",
+            value=tls.handshakeFailures,
+        )
+        reloads = CounterMetricFamily(
+            f"{PREFIX}_upstream_tls_reloads",
+            "SIGHUP re-reads of --cacert, --cert and --key, by result.",
+            labels=["result"],
+        )
+        reloads.add_metric(["taken"], tls.reloads)
+        reloads.add_metric(["refused"], tls.refusedReloads)
+        yield reloads
 
     def _listener(self):
         families = {

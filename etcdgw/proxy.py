@@ -174,16 +174,23 @@ class ClientProtocol(_Side):
             return
         self._tried.append(state.endpoint)
         factory.pool.countDialAttempt(state)
-        d = self._dialing = dial(
-            factory.reactor,
-            state.endpoint,
-            lambda addr: UpstreamProtocol(self),
-            factory.dialTimeout,
-        )
+        d = self._dialing = self._dialMember(state.endpoint)
         d.addCallbacks(
             self._connected, self._dialFailed, callbackArgs=(state,), errbackArgs=(state,)
         )
         d.addErrback(self._failed)
+
+    def _dialMember(self, endpoint):
+        """
+        Dial C{endpoint} for this client (L{etcdgw.originate} makes it a TLS
+        dial).
+
+        @return: the cancellable Deferred of L{etcdgw.dial.dial}.
+        """
+        factory = self.factory
+        return dial(
+            factory.reactor, endpoint, lambda addr: UpstreamProtocol(self), factory.dialTimeout
+        )
 
     def _failed(self, reason):
         """
@@ -271,6 +278,13 @@ class ClientProtocol(_Side):
         self.peer = upstream
         factory.connections.register(self)
         _noDelay(upstream.transport)
+        self._joinTransports(upstream, state)
+
+    def _joinTransports(self, upstream, state):
+        """
+        Join this client's transport and C{upstream}'s, each the other's
+        producer, and resume reading (L{etcdgw.originate} joins its own way).
+        """
         self._write = writerFor(upstream.transport)
         upstream._write = writerFor(self.transport)
         # With the gateway's own transports, data then flows from socket to

@@ -77,6 +77,8 @@ class ReloadService(Service):
         if self._running is not None:
             self.log.info("SIGHUP: a reload is already running")
             return self._running
+        if self.gateway.upstreamTLS is not None:
+            self.gateway.upstreamTLS.reload()  # --upstream-tls=originate: re-read the PEM files
         self.log.info("SIGHUP: probing every endpoint and refreshing discovery now")
         # Discovery first: it may change the endpoints that are then probed.
         d = self._running = self._refreshDiscovery()

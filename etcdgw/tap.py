@@ -15,6 +15,7 @@ twistd, one line and exit status 1.
 import ipaddress
 import sys
 
+import attr
 from twisted.python import usage
 
 from etcdgw.config import (
@@ -26,6 +27,7 @@ from etcdgw.config import (
     PEMFile,
     SourceConfig,
     TLSFiles,
+    UpstreamTLSConfig,
     WorkersConfig,
 )
 from etcdgw.duration import DurationError, parseDuration
@@ -69,6 +71,19 @@ REBALANCE_RATE = 5
 MAX_RATE = 1000000
 #: The largest --workers.
 MAX_WORKERS = 256
+#: The --upstream-tls values.
+UPSTREAM_TLS = ("passthrough", "originate")
+#: The flags that only mean something with --upstream-tls=originate.
+ORIGINATE_FLAGS = ("cacert", "cert", "key", "insecure-skip-tls-verify", "originate-remote-clients")
+#: The TLS flags of passthrough mode, which --cacert, --cert and --key
+#: replace in originate mode (one set of settings for every connection).
+PASSTHROUGH_TLS_FLAGS = (
+    "trusted-ca-file",
+    "health-cert-file",
+    "health-key-file",
+    "discovery-cert-file",
+    "discovery-key-file",
+)
 #: The flags that only mean something with --discovery-srv.
 DISCOVERY_FLAGS = ("discovery-dns", "discovery-refresh", "discovery-cert-file", "discovery-key-file")
 
@@ -181,6 +196,15 @@ def _share(text):
             f"--max-silent-share: {_quoted(text)} is not a percentage from 0 to 100 "
             "(e.g. 50 or 50%)"
         ) from None
+def _choice(name, text, choices):
+    """
+    The value of C{--name}: one of C{choices}.
+    """
+    if text not in choices:
+        raise usage.UsageError(f"--{name}: {_quoted(text)} is not {' or '.join(choices)}")
+    return text
+
+
 def _onOff(name):
     """
     The converter of the switch C{--name}: C{on} or C{off}, as a bool.
@@ -413,6 +437,24 @@ def _checkLiteralSelfLoop(listen, endpoints):
         raise usage.UsageError(f"--endpoints and --listen-addr: {e}") from None
 
 
+def _isLocalListen(listen):
+    """
+    Whether only this machine can reach C{listen}: a unix socket, or TCP on
+    a loopback address (or C{localhost}).
+    """
+    if listen.isUNIX:
+        return True
+    if not listen.isTCP:
+        return False  # systemd: and other endpoint strings: unknown
+    host = (listen.host or "").split("%", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Options(usage.Options):
     """
     etcd's C{etcd gateway start} flags, with its defaults, and ours.
@@ -437,6 +479,19 @@ class Options(usage.Options):
             None,
             "Accept SRV records that cannot be verified (plain etcd-client records, "
             "TLS endpoints without a valid certificate).",
+        ],
+        [
+            "insecure-skip-tls-verify",
+            None,
+            "With --upstream-tls=originate: accept any member certificate, for any "
+            "name (no verification at all; logged loudly at start). Never the default.",
+        ],
+        [
+            "originate-remote-clients",
+            None,
+            "With --upstream-tls=originate: allow a --listen-addr that is not loopback "
+            "or a unix socket (anyone who can connect then uses the gateway's client "
+            "certificate).",
         ],
         [
             "rebalance",
@@ -652,6 +707,37 @@ class Options(usage.Options):
             "connections, each request whole within 10s); off by default.",
             _listenAddress("metrics-addr"),
         ],
+        [
+            "upstream-tls",
+            None,
+            "passthrough",
+            "passthrough: TLS from clients passes through to the members untouched "
+            "(etcd's gateway). originate: clients speak plaintext to the gateway (on "
+            "loopback or a unix socket), the gateway speaks TLS to the members, "
+            "verified with --cacert, presenting --cert/--key; ALPN h2 or http/1.1 "
+            "chosen per connection from the client's first bytes.",
+            lambda text: _choice("upstream-tls", text, UPSTREAM_TLS),
+        ],
+        [
+            "cacert",
+            None,
+            None,
+            "With --upstream-tls=originate: PEM CA bundle members' certificates must "
+            "chain to (default: the system's trust store); SIGHUP reads it again.",
+        ],
+        [
+            "cert",
+            None,
+            None,
+            "With --upstream-tls=originate: PEM client certificate presented to the "
+            "members (for --client-cert-auth); SIGHUP reads it again.",
+        ],
+        [
+            "key",
+            None,
+            None,
+            "Private key of --cert (default: read from that file); SIGHUP reads it again.",
+        ],
         ["discovery-srv", None, None, "DNS domain for SRV discovery of the endpoints."],
         [
             "discovery-srv-name",
@@ -782,6 +868,10 @@ class Options(usage.Options):
         except EndpointError as e:
             raise usage.UsageError(f"--endpoints: {e}") from None
         listen = self._listen()
+        upstreamTLS = self._upstreamTLS(listen.address)
+        if upstreamTLS.originate:
+            # Every member is spoken to over TLS: the health checks too.
+            endpoints = tuple(attr.evolve(e, tls=True) for e in endpoints)
         trustedCA, caCertificates = _trustedCA(self["trusted-ca-file"])
         if self["discovery-srv"] is not None and self["sync-interval"]:
             raise usage.UsageError(
@@ -813,6 +903,7 @@ class Options(usage.Options):
             tls=TLSFiles(trustedCA, caCertificates, healthClient, discoveryClient),
             shutdownGrace=self["shutdown-grace"],
             workers=workers,
+            upstreamTLS=upstreamTLS,
             forward=self["forward"],
         )
 
@@ -834,6 +925,54 @@ class Options(usage.Options):
                     "--listen-mode: the --listen-addr string gives mode= already; give it once"
                 )
         return ListenConfig(address, mode, self["max-connections"])
+
+    def _upstreamTLS(self, listen):
+        """
+        The L{UpstreamTLSConfig}: C{--upstream-tls} and, in originate mode,
+        C{--cacert}, C{--cert}, C{--key}, C{--insecure-skip-tls-verify}, and
+        the listen address's check (loopback or a unix socket unless
+        C{--originate-remote-clients}).
+        """
+        if self["upstream-tls"] != "originate":
+            for flag in ORIGINATE_FLAGS:
+                if self[flag]:
+                    raise usage.UsageError(f"--{flag} needs --upstream-tls=originate")
+            return UpstreamTLSConfig()
+        for flag in PASSTHROUGH_TLS_FLAGS:
+            if self[flag] is not None:
+                raise usage.UsageError(
+                    f"--{flag}: with --upstream-tls=originate, --cacert, --cert and --key "
+                    "are the TLS settings of every member connection (health checks, "
+                    "member sync and discovery included): give those instead"
+                )
+        if not self["originate-remote-clients"] and not _isLocalListen(listen):
+            raise usage.UsageError(
+                f"--listen-addr: {_quoted(str(listen))} is not a loopback address or a unix "
+                "socket: with --upstream-tls=originate anyone who can connect uses the "
+                "gateway's TLS client certificate (give --originate-remote-clients to "
+                "allow it)"
+            )
+        ca = None
+        if self["cacert"] is not None:
+            try:
+                loadCertificates(self["cacert"], "--cacert")
+            except TLSFileError as e:
+                raise usage.UsageError(str(e)) from None
+            ca = _pemFile(self["cacert"], "--cacert")
+        config = UpstreamTLSConfig(
+            mode="originate",
+            ca=ca,
+            client=_clientCertificate(self, "cert", "key"),
+            insecure=bool(self["insecure-skip-tls-verify"]),
+            remoteClients=bool(self["originate-remote-clients"]),
+        )
+        from etcdgw.tls import TLSSettingsError
+
+        try:
+            config.settings()  # what OpenSSL makes of the bytes, checked now
+        except TLSSettingsError as e:
+            raise usage.UsageError(f"--cacert/--cert/--key: {e}") from None
+        return config
 
     def _health(self):
         """

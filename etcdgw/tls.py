@@ -49,6 +49,14 @@ from etcdgw.verify import CertificateRefused, peerVerifier, sslErrorText
 MINIMUM_VERSION = TLSVersion.TLSv1_2
 
 
+class TLSHandshakeError(Exception):
+    """
+    A TLS handshake with a member failed for a reason other than its
+    certificate (an alert, a closed connection, a timeout); the message is
+    one line.
+    """
+
+
 class TLSSettingsError(ValueError):
     """
     The TLS settings cannot be used (PEM bytes that do not parse, a
@@ -80,10 +88,12 @@ class ClientTLS:
         members that ask for one (etcd's C{--client-cert-auth}), followed by
         its chain; or L{None} to present none.
     @param key: PEM bytes of its private key (unencrypted).
+    @param insecure: verify nothing (C{--insecure-skip-tls-verify}): any
+        certificate, any name.
     @raise TLSSettingsError: if the bytes cannot be used.
     """
 
-    def __init__(self, caCertificates=None, certificate=None, key=None):
+    def __init__(self, caCertificates=None, certificate=None, key=None, insecure=False):
         from cryptography.exceptions import UnsupportedAlgorithm
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
@@ -96,6 +106,7 @@ class ClientTLS:
             self._trustRoot = platformTrust()
         if (certificate is None) != (key is None):
             raise TLSSettingsError("a client certificate needs its key, and a key its certificate")
+        self.insecure = insecure
         #: What every context shares (keyword arguments of CertificateOptions).
         self._shared = {"raiseMinimumTo": MINIMUM_VERSION}
         if certificate is not None:
@@ -138,6 +149,8 @@ class ClientTLS:
         @raise OpenSSL.SSL.Error: if OpenSSL refuses the key (not expected:
             L{etcdgw.tlsfiles} checked it with its certificate).
         """
+        if self.insecure:
+            return CertificateOptions(verify=False, **self._shared).getContext()
         return CertificateOptions(trustRoot=self._trustRoot, **self._shared).getContext()
 
     def creator(self, serverName, alpn=()):
@@ -156,7 +169,7 @@ class ClientTLS:
             acceptableProtocols=list(alpn) or None,
             extraCertificateOptions=dict(self._shared),
         )
-        return _VerifyingCreator(options, serverName)
+        return _VerifyingCreator(options, serverName, self.insecure)
 
     def creatorForNetloc(self, hostname, port):
         """
@@ -181,9 +194,13 @@ class _VerifyingCreator:
 
     _options = attr.ib()
     _serverName = attr.ib()
+    _insecure = attr.ib(default=False)
 
     def clientConnectionForTLS(self, tlsProtocol):
         connection = self._options.clientConnectionForTLS(tlsProtocol)
+        if self._insecure:
+            connection.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+            return connection
 
         def refuse(reason):
             tlsProtocol.failVerification(Failure(CertificateRefused(reason)))
@@ -219,7 +236,7 @@ def describeTLSError(error):
     One line for a TLS failure (an exception a connection failed with), or
     L{None} when C{error} is not one: C{"TLS handshake failed: ..."}.
     """
-    if isinstance(error, CertificateRefused):
+    if isinstance(error, (CertificateRefused, TLSHandshakeError)):
         return f"TLS handshake failed: {error}"
     if isinstance(error, SSL.Error):
         return f"TLS handshake failed: {sslErrorText(error)}"
