@@ -37,7 +37,7 @@ TWISTD = (
 
 #: Environment a worker must not inherit (systemd talks to the supervisor only).
 PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                       "LISTEN_PID", "LISTEN_FDNAMES")
+                       "LISTEN_PID", "LISTEN_FDNAMES", "ETCDGW_TAKEOVER_FD")
 
 
 def workerArguments(pluginArguments, supervisor):
