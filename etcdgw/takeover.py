@@ -590,6 +590,8 @@ class Takeover:
     """
 
     log = Logger()
+    #: The protocol version this side speaks.
+    version = PROTOCOL_VERSION
 
     def __init__(self, gateway, path=None, fd=None, adoptPairs=None, exit=_defaultExit,
                  timeout=TIMEOUT, controlSocket=None):
@@ -651,7 +653,7 @@ class Takeover:
         self.channel.send(
             {
                 "type": "hello",
-                "version": PROTOCOL_VERSION,
+                "version": self.version,
                 "pid": os.getpid(),
                 "controlSocket": self.controlSocket,
             }
