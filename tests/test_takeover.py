@@ -45,15 +45,16 @@ B = Endpoint("127.0.0.1", 22379)
 
 def openDescriptors():
     """
-    This process's open descriptors and what each is (the listing's own
-    descriptor, closed by then, left out).
+    This process's open socket descriptors and what each is.
     """
     found = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
-            found.add((fd, os.readlink("/proc/self/fd/" + fd)))
+            link = os.readlink("/proc/self/fd/" + fd)
         except OSError:
-            pass
+            continue  # the listing's own descriptor, closed by now
+        if link.startswith("socket:"):
+            found.add((fd, link))
     return found
 
 
