@@ -303,6 +303,9 @@ class _Accepting:
         self.stopReading()
         if hasattr(self, "ownsFile"):
             self.ownsFile = False
+        # Twisted shuts a socket down before closing it (tcp._SocketCloser):
+        # on a listening socket that would stop the successor's listening too.
+        self._shouldShutdown = False
         self.disconnecting = True
         if self.connected:
             # At once, not in a later turn: the listener's own stop then

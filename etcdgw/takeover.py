@@ -610,6 +610,7 @@ class Takeover:
         self.pairs = []
         self.adopted = None
         self.ports = []
+        self.clientPort = None
         self.listenersOffered = None
         self._requests = []
         self._timer = None
@@ -715,6 +716,8 @@ class Takeover:
                 )
                 return
             self.ports.append(port)
+            if endpoint.flag == "--listen-addr":
+                self.clientPort = port
             self.log.info(
                 "takeover: {flag} {address}: {how} listening socket (accepting from the commit on)",
                 flag=endpoint.flag, address=endpoint.address.text, how=how,
@@ -800,7 +803,7 @@ class Takeover:
         if adoptPairs is None:
             from etcdgw.portable import adoptPairs
         try:
-            self.adopted = adoptPairs(self.gateway.factory, pairs)
+            self.adopted = adoptPairs(self.gateway.factory, pairs, listener=self.clientPort)
         except BaseException:
             for _, _, pairFds in pairs:
                 _closeAll(pairFds)

@@ -412,7 +412,7 @@ class Sides:
         self.batch = FakeBatch(self.pairs.exported, skipped=["tls"])
         return self.batch
 
-    def adoptPairs(self, factory, pairs):
+    def adoptPairs(self, factory, pairs, listener=None):
         self.adoptedWith = pairs
         self.identities = [[os.fstat(fd)[1:3] for fd in fds] for _, _, fds in pairs]
         if self._adopt is not None:
@@ -475,6 +475,12 @@ class HandoverTests(SynchronousTestCase):
         self.assertEqual(port.getHost().port, sides.portNumber)
         self.assertIn(port, sides.newReactor.getReaders())
         self.assertFalse(sides.port.connected)
+        # Still listening: the old side closed its descriptor without
+        # shutting the shared socket down.
+        client = socket.create_connection(("127.0.0.1", sides.portNumber))
+        accepted, _ = port.socket.accept()
+        accepted.close()
+        client.close()
         self.assertEqual(self.successResultOf(sides.takeover.committed), sides.takeover)
         # Member state came over.
         self.assertEqual(sides.new.pool.stateOf(B).state, DOWN)
@@ -521,7 +527,7 @@ class HandoverTests(SynchronousTestCase):
         """
         before = openDescriptors()
 
-        def adopt(factory, pairs):
+        def adopt(factory, pairs, listener=None):
             raise RuntimeError("no")
 
         sides = Sides(self, adopt=adopt)
