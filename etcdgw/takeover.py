@@ -82,6 +82,8 @@ MAX_PAYLOAD_PER_FRAME = 4 * 1024 * 1024
 #: Frames larger than these are refused (a broken or hostile peer).
 MAX_HEADER = 64 * 1024 * 1024
 MAX_PAYLOAD = 1024 * 1024 * 1024
+#: Bytes asked of one receive.
+RECEIVE_SIZE = 1024 * 1024
 #: Seconds a takeover may take, from the successor's hello to the commit.
 TIMEOUT = 30.0
 #: Seconds the successor may take to connect to a control socket.
@@ -171,6 +173,30 @@ class FrameReader:
         _closeAll(fds)
 
 
+#: The channel's socket buffers: a takeover of thousands of pairs goes in
+#: a few round trips, not hundreds (the pause grows with each).
+CHANNEL_BUFFER = 4 * 1024 * 1024
+
+
+def _largeBuffers(sock):
+    """
+    Ask for L{CHANNEL_BUFFER} each way; above C{net.core.wmem_max} only
+    with C{CAP_NET_ADMIN} (C{SO_SNDBUFFORCE}); else what the kernel allows.
+    """
+    for force, plain in (
+        (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF),
+        (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
+    ):
+        for option in (force, plain):
+            if option is None:
+                continue
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, CHANNEL_BUFFER)
+                break
+            except OSError:
+                continue
+
+
 class SocketChannel:
     """
     The takeover's channel: a non-blocking unix stream socket on the
@@ -184,6 +210,7 @@ class SocketChannel:
 
     def __init__(self, reactor, sock, receiver):
         sock.setblocking(False)
+        _largeBuffers(sock)
         self.reactor = reactor
         self.socket = sock
         self.receiver = receiver
@@ -254,7 +281,7 @@ class SocketChannel:
             return None
         try:
             data, fds, flags, _ = socket.recv_fds(
-                self.socket, 65536, MAX_FDS_PER_FRAME + 3, socket.MSG_CMSG_CLOEXEC
+                self.socket, RECEIVE_SIZE, MAX_FDS_PER_FRAME + 3, socket.MSG_CMSG_CLOEXEC
             )
         except (BlockingIOError, InterruptedError):
             return None
@@ -464,6 +491,7 @@ class Handover:
                 port.pauseForTakeover()
                 self._paused.append((listener, port))
         self.batch = batch = self.exportPairs(self.gateway.factory)
+        self.exportedAt = self.reactor.seconds()
         self.channel.send({"type": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid()})
         listeners, fds = [], []
         for listener, port in self._paused:
@@ -485,6 +513,7 @@ class Handover:
                 "bytes": self.handedBytes,
                 "listeners": len(listeners),
                 "frozenAt": self.frozenAt,
+                "exportedAt": self.exportedAt,
             }
         )
         self.phase = "sent"
@@ -492,12 +521,14 @@ class Handover:
     def _commit(self):
         self.phase = "committed"
         self._cancelTimer()
-        # No way back from here: the successor owns every pair.
+        # No way back from here: the successor owns every pair. It is told
+        # first (the pairs stay frozen here meanwhile); then this process
+        # forgets them.
+        self.channel.send({"type": "commit"})
+        self.channel.loseConnection()
         self.batch.release()
         for listener, port in self._paused:
             port.handOver()
-        self.channel.send({"type": "commit"})
-        self.channel.loseConnection()
         elapsed = self.reactor.seconds() - self.frozenAt
         self.log.info(
             "takeover: handed {pairs} connection(s) ({queued} queued) and {listeners} "
@@ -651,6 +682,15 @@ class Takeover:
             os.set_inheritable(sock.fileno(), False)
         self.phase = "hello"
         self.channel = SocketChannel(self.reactor, sock, self)
+        self._timer = self.reactor.callLater(self.timeout, self._timedOut)
+        # The running gateway freezes its pairs when it hears the hello:
+        # say it once this process has started everything else (the
+        # reactor runs, every service started), not while it still starts.
+        self.reactor.callWhenRunning(self.reactor.callLater, 0, self._hello)
+
+    def _hello(self):
+        if self.phase != "hello" or self.channel.closed:
+            return
         self.channel.send(
             {
                 "type": "hello",
@@ -659,7 +699,6 @@ class Takeover:
                 "controlSocket": self.controlSocket,
             }
         )
-        self._timer = self.reactor.callLater(self.timeout, self._timedOut)
         self.log.info(
             "takeover: asking the running gateway ({source}) for its listeners and "
             "connections",
@@ -798,6 +837,7 @@ class Takeover:
             os.close(fd)
         self.listenersOffered = {}
         self._end = header
+        self._times = {"end": self.reactor.seconds()}
         pairs, self.pairs = self.pairs, []
         adoptPairs = self._adoptPairs
         if adoptPairs is None:
@@ -809,28 +849,43 @@ class Takeover:
                 _closeAll(pairFds)
             raise
         self.phase = "ready"
+        self._times["adopted"] = self.reactor.seconds()
         self.channel.send({"type": "ready"})
 
     def _start(self):
         self.phase = "started"
         self._cancelTimer()
         self.channel.loseConnection()
+        committedAt = self.reactor.seconds()
         if self.adopted is not None:
             self.adopted.start()
         for port in self.ports:
             port.resumeAfterTakeover()
         now = self.reactor.seconds()
-        frozenAt = (self._end or {}).get("frozenAt")
-        pause = (now - frozenAt) * 1000 if isinstance(frozenAt, (int, float)) else float("nan")
+        end = self._end or {}
+        times = getattr(self, "_times", {})
+
+        def ms(start, stop):
+            if isinstance(start, (int, float)) and isinstance(stop, (int, float)):
+                return (stop - start) * 1000
+            return float("nan")
+
+        pause = ms(end.get("frozenAt"), now)
         self.log.info(
             "takeover: took over {pairs} connection(s) ({queued} queued) and {listeners} "
-            "listener(s) from pid {pid}; pause {pause:.1f} ms (frozen there to started here)",
-            pairs=(self._end or {}).get("pairs", 0),
+            "listener(s) from pid {pid}; pause {pause:.1f} ms (frozen there to started here: "
+            "export {export:.1f} ms, transfer {transfer:.1f} ms, adopt {adopt:.1f} ms, "
+            "commit {commit:.1f} ms, start {start:.1f} ms)",
+            pairs=end.get("pairs", 0),
             queued=_describeBytes(self.queuedBytes),
             listeners=len(self.ports),
             pid=self.predecessor,
             pause=pause,
-            pauseMilliseconds=pause,
+            export=ms(end.get("frozenAt"), end.get("exportedAt")),
+            transfer=ms(end.get("exportedAt"), times.get("end")),
+            adopt=ms(times.get("end"), times.get("adopted")),
+            commit=ms(times.get("adopted"), committedAt),
+            start=ms(committedAt, now),
         )
         self.committed.callback(self)
 

@@ -176,6 +176,14 @@ def pump(*reactors, rounds=200):
     for _ in range(rounds):
         busy = False
         for reactor in reactors:
+            reactor.running = True
+            hooks, reactor.whenRunningHooks = reactor.whenRunningHooks, []
+            for f, args, kwargs in hooks:
+                f(*args, **kwargs)
+                busy = True
+            if any(call.getTime() <= reactor.seconds() for call in reactor.getDelayedCalls()):
+                busy = True
+            reactor.advance(0)
             for reader in list(reactor.getReaders()):
                 if getattr(reader, "closed", False) or not hasattr(reader, "receiver"):
                     continue

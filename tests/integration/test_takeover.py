@@ -473,6 +473,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
             pause_inside_ms=round(inside, 1),
             longest_request_across_ms=round(outside * 1000, 1),
             sigusr2_to_exit_s=round(took, 2),
+            breakdown=line.partition("started here: ")[2].rstrip(")").replace(", ", "/"),
         )
         # Bounded at about 3x what was measured (README, RELIABILITY.rst).
         self.assertLess(inside, 1500)
