@@ -10,6 +10,7 @@ import errno
 import gc
 import os
 import socket
+import sys
 import tempfile
 
 import attr
@@ -759,3 +760,241 @@ class OptionsTests(SynchronousTestCase):
         ]:
             e = self.assertRaises(UsageError, self.parse, *args, environ=environ)
             self.assertIn(text, str(e))
+
+
+class ListeningPortTests(SynchronousTestCase):
+    """
+    Our ports held for a takeover, handed over, or dropped.
+    """
+
+    def test_holdAndResume(self):
+        """
+        Held, a port reads nothing, and nothing else (a back-off's end)
+        starts it reading; resumed, it reads again.
+        """
+        reactor = MemoryReactorClock()
+        port = listeningPort(self, reactor)
+        port.pauseForTakeover()
+        self.assertNotIn(port, reactor.getReaders())
+        port._resumeAccepting()
+        self.assertNotIn(port, reactor.getReaders())
+        port.resumeAfterTakeover()
+        self.assertIn(port, reactor.getReaders())
+
+    def test_handOverUnixKeepsFile(self):
+        """
+        A unix port handed over closes without removing its socket file,
+        and the socket, held elsewhere, still takes connections.
+        """
+        from etcdgw.listen import GatewayUNIXPort
+
+        reactor = MemoryReactorClock()
+        path = os.path.join(tempfile.mkdtemp(), "gw.sock")
+        port = GatewayUNIXPort(path, Factory(), 50, 0o600, reactor)
+        port.startListening()
+        kept = socket.socket(fileno=os.dup(port.fileno()))
+        self.addCleanup(kept.close)
+        port.handOver()
+        self.assertFalse(port.connected)
+        self.assertTrue(os.path.exists(path))
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        accepted, _ = kept.accept()
+        accepted.close()
+        port.stopListening()  # the listener's own stop, later: nothing more
+
+    def test_adoptListeningSocket(self):
+        """
+        A handed-over descriptor becomes one of our ports (the descriptor
+        stays the caller's), with the listener's cap.
+        """
+        from etcdgw.listen import adoptListeningSocket
+
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(5)
+        self.addCleanup(s.close)
+        reactor = MemoryReactorClock()
+        port = adoptListeningSocket(reactor, s.fileno(), socket.AF_INET, Factory(),
+                                    maxConnections=7)
+        self.assertEqual(port.getHost().port, s.getsockname()[1])
+        self.assertEqual(port.maxConnections, 7)
+        self.assertIn(port, reactor.getReaders())
+        port.handOver()
+        os.fstat(s.fileno())
+
+
+class FakeProcess:
+    def __init__(self):
+        self.pid = 4242
+        self.signals = []
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class ServiceTests(SynchronousTestCase):
+    """
+    L{TakeoverService}: SIGUSR2 and the control socket, in the running
+    gateway.
+    """
+
+    def setUp(self):
+        from etcdgw.takeover import TakeoverService
+
+        self.reactor = MemoryReactorClock()
+        self.reactor.running = True
+        self.port = listeningPort(self, self.reactor)
+        address = parseListenAddress(f"127.0.0.1:{self.port.getHost().port}")
+        self.gateway = FakeGateway(
+            self.reactor, listeners=[Listener("--listen-addr", address, self.port)]
+        )
+        self.directory = tempfile.mkdtemp()
+        self.pidfile = os.path.join(self.directory, "twistd.pid")
+        with open(self.pidfile, "w") as f:
+            f.write(str(os.getpid()))
+        self.spawned = []
+        self.exits = []
+        self.batches = []
+        self.service = TakeoverService(
+            self.gateway,
+            controlSocket=os.path.join(self.directory, "control"),
+            exportPairs=self.export,
+            spawn=self.spawn,
+            exit=self.exits.append,
+            pidfile=self.pidfile,
+        )
+
+    def export(self, factory):
+        self.batches.append(FakeBatch([]))
+        return self.batches[-1]
+
+    def spawn(self, protocol, executable, args, env, path, childFDs):
+        # The successor's end, kept past the service's own close of it.
+        child = socket.socket(fileno=os.dup(childFDs[3]))
+        self.addCleanup(child.close)
+        process = FakeProcess()
+        self.spawned.append((protocol, executable, args, env, path, childFDs, child, process))
+        return process
+
+    def test_sigusr2StartsSuccessor(self):
+        """
+        SIGUSR2 starts this twistd's command line again, with the socket
+        pair's end as descriptor 3 named in the environment, the pidfile
+        moved aside; the successor's failure puts the pidfile back and
+        kills it.
+        """
+        self.service.spawnSuccessor()
+        [(protocol, executable, args, env, path, childFDs, child, process)] = self.spawned
+        self.assertEqual(executable, sys.executable)
+        self.assertEqual(args, takeover.successorCommand())
+        self.assertEqual(args[3:], sys.argv[1:])
+        self.assertEqual(env["ETCDGW_TAKEOVER_FD"], "3")
+        self.assertNotIn("WATCHDOG_PID", env)
+        self.assertEqual(sorted(childFDs), [0, 1, 2, 3])
+        self.assertEqual(path, os.getcwd())
+        self.assertFalse(os.path.exists(self.pidfile))
+        self.assertIsNotNone(self.service.current)
+        # A second SIGUSR2 meanwhile starts nothing.
+        self.service.spawnSuccessor()
+        self.assertEqual(len(self.spawned), 1)
+        child.close()
+        pump(self.reactor)
+        self.assertIsNone(self.service.current)
+        self.assertTrue(os.path.exists(self.pidfile))
+        self.assertEqual(process.signals, ["KILL"])
+        self.assertEqual(self.exits, [])
+
+    def test_controlSocket(self):
+        """
+        The control socket listens (mode 0600) while the service runs, each
+        connection a successor; it is removed at stop.
+        """
+        self.service.startService()
+        path = self.service.controlSocket
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect(path)
+        self.service.control.doRead()
+        self.assertIsNotNone(self.service.current)
+        # Another one meanwhile is refused, with the reason.
+        other = socket.socket(socket.AF_UNIX)
+        self.addCleanup(other.close)
+        other.connect(path)
+        self.service.control.doRead()
+        [(header, _, _)] = FrameReader().feed(other.recv(65536))
+        self.assertEqual(header["type"], "refuse")
+        self.assertIn("already running", header["reason"])
+        self.service.current._fail("test over")
+        self.service.stopService()
+        self.assertFalse(os.path.exists(path))
+
+    def test_committed(self):
+        """
+        After the commit the process stops and exits 0 without removing
+        the pidfile; the aside copy goes; systemd hears no STOPPING.
+        """
+
+        class Notify:
+            handedOver = False
+
+        self.gateway.notify = Notify()
+        self.service.startService()
+        self.service.spawnSuccessor()
+        with open(self.pidfile, "w") as f:
+            f.write("4242")  # the successor's own
+        handover = self.service.current
+        handover.successorControl = self.service.controlSocket
+        self.service._committed(handover)
+        self.assertTrue(self.gateway.notify.handedOver)
+        self.assertTrue(self.reactor.hasStopped)
+        after = self.reactor.triggers["after"]["shutdown"]
+        self.assertEqual([(f, a) for f, a, k in after], [(self.exits.append, (0,))])
+        self.assertEqual(sorted(os.listdir(self.directory)), ["control", "twistd.pid"])
+        # The successor named the same control socket path: not removed.
+        self.assertTrue(os.path.exists(self.service.controlSocket))
+        self.service.stopService()
+        self.assertTrue(os.path.exists(self.service.controlSocket))
+        handover.channel.abort()
+
+
+class WiringTests(SynchronousTestCase):
+    """
+    What L{etcdgw.gateway.buildGateway} makes of the takeover flags.
+    """
+
+    def build(self, *args):
+        from etcdgw.gateway import buildGateway
+
+        self.patch(os, "environ", {})
+        options = Options()
+        options.parseOptions(["--listen-addr=127.0.0.1:0", "--metrics-addr=127.0.0.1:0"]
+                             + list(args))
+        return buildGateway(options.config, MemoryReactorClock())
+
+    def test_runningGateway(self):
+        """
+        Every gateway can be taken over (SIGUSR2); the control socket is
+        its flag; it takes nothing over itself.
+        """
+        gateway = self.build("--control-socket=/run/gw/control")
+        self.assertIsNone(gateway.takeover)
+        self.assertEqual(gateway.takeovers.controlSocket, "/run/gw/control")
+        self.assertIs(gateway.service.getServiceNamed("takeover"), gateway.takeovers)
+        self.assertIsNone(self.build().takeovers.controlSocket)
+
+    def test_successor(self):
+        """
+        A successor's listeners (clients' and operator's) ask the takeover
+        for their sockets; systemd's READY waits for its commit.
+        """
+        from etcdgw.takeover import _AdoptingEndpoint
+
+        gateway = self.build("--takeover=/run/gw/control")
+        self.assertIsInstance(gateway.takeover, Takeover)
+        self.assertEqual(gateway.takeover.path, "/run/gw/control")
+        for listener, flag in ((gateway.listener, "--listen-addr"), (gateway.web, "--metrics-addr")):
+            self.assertIsInstance(listener.endpoint, _AdoptingEndpoint)
+            self.assertEqual(listener.endpoint.flag, flag)
