@@ -1213,6 +1213,11 @@ class TakeoverService(Service):
         self.reactor.callFromThread(self.spawnSuccessor)
 
     def _busy(self):
+        if self.gateway.workers is not None:
+            return (
+                "not with --workers (the workers' connections cannot be handed over "
+                "yet); restart the gateway instead"
+            )
         if self.handedOver:
             return "this gateway has handed over already"
         if self.current is not None:

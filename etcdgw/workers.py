@@ -27,11 +27,14 @@ from zope.interface import implementer
 from etcdgw.periodic import PeriodicService
 
 #: Runs twistd from an interpreter (twisted.scripts.twistd has no __main__).
-#: SIGHUP is ignored first thing, until the worker's own handler is installed
-#: (L{etcdgw.signals.ReloadService}): SIGHUP's default action would kill a
-#: worker that is still starting.
+#: SIGHUP and SIGUSR2 are ignored first thing, until the process's own
+#: handlers are installed (L{etcdgw.signals.ReloadService},
+#: L{etcdgw.takeover.TakeoverService}; a worker has none for SIGUSR2): their
+#: default action would kill a worker, or a takeover's successor, that is
+#: still starting.
 TWISTD = (
     "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
     "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 )
 

@@ -137,6 +137,7 @@ class FakeGateway:
         self.allListeners = list(listeners)
         self.notify = None
         self.takeover = None
+        self.workers = None
 
 
 class Pairs:
@@ -998,3 +999,36 @@ class WiringTests(SynchronousTestCase):
         for listener, flag in ((gateway.listener, "--listen-addr"), (gateway.web, "--metrics-addr")):
             self.assertIsInstance(listener.endpoint, _AdoptingEndpoint)
             self.assertEqual(listener.endpoint.flag, flag)
+
+
+class WorkersTests(SynchronousTestCase):
+    """
+    --workers: not taken over (yet), safely.
+    """
+
+    def test_sigusr2Refused(self):
+        """
+        SIGUSR2 to a supervisor of workers starts nothing and says why.
+        """
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        from etcdgw.takeover import TakeoverService
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        gateway = FakeGateway(MemoryReactorClock())
+        gateway.workers = object()
+        spawned = []
+        service = TakeoverService(gateway, spawn=lambda *a, **k: spawned.append(a))
+        service.spawnSuccessor()
+        self.assertEqual(spawned, [])
+        [event] = [e for e in events if "not starting a successor" in e["log_format"]]
+        self.assertIn("--workers", event["why"])
+
+    def test_childrenIgnoreSIGUSR2(self):
+        """
+        Workers and successors ignore SIGUSR2 until they handle it.
+        """
+        from etcdgw.workers import TWISTD
+
+        self.assertIn("signal.signal(signal.SIGUSR2, signal.SIG_IGN)", TWISTD)
