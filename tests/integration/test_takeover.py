@@ -8,8 +8,11 @@ One etcd cluster for the whole class. The figures (pause at 2,000
 connections) are printed, and appended to C{reliability-figures.txt}.
 """
 
+import hashlib
 import http.client
 import json
+import random
+import re
 import os
 import shutil
 import signal
@@ -25,7 +28,13 @@ from twisted.trial import unittest
 
 from tests.integration.etcd import HOST, ClusterTestMixin, freePort, waitUntil
 from tests.integration.gateway import _TWISTD, GatewayProcess, checkoutEnvironment
-from tests.integration.reliability_helpers import raiseNofile, report
+from tests.integration.reliability_helpers import (
+    ThreadedServer,
+    pattern,
+    raiseNofile,
+    report,
+    scaled,
+)
 
 
 def alive(pid):
@@ -367,6 +376,15 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         self.assertEqual(bad.returncode, 1)
         self.assertIn(b"--health-rise", bad.stderr)
         self.assertEqual(len(bad.stderr.strip().splitlines()), 1, bad.stderr)
+        # ... and one given a path nobody listens on.
+        lost = subprocess.run(
+            [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "etcd-gateway",
+             f"--listen-addr={HOST}:{freePort()}", "--endpoints=" + self.cluster.endpoints,
+             f"--takeover={control}.nobody"],
+            env=checkoutEnvironment(), capture_output=True, timeout=30,
+        )
+        self.assertEqual(lost.returncode, 1)
+        self.assertIn(b"cannot reach the running gateway", lost.stderr)
         stillServing(0)
 
         # 2. Another protocol version: refused before anything is paused.
@@ -533,3 +551,77 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         os.kill(second, signal.SIGTERM)
         waitGone(second)
         self.assertFalse(os.path.exists(pidfile))
+
+    def test_bytesInFlight(self):
+        """
+        A transfer of 1 GiB each way (random chunk sizes, a slow reader)
+        across a takeover in the middle is byte-exact both ways, and both
+        half-closes arrive after it.
+        """
+        size = scaled(1 << 30, 4 << 30)
+
+        def send(sock, seed, rng):
+            offset = 0
+            while offset < size:
+                n = min(size - offset, rng.randint(1, 256 * 1024))
+                sock.sendall(pattern(offset, n, seed))
+                offset += n
+            sock.shutdown(socket.SHUT_WR)
+
+        def receive(sock, progress=None, slow=0):
+            digest = hashlib.sha256()
+            total = 0
+            while True:
+                data = sock.recv(1 << 18 if total >= slow else 4096)
+                if not data:
+                    return total, digest.hexdigest()
+                digest.update(data)
+                total += len(data)
+                if progress is not None:
+                    progress[0] = total
+                if total < slow:
+                    time.sleep(0.0005)
+
+        def member(sock, server):
+            sender = threading.Thread(target=send, args=(sock, 1, random.Random(1)), daemon=True)
+            sender.start()
+            server.record(receive(sock))
+            sender.join()
+
+        expected = {}
+        for seed in (1, 2):
+            digest = hashlib.sha256()
+            for offset in range(0, size, 1 << 24):
+                digest.update(pattern(offset, min(1 << 24, size - offset), seed))
+            expected[seed] = digest.hexdigest()
+        server = ThreadedServer(member)
+        self.addCleanup(server.close)
+        gw = self.gateway(server.address, "--health-check=tcp")
+        client = socket.create_connection((HOST, gw.port))
+        self.addCleanup(client.close)
+        progress = [0]
+        results = {}
+        sender = threading.Thread(target=send, args=(client, 2, random.Random(2)), daemon=True)
+        reader = threading.Thread(
+            target=lambda: results.update(client=receive(client, progress, slow=8 << 20)),
+            daemon=True,
+        )
+        sender.start()
+        reader.start()
+        waitUntil(lambda: progress[0] >= 4 << 20, 60, message="under way")
+        atByte = progress[0]
+        self.takeOver(gw)
+        sender.join(300)
+        reader.join(300)
+        waitUntil(lambda: server.results, 60, message="the member got the end")
+        self.assertEqual(results["client"], (size, expected[1]))
+        self.assertEqual(server.results, [(size, expected[2])])
+        self.assertEqual(server.errors, [])
+        handed = [l for l in gw.log().splitlines() if "takeover: handed" in l][-1]
+        queued = int(re.search(r"\((\d+) bytes queued\)", handed).group(1))
+        report(
+            "takeover bytes in flight",
+            bytes_each_way=size,
+            queued_in_old_process=queued,
+            client_had_read=atByte,
+        )
