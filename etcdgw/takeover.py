@@ -566,6 +566,12 @@ class Handover:
         self._timer = None
         self._fail(f"no commit after {timeout:g}s")
 
+    def abandon(self, why):
+        """
+        Give up now, before the commit (no effect after it): as any failure.
+        """
+        self._fail(why)
+
     def _fail(self, why):
         if self.phase in ("committed", "failed"):
             return
@@ -1203,6 +1209,10 @@ class TakeoverService(Service):
         if self._previous is not None:
             self._installSignal(signal.SIGUSR2, self._previous)
             self._previous = None
+        if self.current is not None:
+            # Stopping (SIGTERM) in the middle of a takeover: every pair runs
+            # here again first, so the drain that follows sees them.
+            self.current.abandon("this gateway is stopping")
         if self.control is not None:
             # After a handover the path may be the successor's now.
             self.control.close(unlink=not self.handedOver)

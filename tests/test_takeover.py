@@ -1032,3 +1032,32 @@ class WorkersTests(SynchronousTestCase):
         from etcdgw.workers import TWISTD
 
         self.assertIn("signal.signal(signal.SIGUSR2, signal.SIG_IGN)", TWISTD)
+
+
+class StopTests(SynchronousTestCase):
+    """
+    The running gateway stops (SIGTERM) in the middle of a takeover.
+    """
+
+    def test_stopThaws(self):
+        """
+        Its pairs are thawed first, so the drain sees them; the successor
+        is told nothing more and gives up on its own.
+        """
+        from etcdgw.takeover import TakeoverService
+
+        sides = Sides(self, raw=True)
+        service = TakeoverService(sides.old, exportPairs=sides.export)
+        service.startService()
+        sides.handover._failed = service._failed
+        service.current = sides.handover
+        sides.run()
+        self.assertIsNotNone(sides.batch)
+        service.stopService()
+        self.assertTrue(sides.batch.thawed)
+        self.assertIsNone(service.current)
+        self.assertEqual(sides.oldReactor.getDelayedCalls(), [])
+        for _, _, fds in sides.recorder.frames:
+            for fd in fds:
+                os.close(fd)
+        sides.close()
