@@ -6,7 +6,6 @@ pass); the exported pairs are stand-ins of L{etcdgw.portable}'s (real
 sockets, so their descriptors are real).
 """
 
-import errno
 import gc
 import os
 import socket
