@@ -451,7 +451,7 @@ class Handover:
         self.successor = None
         self.successorControl = None
         self.batch = None
-        self.frozenAt = None
+        self.frozenAt = self.exportedAt = None
         self.handedPairs = 0
         self.handedBytes = 0
         self.skipped = 0
@@ -1154,8 +1154,10 @@ class TakeoverService(Service):
     log = Logger()
 
     def __init__(self, gateway, controlSocket=None, installSignal=None, exportPairs=None,
-                 spawn=None, exit=_defaultExit, timeout=TIMEOUT, pidfile=None):
+                 spawn=None, exit=_defaultExit, timeout=TIMEOUT, pidfile=None, argv=None):
         self.gateway = gateway
+        #: The command line this process was started with (C{sys.argv}).
+        self.argv = sys.argv if argv is None else argv
         self.reactor = gateway.reactor
         self.controlSocket = controlSocket
         self._installSignal = installSignal
@@ -1242,6 +1244,11 @@ class TakeoverService(Service):
         SIGUSR2: start a new copy of this gateway that takes over from it.
         """
         busy = self._busy()
+        if busy is None and os.path.basename(self.argv[0] if self.argv else "") != "twistd":
+            busy = (
+                f"this process was not started by twistd ({self.argv[:1]}), whose command "
+                "line a successor runs again; use --control-socket and --takeover"
+            )
         if busy is not None:
             self.log.warn("SIGUSR2: not starting a successor: {why}", why=busy)
             return
@@ -1250,7 +1257,7 @@ class TakeoverService(Service):
         for name in ("WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
             env.pop(name, None)
         env[ENVIRONMENT_FD] = str(CHILD_FD)
-        argv = successorCommand()
+        argv = successorCommand(self.argv)
         self._aside = None
         if self.pidfile is not None:
             self._aside = PidfileAside(self.pidfile)

@@ -857,6 +857,7 @@ class ServiceTests(SynchronousTestCase):
         self.spawned = []
         self.exits = []
         self.batches = []
+        self.argv = ["/venv/bin/twistd", "-n", "etcd-gateway", "--endpoints=127.0.0.1:2379"]
         self.service = TakeoverService(
             self.gateway,
             controlSocket=os.path.join(self.directory, "control"),
@@ -864,6 +865,7 @@ class ServiceTests(SynchronousTestCase):
             spawn=self.spawn,
             exit=self.exits.append,
             pidfile=self.pidfile,
+            argv=self.argv,
         )
 
     def export(self, factory):
@@ -888,8 +890,8 @@ class ServiceTests(SynchronousTestCase):
         self.service.spawnSuccessor()
         [(protocol, executable, args, env, path, childFDs, child, process)] = self.spawned
         self.assertEqual(executable, sys.executable)
-        self.assertEqual(args, takeover.successorCommand())
-        self.assertEqual(args[3:], sys.argv[1:])
+        self.assertEqual(args, takeover.successorCommand(self.argv))
+        self.assertEqual(args[3:], ["-n", "etcd-gateway", "--endpoints=127.0.0.1:2379"])
         self.assertEqual(env["ETCDGW_TAKEOVER_FD"], "3")
         self.assertNotIn("WATCHDOG_PID", env)
         self.assertEqual(sorted(childFDs), [0, 1, 2, 3])
@@ -905,6 +907,16 @@ class ServiceTests(SynchronousTestCase):
         self.assertTrue(os.path.exists(self.pidfile))
         self.assertEqual(process.signals, ["KILL"])
         self.assertEqual(self.exits, [])
+
+    def test_notTwistd(self):
+        """
+        A process not started by twistd (twist, trial) starts no successor
+        on SIGUSR2, and says why.
+        """
+        self.service.argv = ["/usr/lib/python3/dist-packages/twisted/__main__.py", "etcd-gateway"]
+        self.service.spawnSuccessor()
+        self.assertEqual(self.spawned, [])
+        self.assertTrue(os.path.exists(self.pidfile))
 
     def test_controlSocket(self):
         """
