@@ -301,6 +301,20 @@ class UpstreamPool:
         """
         return self._states.get(endpoint.key)
 
+    def heldState(self, endpoint):
+        """
+        The L{EndpointState} that counts connections to C{endpoint}: the
+        pool's; for an endpoint no longer in the pool, the retired state
+        that still counts its open connections, or a new one (which
+        L{connectionOpened} retires). For connections opened elsewhere and
+        adopted here (L{etcdgw.portable}).
+        """
+        key = endpoint.key
+        state = self._states.get(key) or self._retired.get(key)
+        if state is None:
+            state = EndpointState(endpoint, self.clock.seconds())
+        return state
+
     def isUp(self, endpoint):
         state = self._states.get(endpoint.key)
         return state is not None and state.up
