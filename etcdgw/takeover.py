@@ -870,12 +870,12 @@ class Takeover:
         adoptPairs = self._adoptPairs
         if adoptPairs is None:
             from etcdgw.portable import adoptPairs
+        # The descriptors are adoptPairs' from the call on (it closes them
+        # when it refuses): never closed here again.
         try:
             self.adopted = adoptPairs(self.gateway.factory, pairs, listener=self.clientPort)
-        except BaseException:
-            for _, _, pairFds in pairs:
-                _closeAll(pairFds)
-            raise
+        except Exception as e:
+            raise TakeoverError(f"cannot adopt the connections: {e}") from None
         self.phase = "ready"
         self._times["adopted"] = self.reactor.seconds()
         self.channel.send({"type": "ready"})
