@@ -549,6 +549,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         with open(logfile) as f:
             log = f.read()
         self.assertIn("takeover: took over 1 connection(s)", log)
+        self.assertIn("takeover: handed 1 connection(s)", log)
         self.assertEqual(
             [name for name in os.listdir(directory) if "takeover" in name], []
         )
