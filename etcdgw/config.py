@@ -252,11 +252,14 @@ class TakeoverConfig:
         control socket, or L{None}.
     @ivar fd: the inherited descriptor of a successor started by SIGUSR2
         (C{$ETCDGW_TAKEOVER_FD}), or L{None}.
+    @ivar hold: a worker started by a successor supervisor (C{--workers}):
+        once it has adopted, it waits for the supervisor's go.
     """
 
     controlSocket: str = None
     path: str = None
     fd: int = None
+    hold: bool = False
 
     @property
     def successor(self):

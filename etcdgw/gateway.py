@@ -722,11 +722,21 @@ def _workers(gateway):
                 list(workers.arguments),
                 reactor,
                 gateway.config.shutdownGrace + 5,
+                successor=gateway.takeover is not None,
             ),
         )
     if workers.workerOf is not None:
+
+        def handingOver():
+            # A worker handing over to its successor outlives its supervisor
+            # (whose own successor took over) until it has.
+            takeovers = gateway.takeovers
+            return takeovers is not None and takeovers.current is not None
+
         watch = _attach(
-            gateway, "supervisor-watch", SupervisorWatch(workers.workerOf, reactor, reactor.stop)
+            gateway,
+            "supervisor-watch",
+            SupervisorWatch(workers.workerOf, reactor, reactor.stop, busy=handingOver),
         )
     return supervisor, watch
 
@@ -751,6 +761,8 @@ def _successor(gateway):
         path=takeover.path,
         fd=takeover.fd,
         controlSocket=takeover.controlSocket,
+        hold=takeover.hold,
+        installSignal=_signals(gateway),
         **options,
     )
 
@@ -758,17 +770,17 @@ def _successor(gateway):
 def _takeovers(gateway):
     """
     The triggers of a takeover of this gateway (L{etcdgw.takeover}):
-    SIGUSR2 (the process's own reactor only) and C{--control-socket}. Not
-    in a worker: its supervisor is the one signalled.
+    SIGUSR2 (the process's own reactor only) and C{--control-socket}; in a
+    worker, only its own control socket (its supervisor is the one
+    signalled; the successor supervisor's workers take the workers over).
     """
-    if gateway.config.workers.workerOf is not None:
-        return None
     from etcdgw.takeover import TakeoverService, twistdPidfile
 
+    worker = gateway.config.workers.workerOf is not None
     options = {}
-    if gateway.ownProcess:
+    if gateway.ownProcess and not worker:
         options["pidfile"] = twistdPidfile()
-    else:
+    if not gateway.ownProcess:
         options["exit"] = lambda status: None
     return _attach(
         gateway,
@@ -776,7 +788,9 @@ def _takeovers(gateway):
         TakeoverService(
             gateway,
             controlSocket=gateway.config.takeover.controlSocket,
-            installSignal=_signals(gateway),
+            # A worker: no SIGUSR2 (its supervisor's successor takes it
+            # over, through the worker's own control socket).
+            installSignal=None if worker else _signals(gateway),
             spawn=gateway.reactor.spawnProcess if gateway.ownProcess else None,
             **options,
         ),

@@ -73,6 +73,13 @@ PROTOCOL_VERSION = 1
 #: The environment variable naming the inherited descriptor of a
 #: successor started by SIGUSR2.
 ENVIRONMENT_FD = "ETCDGW_TAKEOVER_FD"
+#: The environment of a worker started by a successor supervisor to take
+#: over from a worker of the old one (--workers): the old worker's control
+#: socket, and "hold" (adopt, then wait for SIGUSR1 before answering ready).
+ENVIRONMENT_FROM = "ETCDGW_TAKEOVER_FROM"
+ENVIRONMENT_HOLD = "ETCDGW_TAKEOVER_HOLD"
+#: What a holding worker writes (its supervisor reads its output).
+HOLDING = "takeover: holding"
 #: The descriptor number the successor gets its end of the socket pair as.
 CHILD_FD = 3
 #: At most this many descriptors in one frame (Linux takes 253, SCM_MAX_FD).
@@ -405,6 +412,34 @@ def _portFamily(port):
         return int(socket.AF_INET)
 
 
+def socketAddress(path):
+    """
+    The address to bind or connect for a control socket C{path}: a leading
+    C{@} names the abstract namespace (a worker's).
+    """
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
+def workerControl(pid):
+    """
+    The control socket of worker C{pid} (abstract: nothing to clean up).
+    """
+    return f"@etcd-gateway-takeover-{pid}"
+
+
+def _samePeer(sock):
+    """
+    Whether the process at the other end of C{sock} runs as this one's
+    user (or root): only it may take this gateway over.
+    """
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (os.geteuid(), 0)
+
+
 def _holdCollector():
     """
     Hold Python's cyclic garbage collector while the pairs are frozen: a
@@ -466,7 +501,9 @@ class Handover:
         _closeAll(fds)  # the successor sends none
         kind = header.get("type")
         try:
-            if kind == "hello" and self.phase == "hello":
+            if kind == "prepare" and self.phase == "hello":
+                self._prepare(header)
+            elif kind == "hello" and self.phase == "hello":
                 self._hello(header)
             elif kind == "ready" and self.phase == "sent":
                 self._commit()
@@ -484,6 +521,24 @@ class Handover:
         self._fail(f"the successor went away before the commit ({why})")
 
     # Steps
+
+    def _prepare(self, header):
+        """
+        A successor supervisor (C{--workers}) asks for the workers' control
+        sockets first, before anything is frozen here: its own workers take
+        the old ones over (up to holding) before it says hello.
+        """
+        if header.get("version") != PROTOCOL_VERSION:
+            self._hello(header)  # refused there, with the reason
+            return
+        self.successor = header.get("pid")
+        workers = self.gateway.workers
+        self.channel.send(
+            {
+                "type": "workers",
+                "workers": workers.takeoverAddresses() if workers is not None else [],
+            }
+        )
 
     def _hello(self, header):
         self.successor = header.get("pid")
@@ -547,6 +602,10 @@ class Handover:
         self.batch.release()
         for listener, port in self._paused:
             port.handOver()
+        if self.gateway.workers is not None:
+            # Its workers hand over to the successor's, then exit: not
+            # stopped, not restarted from here.
+            self.gateway.workers.handOver()
         self._releaseCollector()
         elapsed = self.reactor.seconds() - self.frozenAt
         self.log.info(
@@ -651,7 +710,7 @@ class Takeover:
     version = PROTOCOL_VERSION
 
     def __init__(self, gateway, path=None, fd=None, adoptPairs=None, exit=_defaultExit,
-                 timeout=TIMEOUT, controlSocket=None):
+                 timeout=TIMEOUT, controlSocket=None, hold=False, installSignal=None):
         self.gateway = gateway
         self.reactor = gateway.reactor
         self.path = path
@@ -674,6 +733,11 @@ class Takeover:
         self._end = None
         self.queuedBytes = 0
         self._releaseCollector = lambda: None
+        #: A worker of a successor supervisor: once adopted, wait for its
+        #: supervisor's SIGUSR1 before answering ready.
+        self.hold = hold
+        self._installSignal = installSignal
+        self._prepared = False
 
     def describeSource(self):
         return self.path if self.path is not None else f"descriptor {self.fd}"
@@ -689,7 +753,7 @@ class Takeover:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(CONNECT_TIMEOUT)
             try:
-                sock.connect(self.path)
+                sock.connect(socketAddress(self.path))
             except OSError as e:
                 sock.close()
                 raise TakeoverError(
@@ -717,6 +781,13 @@ class Takeover:
 
     def _hello(self):
         if self.phase != "hello" or self.channel.closed:
+            return
+        if self.gateway.workers is not None and not self._prepared:
+            # --workers: the old workers' control sockets first; this
+            # process's workers take them over (up to holding) before the
+            # old supervisor freezes anything.
+            self.phase = "preparing"
+            self.channel.send({"type": "prepare", "version": self.version, "pid": os.getpid()})
             return
         self._releaseCollector = _holdCollector()
         self.channel.send(
@@ -808,6 +879,8 @@ class Takeover:
             if kind == "refuse":
                 _closeAll(fds)
                 self.fail(f"the running gateway refused: {header.get('reason')}")
+            elif kind == "workers" and self.phase == "preparing":
+                self._workersOffered(header.get("workers") or [])
             elif kind == "hello" and self.phase == "hello":
                 self.predecessor = header.get("pid")
                 self.phase = "receiving"
@@ -878,7 +951,39 @@ class Takeover:
             raise TakeoverError(f"cannot adopt the connections: {e}") from None
         self.phase = "ready"
         self._times["adopted"] = self.reactor.seconds()
-        self.channel.send({"type": "ready"})
+        if self.hold:
+            self._holdForSupervisor()
+        else:
+            self._ready()
+
+    def _workersOffered(self, addresses):
+        def holding(ignored):
+            if self.phase == "preparing":
+                self.phase = "hello"
+                self._prepared = True
+                self._hello()
+
+        d = self.gateway.workers.takeOverFrom(addresses)
+        d.addCallbacks(holding, self._workersFailed)
+
+    def _ready(self, ignored=None):
+        if self.phase == "ready":
+            self.channel.send({"type": "ready"})
+
+    def _workersFailed(self, failure):
+        self.fail(f"--workers: {failure.getErrorMessage()}")
+
+    def _holdForSupervisor(self):
+        """
+        Say so on standard output (the supervisor reads it), and answer
+        ready on its SIGUSR1.
+        """
+        if self._installSignal is not None:
+            self._installSignal(
+                signal.SIGUSR1,
+                lambda signum, frame: self.reactor.callFromThread(self._ready),
+            )
+        self.log.info(HOLDING + ": adopted, waiting for the supervisor's go")
 
     def _start(self):
         self.phase = "started"
@@ -916,6 +1021,8 @@ class Takeover:
             start=ms(committedAt, now),
         )
         self._releaseCollector()
+        if self.gateway.workers is not None:
+            self.gateway.workers.takeoverCommitted()
         self.committed.callback(self)
 
     def _timedOut(self):
@@ -951,6 +1058,8 @@ class Takeover:
         self.ports = []
         from etcdgw.listen import _stderrLine
 
+        if self.gateway.workers is not None:
+            self.gateway.workers.abandonTakeover()
         self.log.critical("takeover failed: {why}; the running gateway keeps serving", why=why)
         _stderrLine(f"etcd-gateway: error: takeover failed: {why}")
         self._exit(1)
@@ -1079,19 +1188,21 @@ class ControlSocket:
         """
         @raise OSError: when it cannot.
         """
+        abstract = self.path.startswith("@")
         try:
-            info = os.lstat(self.path)
+            info = None if abstract else os.lstat(self.path)
         except FileNotFoundError:
             pass
         else:
-            if not stat.S_ISSOCK(info.st_mode):
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            os.unlink(self.path)  # a predecessor's, or a stale one
+            if info is not None:
+                if not stat.S_ISSOCK(info.st_mode):
+                    raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
+                os.unlink(self.path)  # a predecessor's, or a stale one
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old = os.umask(0o177)
             try:
-                sock.bind(self.path)
+                sock.bind(socketAddress(self.path))
             finally:
                 os.umask(old)
             sock.listen(8)
@@ -1111,6 +1222,10 @@ class ControlSocket:
             except OSError as e:
                 self.log.warn("control socket: accept failed: {error}", error=e)
                 return None
+            if not _samePeer(conn):
+                self.log.warn("control socket: refused a process of another user")
+                conn.close()
+                continue
             self.accepted(conn)
         return None
 
@@ -1123,7 +1238,7 @@ class ControlSocket:
         self.reactor.removeReader(self)
         self.socket.close()
         self.socket = None
-        if unlink:
+        if unlink and not self.path.startswith("@"):
             try:
                 os.unlink(self.path)
             except OSError:
@@ -1158,6 +1273,10 @@ class TakeoverService(Service):
         self.gateway = gateway
         #: The command line this process was started with (C{sys.argv}).
         self.argv = sys.argv if argv is None else argv
+        #: This process is a worker (C{--workers}): a control socket of its
+        #: own, no SIGUSR2.
+        self.worker = gateway.config.workers.workerOf is not None if getattr(
+            gateway, "config", None) is not None else False
         self.reactor = gateway.reactor
         self.controlSocket = controlSocket
         self._installSignal = installSignal
@@ -1177,6 +1296,10 @@ class TakeoverService(Service):
         super().startService()
         if self._installSignal is not None and hasattr(signal, "SIGUSR2"):
             self._previous = self._installSignal(signal.SIGUSR2, self._onSignal)
+        if self.controlSocket is None and self.worker:
+            # A worker's: its supervisor's successor starts a worker that
+            # takes over from this one through it.
+            self.controlSocket = workerControl(os.getpid())
         if self.controlSocket is not None:
             takeover = self.gateway.takeover
             if takeover is None:
@@ -1225,11 +1348,6 @@ class TakeoverService(Service):
         self.reactor.callFromThread(self.spawnSuccessor)
 
     def _busy(self):
-        if self.gateway.workers is not None:
-            return (
-                "not with --workers (the workers' connections cannot be handed over "
-                "yet); restart the gateway instead"
-            )
         if self.handedOver:
             return "this gateway has handed over already"
         if self.current is not None:

@@ -1130,7 +1130,7 @@ class Options(usage.Options):
         from: C{--takeover}'s path, or the descriptor C{$ETCDGW_TAKEOVER_FD}
         names (a successor started by SIGUSR2).
         """
-        from etcdgw.takeover import ENVIRONMENT_FD
+        from etcdgw.takeover import ENVIRONMENT_FD, ENVIRONMENT_FROM, ENVIRONMENT_HOLD
 
         environ = os.environ if environ is None else environ
         fd = None
@@ -1145,12 +1145,17 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--takeover and ${ENVIRONMENT_FD} both name what to take over from"
                 )
-        if workers.count > 1 or workers.workerOf is not None:
+        path, hold = self["takeover"], False
+        if workers.workerOf is not None:
             for flag in ("takeover", "control-socket"):
                 if self[flag] is not None:
-                    raise usage.UsageError(f"--{flag} does not work with --workers (yet)")
+                    raise usage.UsageError(f"--{flag} is the supervisor's, not a worker's")
+            # A worker started by a successor supervisor takes over from a
+            # worker of the old one (etcdgw.takeover, --workers).
+            path = environ.get(ENVIRONMENT_FROM) or None
+            hold = path is not None and environ.get(ENVIRONMENT_HOLD) == "1"
         return TakeoverConfig(
-            controlSocket=self["control-socket"], path=self["takeover"], fd=fd
+            controlSocket=self["control-socket"], path=path, fd=fd, hold=hold
         )
 
 

@@ -759,7 +759,7 @@ class OptionsTests(SynchronousTestCase):
             (["--control-socket=" + "x" * 200], {}, "longer than a unix socket path"),
             ([], {"ETCDGW_TAKEOVER_FD": "x"}, "ETCDGW_TAKEOVER_FD"),
             (["--takeover=/a"], {"ETCDGW_TAKEOVER_FD": "3"}, "both"),
-            (["--takeover=/a", "--workers=2", "--listen-addr=127.0.0.1:1234"], {}, "--workers"),
+            (["--takeover=/a", "--worker-of=1"], {}, "the supervisor's"),
         ]:
             e = self.assertRaises(UsageError, self.parse, *args, environ=environ)
             self.assertIn(text, str(e))
@@ -1017,27 +1017,52 @@ class WiringTests(SynchronousTestCase):
 
 class WorkersTests(SynchronousTestCase):
     """
-    --workers: not taken over (yet), safely.
+    --workers: each worker of the successor supervisor takes over from one
+    of the old one's.
     """
 
-    def test_sigusr2Refused(self):
+    def test_workerEnvironment(self):
         """
-        SIGUSR2 to a supervisor of workers starts nothing and says why.
+        A worker started to take over finds the old worker's control socket
+        and "hold" in its environment.
         """
-        from twisted.internet.testing import EventLoggingObserver
-        from twisted.logger import globalLogPublisher
+        options = Options()
+        self.patch(os, "environ", {"ETCDGW_TAKEOVER_FROM": "@etcd-gateway-takeover-12",
+                                   "ETCDGW_TAKEOVER_HOLD": "1"})
+        options.parseOptions(["--worker-of=5"])
+        self.assertEqual(
+            options.config.takeover, TakeoverConfig(path="@etcd-gateway-takeover-12", hold=True)
+        )
 
-        from etcdgw.takeover import TakeoverService
+    def test_workerArguments(self):
+        """
+        Workers do not get the supervisor's takeover flags.
+        """
+        from etcdgw.workers import workerArguments
 
-        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
-        gateway = FakeGateway(MemoryReactorClock())
-        gateway.workers = object()
-        spawned = []
-        service = TakeoverService(gateway, spawn=lambda *a, **k: spawned.append(a))
-        service.spawnSuccessor()
-        self.assertEqual(spawned, [])
-        [event] = [e for e in events if "not starting a successor" in e["log_format"]]
-        self.assertIn("--workers", event["why"])
+        self.assertEqual(
+            workerArguments(["--control-socket=/run/c", "--takeover", "/run/c", "--endpoints=x"], 7),
+            ["--endpoints=x", "--worker-of=7"],
+        )
+
+    def test_abstractControlSocket(self):
+        """
+        A worker's control socket is abstract (nothing to remove), and only
+        a process of the same user gets in.
+        """
+        from etcdgw.takeover import ControlSocket, workerControl
+
+        reactor = MemoryReactorClock()
+        accepted = []
+        control = ControlSocket(reactor, workerControl(os.getpid()) + "-test", accepted.append)
+        control.listen()
+        self.addCleanup(control.close)
+        client = socket.socket(socket.AF_UNIX)
+        self.addCleanup(client.close)
+        client.connect("\0" + control.path[1:])
+        control.doRead()
+        self.assertEqual(len(accepted), 1)
+        accepted[0].close()
 
     def test_childrenIgnoreSIGUSR2(self):
         """

@@ -84,6 +84,36 @@ def localPorts(pid, remotePort):
     return ports
 
 
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def localPeers(pid, port):
+    """
+    The client ports of process C{pid}'s accepted connections on C{port}.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    peers = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and int(fields[1].rpartition(":")[2], 16) == port \
+                    and fields[3] == "01":
+                peers.add(int(fields[2].rpartition(":")[2], 16))
+    return peers
+
+
 def descriptors(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -629,4 +659,47 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
             bytes_each_way=size,
             queued_in_old_process=queued,
             client_had_read=atByte,
+        )
+
+    def test_workers(self):
+        """
+        --workers 2: SIGUSR2 to the supervisor; its successor takes over its
+        connections, and the successor's worker takes over the old worker's;
+        every held connection keeps working on its socket, both old
+        processes exit, new connections are served.
+        """
+        gw = self.gateway("--workers=2")
+        waitUntil(lambda: gw.log().count("ready to proxy client requests") >= 2, 15,
+                  message="both processes ready")
+        oldWorkers = children(gw.pid)
+        self.assertEqual(len(oldWorkers), 1)
+        held = []
+        for _ in range(40):
+            conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+            version(conn)
+            held.append(conn)
+        self.addCleanup(lambda: [c.close() for c in held])
+        ports = [c.sock.getsockname()[1] for c in held]
+        # Both processes hold some (the kernel spreads them).
+        self.assertGreater(len(localPeers(oldWorkers[0], gw.port)), 0)
+        successor = self.takeOver(gw, timeout=30)
+        waitUntil(lambda: not alive(oldWorkers[0]), 20, message="the old worker exits")
+        newWorkers = children(successor)
+        self.assertEqual(len(newWorkers), 1)
+        for conn, port in zip(held, ports):
+            version(conn)
+            self.assertEqual(conn.sock.getsockname()[1], port)
+        fresh = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+        version(fresh)
+        fresh.close()
+        log = gw.log()
+        self.assertEqual(log.count("takeover: took over"), 2, log[-3000:])
+        self.assertIn("[worker-1]", log)
+        self.assertNotIn("takeover failed", log)
+        self.assertGreater(len(localPeers(newWorkers[0], gw.port)), 0)
+        tookOver = [l for l in log.splitlines() if "takeover: took over" in l]
+        report(
+            "takeover workers",
+            connections=[int(re.search(r"took over (\d+) conn", l).group(1)) for l in tookOver],
+            pauses_ms=[float(re.search(r"pause ([\d.]+) ms", l).group(1)) for l in tookOver],
         )
