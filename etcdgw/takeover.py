@@ -48,6 +48,17 @@ counters of their checks (L{etcdgw.monitor.Monitor.exportState}), for the
 members both processes know; a member only the successor knows starts as
 a new one.
 
+With C{--workers}, the successor supervisor first sends C{prepare}; the
+old one answers C{workers} with its workers' control sockets (each worker
+listens on its own, abstract, L{workerControl}), nothing frozen yet. The
+successor starts its workers, each a successor of one old worker that stops
+after adopting ("holding", on its standard output, which the supervisor
+reads); once all hold, it says hello and the exchange above follows. At the
+commit it sends each of its workers SIGUSR1, and each answers ready to its
+old worker, which commits and exits. The old supervisor leaves its workers
+alone once it has committed (they exit by themselves), and a worker
+outlives its supervisor while it hands over.
+
 The pairs themselves (what a pair is on the wire, freezing, adopting) are
 L{etcdgw.portable}'s business.
 """
@@ -486,6 +497,7 @@ class Handover:
         self.successor = None
         self.successorControl = None
         self.batch = None
+        self._prepared = False
         self.frozenAt = self.exportedAt = None
         self.handedPairs = 0
         self.handedBytes = 0
@@ -532,6 +544,7 @@ class Handover:
             self._hello(header)  # refused there, with the reason
             return
         self.successor = header.get("pid")
+        self._prepared = True
         workers = self.gateway.workers
         self.channel.send(
             {
@@ -545,11 +558,22 @@ class Handover:
         control = header.get("controlSocket")
         self.successorControl = control if isinstance(control, str) else None
         version = header.get("version")
+        reason = None
         if version != PROTOCOL_VERSION:
             reason = (
                 f"the successor (pid {self.successor}) speaks takeover protocol version "
                 f"{version}, this gateway speaks {PROTOCOL_VERSION}"
             )
+        elif (
+            not self._prepared
+            and self.gateway.workers is not None
+            and self.gateway.workers.takeoverAddresses()
+        ):
+            reason = (
+                f"the successor (pid {self.successor}) runs no --workers: this gateway's "
+                "workers would have nobody to hand their connections to"
+            )
+        if reason is not None:
             self.channel.send({"type": "refuse", "reason": reason})
             self.channel.loseConnection()
             self._end(reason)
@@ -957,6 +981,13 @@ class Takeover:
             self._ready()
 
     def _workersOffered(self, addresses):
+        if len(addresses) > self.gateway.workers.count:
+            self.fail(
+                f"the running gateway has {len(addresses)} worker(s) to hand over, "
+                f"--workers here gives {self.gateway.workers.count}"
+            )
+            return
+
         def holding(ignored):
             if self.phase == "preparing":
                 self.phase = "hello"

@@ -1171,3 +1171,52 @@ class FallbackTests(SynchronousTestCase):
         self.assertTrue(sides.port.connected)
         self.assertIn(sides.port, sides.oldReactor.getReaders())
         sides.close()
+
+
+class FakeWorkers:
+    def __init__(self, addresses, count=1):
+        self.addresses = addresses
+        self.count = count
+        self.handedOver = False
+
+    def takeoverAddresses(self):
+        return self.addresses
+
+    def handOver(self):
+        self.handedOver = True
+
+
+class WorkersProtocolTests(SynchronousTestCase):
+    """
+    The takeover of a gateway with --workers, as its supervisor sees it.
+    """
+
+    def test_successorWithoutWorkersRefused(self):
+        """
+        A successor that runs no workers cannot take over a gateway whose
+        workers hold connections: refused before anything is frozen.
+        """
+        sides = Sides(self)
+        sides.old.workers = FakeWorkers(["@etcd-gateway-takeover-9"])
+        sides.start()
+        sides.run()
+        self.assertIsNone(sides.batch)
+        self.assertIn("runs no --workers", sides.failed[0])
+        self.assertEqual(sides.exits, [1])
+        sides.close()
+
+    def test_tooFewWorkers(self):
+        """
+        A successor with fewer workers than the old one's gives up before
+        anything is frozen.
+        """
+        sides = Sides(self)
+        sides.old.workers = FakeWorkers(["@a", "@b"])
+        sides.new.workers = FakeWorkers([], count=1)
+        sides.new.workers.abandonTakeover = lambda: None
+        sides.start()
+        sides.run()
+        self.assertIsNone(sides.batch)
+        self.assertEqual(sides.exits, [1])
+        self.assertIn("has 2 worker(s) to hand over, --workers here gives 1", sides.failed[0])
+        sides.close()
