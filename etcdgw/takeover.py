@@ -466,10 +466,6 @@ def _holdCollector():
     return gc.enable
 
 
-def _describeBytes(n):
-    return f"{n} bytes"
-
-
 class Handover:
     """
     The running gateway's side of one takeover: one successor on one
@@ -633,11 +629,11 @@ class Handover:
         self._releaseCollector()
         elapsed = self.reactor.seconds() - self.frozenAt
         self.log.info(
-            "takeover: handed {pairs} connection(s) ({queued} queued) and {listeners} "
+            "takeover: handed {pairs} connection(s) ({queued} bytes queued) and {listeners} "
             "listener(s) to pid {pid} after {elapsed:.1f} ms frozen; {skipped} "
             "connection(s) not portable (TLS origination) drain here",
             pairs=self.handedPairs,
-            queued=_describeBytes(self.handedBytes),
+            queued=self.handedBytes,
             listeners=len(self._paused),
             pid=self.successor,
             elapsed=elapsed * 1000,
@@ -887,6 +883,10 @@ class Takeover:
             d.callback(port)
 
     def _fallbackListen(self, endpoint, factory):
+        """
+        Listen as configured (a listener the running gateway does not
+        have). Our endpoints listen at once (their Deferred has fired).
+        """
         result = []
         endpoint.fallback.listen(factory).addBoth(result.append)
         if not result:
@@ -1036,12 +1036,12 @@ class Takeover:
 
         pause = ms(end.get("frozenAt"), now)
         self.log.info(
-            "takeover: took over {pairs} connection(s) ({queued} queued) and {listeners} "
+            "takeover: took over {pairs} connection(s) ({queued} bytes queued) and {listeners} "
             "listener(s) from pid {pid}; pause {pause:.1f} ms (frozen there to started here: "
             "export {export:.1f} ms, transfer {transfer:.1f} ms, adopt {adopt:.1f} ms, "
             "commit {commit:.1f} ms, start {start:.1f} ms)",
             pairs=end.get("pairs", 0),
-            queued=_describeBytes(self.queuedBytes),
+            queued=self.queuedBytes,
             listeners=len(self.ports),
             pid=self.predecessor,
             pause=pause,
