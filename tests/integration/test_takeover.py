@@ -703,3 +703,107 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
             connections=[int(re.search(r"took over (\d+) conn", l).group(1)) for l in tookOver],
             pauses_ms=[float(re.search(r"pause ([\d.]+) ms", l).group(1)) for l in tookOver],
         )
+
+    def test_unixListener(self):
+        """
+        A unix-socket --listen-addr is handed over: its file stays, a held
+        connection keeps working, new ones are served.
+        """
+        directory = tempfile.mkdtemp(prefix="etcdgw-takeover-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "gw.sock")
+        gw = self.gateway(listen="unix:" + path)
+
+        def ask(sock):
+            sock.sendall(b"GET /version HTTP/1.1\r\nHost: gw\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(4096)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(4096)
+            self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+            return json.loads(body)["etcdserver"]
+
+        held = socket.socket(socket.AF_UNIX)
+        self.addCleanup(held.close)
+        held.settimeout(10)
+        held.connect(path)
+        ask(held)
+        self.takeOver(gw)
+        self.assertTrue(os.path.exists(path))
+        ask(held)
+        fresh = socket.socket(socket.AF_UNIX)
+        self.addCleanup(fresh.close)
+        fresh.settimeout(10)
+        fresh.connect(path)
+        ask(fresh)
+
+    def test_socketActivated(self):
+        """
+        A gateway on systemd's socket (systemd-socket-activate, as
+        etcd-gateway.socket) hands it over: the successor says MAINPID= and
+        READY=1; a held connection keeps working; new ones are served.
+        """
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            message = "systemd-socket-activate not found (Debian's systemd package)"
+            if os.environ.get("CI"):
+                self.fail("CI is set and " + message)
+            raise unittest.SkipTest(message)
+        directory = tempfile.mkdtemp(prefix="etcdgw-takeover-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        notify = NotifySocket(directory)
+        self.addCleanup(notify.close)
+        port = freePort()
+        log = open(os.path.join(directory, "gw.log"), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen(
+            [
+                activate, f"--listen={HOST}:{port}", "--fdname=etcd-gateway",
+                f"--setenv=PYTHONPATH={checkoutEnvironment()['PYTHONPATH']}",
+                f"--setenv=NOTIFY_SOCKET={notify.path}",
+                sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "etcd-gateway",
+                "--listen-addr=systemd:domain=INET:index=0",
+                "--endpoints=" + self.cluster.endpoints,
+            ],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+        def stop():
+            for m in notify.read():
+                found = re.search(r"MAINPID=(\d+)", m)
+                if found and alive(int(found.group(1))):
+                    os.kill(int(found.group(1)), signal.SIGTERM)
+                    waitGone(int(found.group(1)))
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+        self.addCleanup(stop)
+
+        def listening():
+            try:
+                socket.create_connection((HOST, port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+
+        waitUntil(listening, 10, message="systemd-socket-activate listening")
+        held = http.client.HTTPConnection(HOST, port, timeout=10)
+        self.addCleanup(held.close)
+        version(held)  # the first connection starts the gateway
+        waitUntil(lambda: any("READY=1" in m for m in notify.read()), 15, message="READY")
+        os.kill(process.pid, signal.SIGUSR2)
+        self.assertEqual(process.wait(20), 0)
+        waitUntil(
+            lambda: any("READY=1" in m and f"MAINPID={process.pid}" not in m
+                        for m in notify.read()),
+            15, message="the successor's READY",
+        )
+        version(held)
+        fresh = http.client.HTTPConnection(HOST, port, timeout=10)
+        version(fresh)
+        fresh.close()
+        self.assertFalse(any("STOPPING=1" in m for m in notify.messages))
