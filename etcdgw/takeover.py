@@ -66,8 +66,10 @@ L{etcdgw.portable}'s business.
 import collections
 import errno
 import gc
+import io
 import json
 import os
+import pickle
 import signal
 import socket
 import stat
@@ -367,29 +369,49 @@ class SocketChannel:
         self.socket.close()
 
 
+class _PlainData(pickle.Unpickler):
+    """
+    Unpickles plain data only (dicts, lists, tuples, strings, numbers,
+    booleans, None): any class or function a pickle names is refused, so
+    nothing of the peer's runs here.
+    """
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"not plain data: {module}.{name}")
+
+
 def chunkPairs(pairs, maxFds=MAX_FDS_PER_FRAME, maxPayload=MAX_PAYLOAD_PER_FRAME):
     """
     Cut exported pairs into frames: each C{(header, payload, fds)} with at
     most C{maxFds} descriptors and about C{maxPayload} queued bytes.
 
+    The payload is the pairs' records and lengths, pickled (plain data
+    only: L{_PlainData}), then their queued bytes. Not in the JSON header:
+    JSON took 25-30 ms of the pause at 2,000 pairs (encoding here, decoding
+    there, both while the pairs are frozen); pickle takes 3-5.
+
     @param pairs: L{etcdgw.portable} exported pairs (C{record}, C{data},
         C{fds}).
     """
     frames = []
-    records, payload, fds = [], [], []
+    items, payload, fds = [], [], []
     size = 0
+
+    def cut():
+        records = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+        header = {"type": "pairs", "count": len(items), "records": len(records)}
+        frames.append((header, records + b"".join(payload), fds))
+
     for pair in pairs:
-        if records and (
-            len(fds) + len(pair.fds) > maxFds or size + len(pair.data) > maxPayload
-        ):
-            frames.append(({"type": "pairs", "pairs": records}, b"".join(payload), fds))
-            records, payload, fds, size = [], [], [], 0
-        records.append({"record": pair.record, "data": len(pair.data), "fds": len(pair.fds)})
+        if items and (len(fds) + len(pair.fds) > maxFds or size + len(pair.data) > maxPayload):
+            cut()
+            items, payload, fds, size = [], [], [], 0
+        items.append((pair.record, len(pair.data), len(pair.fds)))
         payload.append(pair.data)
         fds.extend(pair.fds)
         size += len(pair.data)
-    if records:
-        frames.append(({"type": "pairs", "pairs": records}, b"".join(payload), fds))
+    if items:
+        cut()
     return frames
 
 
@@ -400,16 +422,23 @@ def splitPairs(header, payload, fds):
     @raise TakeoverError: when the frame's counts do not add up.
     """
     pairs = []
-    offset = used = 0
     try:
-        for item in header["pairs"]:
-            length, count = int(item["data"]), int(item["fds"])
-            if length < 0 or count < 1 or offset + length > len(payload) or used + count > len(fds):
+        length = int(header["records"])
+        if not 0 < length <= len(payload):
+            raise ValueError("the records' length is wrong")
+        items = _PlainData(io.BytesIO(payload[:length])).load()
+        if not isinstance(items, list) or len(items) != header["count"]:
+            raise ValueError("not the count of pairs announced")
+        offset, used = length, 0
+        for record, size, count in items:
+            if not isinstance(record, dict):
+                raise ValueError("a record is not a mapping")
+            if size < 0 or count < 1 or offset + size > len(payload) or used + count > len(fds):
                 raise ValueError("counts do not add up")
-            pairs.append((item["record"], payload[offset : offset + length], fds[used : used + count]))
-            offset += length
+            pairs.append((record, payload[offset : offset + size], fds[used : used + count]))
+            offset += size
             used += count
-    except (KeyError, TypeError, ValueError) as e:
+    except Exception as e:
         raise TakeoverError(f"a malformed pairs frame: {e}") from None
     if offset != len(payload) or used != len(fds):
         raise TakeoverError("a malformed pairs frame: bytes or descriptors left over")

@@ -283,12 +283,29 @@ class FramingTests(SynchronousTestCase):
         """
         A pairs frame whose counts do not add up is refused.
         """
-        with self.assertRaises(TakeoverError):
-            splitPairs({"pairs": [{"record": {}, "data": 5, "fds": 1}]}, b"abc", [1])
-        with self.assertRaises(TakeoverError):
-            splitPairs({"pairs": [{"record": {}, "data": 1, "fds": 1}]}, b"ab", [1])
-        with self.assertRaises(TakeoverError):
-            splitPairs({"pairs": "x"}, b"", [])
+        [(header, payload, fds)] = chunkPairs([Exported({"n": 1}, b"abc", [7])])
+        self.assertEqual(splitPairs(header, payload, fds), [({"n": 1}, b"abc", [7])])
+        for header, payload, fds in [
+            (header, payload[:-1], fds),
+            (header, payload + b"x", fds),
+            (header, payload, []),
+            (dict(header, count=2), payload, fds),
+            (dict(header, records=0), payload, fds),
+            ({"type": "pairs"}, payload, fds),
+        ]:
+            with self.assertRaises(TakeoverError):
+                splitPairs(header, payload, fds)
+
+    def test_plainDataOnly(self):
+        """
+        Records that name a class or function are refused, unrun.
+        """
+        import pickle
+
+        records = pickle.dumps([(OSError("x"), 0, 1)])
+        header = {"type": "pairs", "count": 1, "records": len(records)}
+        e = self.assertRaises(TakeoverError, splitPairs, header, records, [7])
+        self.assertIn("not plain data: builtins.OSError", str(e))
 
 
 class ChannelTests(SynchronousTestCase):
