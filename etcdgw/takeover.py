@@ -25,13 +25,14 @@ first bytes, at most L{MAX_FDS_PER_FRAME} in one frame (the kernel takes
                                          <--  hello {version, pid}
                                          <--  listeners {[flag, address, family]} + their sockets
                                          <--  state {members: up/down, health, their counters}
-                                         <--  pairs {[record, bytes, fds]} + sockets   (repeated)
+                                         <--  pairs {count} + [record, bytes, fds] (pickled,
+                                              plain data) + queued bytes + sockets (repeated)
                                          <--  end {pairs, bytes, frozenAt}
     adopts the pairs, the listeners (paused)
     ready                                -->
+                                         <--  commit
                                               forgets the pairs, stops its ports (the queues stay:
                                               the successor holds the sockets)
-                                         <--  commit
     starts the pairs, accepts; exits on failure with status 1;
     the old one exits 0 once its own shutdown is done.
 
