@@ -807,3 +807,43 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         version(fresh)
         fresh.close()
         self.assertFalse(any("STOPPING=1" in m for m in notify.messages))
+
+    def test_halfClosedStaysHalfClosed(self):
+        """
+        A connection whose client shut its write side down before the
+        takeover stays half-closed across it: the member's reply, sent
+        after, arrives whole, then the end.
+        """
+        go = threading.Event()
+
+        def member(sock, server):
+            data = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            server.record(("eof", data))
+            go.wait(30)
+            sock.sendall(b"reply to " + data)
+            sock.shutdown(socket.SHUT_WR)
+
+        server = ThreadedServer(member)
+        self.addCleanup(server.close)
+        gw = self.gateway(server.address, "--health-check=tcp")
+        client = socket.create_connection((HOST, gw.port))
+        self.addCleanup(client.close)
+        client.settimeout(30)
+        client.sendall(b"question")
+        client.shutdown(socket.SHUT_WR)
+        waitUntil(lambda: server.results, 10, message="the member saw the end")
+        self.takeOver(gw)
+        go.set()
+        received = b""
+        while True:
+            chunk = client.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        self.assertEqual(server.results, [("eof", b"question")])
+        self.assertEqual(received, b"reply to question")
