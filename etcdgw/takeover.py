@@ -1052,7 +1052,11 @@ class Takeover:
         self.channel.loseConnection()
         committedAt = self.reactor.seconds()
         if self.adopted is not None:
-            self.adopted.start()
+            try:
+                self.adopted.start()
+            except Exception:
+                # No way back after the commit: this process serves on.
+                self.log.failure("takeover: error starting the connections taken over")
         for port in self.ports:
             port.resumeAfterTakeover()
         now = self.reactor.seconds()
