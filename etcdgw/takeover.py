@@ -649,7 +649,11 @@ class Handover:
         # forgets them.
         self.channel.send({"type": "commit"})
         self.channel.loseConnection()
-        self.batch.release()
+        try:
+            self.batch.release()
+        except Exception:
+            # No way back after the commit: this process stops all the same.
+            self.log.failure("takeover: error releasing the connections handed over")
         for listener, port in self._paused:
             port.handOver()
         if self.gateway.workers is not None:
