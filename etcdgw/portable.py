@@ -94,7 +94,9 @@ class ExportedPair(NamedTuple):
         (the member was still being dialled: the successor dials), C{endpoint}
         (C{host}, C{port}, C{priority}, C{weight}, C{tls}, C{serverName};
         L{None} when client-only), C{age} (seconds since the client was
-        accepted), C{toMember} and C{toClient} (the lengths of the queued
+        accepted), C{clientAddress} and C{memberAddress} (the peers'
+        addresses as lists, or L{None}: the successor asks the sockets),
+        C{toMember} and C{toClient} (the lengths of the queued
         bytes each way), C{client} and C{member} (each side's C{readDone},
         C{writeDone}, C{writePending}, C{closing}).
     @ivar data: the bytes queued toward the member, then those queued
@@ -172,6 +174,24 @@ def _sides(protocol, transport):
         "writePending": bool(transport._writeDisconnecting and not transport._writeDisconnected),
         "closing": bool(transport.disconnecting),
     }
+
+
+def _peerAddress(transport):
+    """
+    The peer address of C{transport}, as C{tcp.Server}'s C{client} holds it
+    (a list in the record: JSON has no tuples), without a system call; or
+    L{None} (the successor asks the socket).
+    """
+    for name in ("client", "realAddress"):
+        address = getattr(transport, name, None)
+        if (
+            isinstance(address, tuple)
+            and len(address) in (2, 4)
+            and isinstance(address[0], str)
+            and isinstance(address[1], int)
+        ):
+            return list(address)
+    return None
 
 
 def _endpointRecord(endpoint):
@@ -437,6 +457,8 @@ def _exportJoined(batch, client, upstream, readers, writers):
         "clientOnly": False,
         "endpoint": _endpointRecord(client.state.endpoint),
         "age": max(0.0, client.factory.reactor.seconds() - client._accepted),
+        "clientAddress": _peerAddress(ct),
+        "memberAddress": _peerAddress(mt),
         "toMember": len(toMember),
         "toClient": len(toClient),
         "client": _sides(client, ct),
@@ -486,6 +508,8 @@ def _exportDialling(batch, client, readers, writers):
         "clientOnly": True,
         "endpoint": None,
         "age": max(0.0, factory.reactor.seconds() - client._accepted),
+        "clientAddress": _peerAddress(client.transport),
+        "memberAddress": None,
         "toMember": 0,
         "toClient": 0,
         "client": _sides(client, client.transport),
@@ -580,9 +604,7 @@ class AdoptedPairs:
             try:
                 for fd in fds:
                     sockets.append(socket.socket(fileno=fd))
-                fds = ()
-                for skt in sockets:
-                    skt.setblocking(False)
+                fds = ()  # the sockets own them (Twisted makes them non-blocking)
                 if record["clientOnly"]:
                     client = self._client(sockets[0], clientClass, record, now)
                     dial.append(client)
@@ -614,18 +636,22 @@ class AdoptedPairs:
         )
         return self.adopted, self.failed
 
-    def _transport(self, cls, server, skt, protocol):
+    def _transport(self, cls, server, skt, protocol, peer=None):
         """
         A transport of class C{cls} (a C{tcp.Server} or the fast path's
         L{etcdgw.fast.transport.GatewayServer}, either side: both take an
-        established socket) for C{protocol} on C{skt}; a client on a unix
-        socket gets Twisted's C{unix.Server}.
+        established socket) for C{protocol} on C{skt}, whose peer address
+        is C{peer} (from the record; asked of the socket when missing); a
+        client on a unix socket gets Twisted's C{unix.Server}.
         """
         if skt.family == socket.AF_UNIX:
             from twisted.internet import unix
 
             cls, server = unix.Server, _ADOPTED
-        return cls(skt, protocol, skt.getpeername(), server, 0, self.factory.reactor)
+            peer = None
+        if not peer:
+            peer = skt.getpeername()
+        return cls(skt, protocol, tuple(peer), server, 0, self.factory.reactor)
 
     def _client(self, skt, clientClass, record, now):
         """
@@ -633,7 +659,9 @@ class AdoptedPairs:
         """
         factory = self.factory
         client = factory.buildProtocol(None)
-        transport = self._transport(clientClass, self.listener or _ADOPTED, skt, client)
+        transport = self._transport(
+            clientClass, self.listener or _ADOPTED, skt, client, record.get("clientAddress")
+        )
         transport.stopReading()
         client.connected = 1
         client.transport = transport
@@ -657,12 +685,14 @@ class AdoptedPairs:
         if len(toMember) + len(toClient) != len(data):
             raise ValueError("the queued bytes do not match the record's lengths")
         client = factory.buildProtocol(None)
-        ct = self._transport(clientClass, self.listener or _ADOPTED, sockets[0], client)
+        ct = self._transport(
+            clientClass, self.listener or _ADOPTED, sockets[0], client, record.get("clientAddress")
+        )
         client.connected = 1
         client.transport = ct
         client._accepted = now - record["age"]
         upstream = UpstreamProtocol(client)
-        mt = self._transport(serverClass, _ADOPTED, sockets[1], upstream)
+        mt = self._transport(serverClass, _ADOPTED, sockets[1], upstream, record.get("memberAddress"))
         upstream.connected = 1
         upstream.transport = mt
         factory.clients.add(client)
