@@ -653,8 +653,12 @@ class ReleaseTests(_Base):
         self.assertEqual(self.old.clients, set())
         self.assertEqual(len(self.old.connections), 0)
         self.assertEqual(self.old.pool.states()[0].active, 0)
-        adopted = portable.adoptPairs(self.new, pairs)
+        baseline = self.descriptors
+        yield self.listen(self.new)
+        self.descriptors = baseline + 1  # the new listener
+        adopted = portable.adoptPairs(self.new, pairs, listener=self.new.port)
         self.assertEqual(adopted.start(), (1, 0))
+        self.assertEqual(self.new.port.openConnections, 1)  # its cap counts it
         self.assertEqual(self.new.pool.states()[0].active, 1)
         self.assertEqual(self.new.connections.held(), {self.endpoint.key: 1})
         self.assertEqual((yield self.roundTrip(s, b"after")), b"after")
@@ -662,6 +666,7 @@ class ReleaseTests(_Base):
         s.shutdown(socket.SHUT_WR)
         self.assertEqual((yield self.roundTrip(s, b"")), b"")
         yield self.settled()
+        self.assertEqual(self.new.port.openConnections, 0)
         s.close()
         yield self.assertNoDescriptorLeak()
 
