@@ -601,25 +601,38 @@ class AdoptedPairs:
         dial = []
         for record, data, fds in pairs:
             sockets = []
+            made = []
             try:
                 for fd in fds:
                     sockets.append(socket.socket(fileno=fd))
                 fds = ()  # the sockets own them (Twisted makes them non-blocking)
                 if record["clientOnly"]:
-                    client = self._client(sockets[0], clientClass, record, now)
+                    client = self._client(sockets[0], clientClass, record, now, made)
                     dial.append(client)
                 else:
-                    self._joined(sockets, data, record, serverClass, clientClass, states, now)
+                    self._joined(
+                        sockets, data, record, serverClass, clientClass, states, now, made
+                    )
                 self.adopted += 1
             except Exception as e:
+                # Nothing was registered (that comes last); the transports
+                # made leave the reactor, and the sockets are closed without
+                # a shutdown (no FIN while the predecessor still holds them).
                 self.failed += 1
                 failures.append(f"{type(e).__name__}: {e}")
+                for transport in made:
+                    transport.stopReading()
+                    transport.stopWriting()
                 for skt in sockets:
                     skt.close()
                 _closeAll(fds)
         for client in dial:
             client._tried = []
-            client._dial()
+            try:
+                client._dial()
+            except Exception:
+                log.failure("dialling for an adopted client failed; closing that client only")
+                client.transport.abortConnection()
         if failures:
             log.error(
                 "{failed} adopted connections could not be started, closed: {why}",
@@ -653,7 +666,7 @@ class AdoptedPairs:
             peer = skt.getpeername()
         return cls(skt, protocol, tuple(peer), server, 0, self.factory.reactor)
 
-    def _client(self, skt, clientClass, record, now):
+    def _client(self, skt, clientClass, record, now, made):
         """
         A client-only pair: its client, paused, ready to dial.
         """
@@ -662,6 +675,7 @@ class AdoptedPairs:
         transport = self._transport(
             clientClass, self.listener or _ADOPTED, skt, client, record.get("clientAddress")
         )
+        made.append(transport)
         transport.stopReading()
         client.connected = 1
         client.transport = transport
@@ -669,7 +683,13 @@ class AdoptedPairs:
         factory.clients.add(client)
         return client
 
-    def _joined(self, sockets, data, record, serverClass, clientClass, states, now):
+    def _joined(self, sockets, data, record, serverClass, clientClass, states, now, made):
+        """
+        A joined pair: its two transports on C{sockets}, joined, the bytes
+        queued in the predecessor queued first, half-closes restored; then
+        registered (last: nothing before it needs undoing should this
+        raise).
+        """
         factory = self.factory
         pool = factory.pool
         where = record["endpoint"]
@@ -688,19 +708,16 @@ class AdoptedPairs:
         ct = self._transport(
             clientClass, self.listener or _ADOPTED, sockets[0], client, record.get("clientAddress")
         )
-        client.connected = 1
-        client.transport = ct
-        client._accepted = now - record["age"]
+        made.append(ct)
         upstream = UpstreamProtocol(client)
-        mt = self._transport(serverClass, _ADOPTED, sockets[1], upstream, record.get("memberAddress"))
-        upstream.connected = 1
+        mt = self._transport(
+            serverClass, _ADOPTED, sockets[1], upstream, record.get("memberAddress")
+        )
+        made.append(mt)
+        client.connected = upstream.connected = 1
+        client.transport = ct
         upstream.transport = mt
-        factory.clients.add(client)
-        upstream.state = client.state = state
-        pool.connectionOpened(state)
-        upstream.peer = client
-        client.peer = upstream
-        factory.connections.register(client)
+        client._accepted = now - record["age"]
         _restore(client, ct, record["client"])
         _restore(upstream, mt, record["member"])
         client._write = writerFor(mt)
@@ -714,6 +731,13 @@ class AdoptedPairs:
             tcp.Connection.write(mt, toMember)
         if toClient:
             tcp.Connection.write(ct, toClient)
+        # Registered as ClientProtocol._connected does.
+        factory.clients.add(client)
+        upstream.state = client.state = state
+        pool.connectionOpened(state)
+        upstream.peer = client
+        client.peer = upstream
+        factory.connections.register(client)
         for transport, side, peer in ((ct, record["client"], mt), (mt, record["member"], ct)):
             if side["writePending"]:
                 transport.loseWriteConnection()

@@ -771,6 +771,27 @@ class ReleaseTests(_Base):
         s.close()
 
 
+    @defer.inlineCallbacks
+    def test_threeTakeoversInARow(self):
+        """A pair taken over three times in a row (each successor's own transports exported) still serves."""
+        s = yield self.rawClient()
+        [member] = self.memberFactory.connections
+        gateways = [self.old, self.new, self.gateway([self.endpoint]), self.gateway([self.endpoint])]
+        for i, (old, new) in enumerate(zip(gateways, gateways[1:])):
+            batch = portable.exportPairs(old)
+            self.assertEqual(len(batch.pairs), 1)
+            adopted = portable.adoptPairs(new, handOver(batch))
+            batch.release()
+            self.assertEqual(adopted.start(), (1, 0))
+            self.assertEqual((yield self.roundTrip(s, b"takeover %d" % i)), b"takeover %d" % i)
+        self.assertEqual(self.memberFactory.connections, [member])
+        s.shutdown(socket.SHUT_WR)
+        self.assertEqual((yield self.roundTrip(s, b"")), b"")
+        yield waitFor(lambda: not gateways[-1].clients)
+        s.close()
+        yield self.assertNoDescriptorLeak()
+
+
 class RecordTests(_Base):
     @defer.inlineCallbacks
     def test_recordIsJSON(self):
@@ -790,6 +811,27 @@ class RecordTests(_Base):
         self.assertEqual(openDescriptors(), before - 2)
         batch.thaw()
         client.transport.loseConnection()
+
+    @defer.inlineCallbacks
+    def test_onePairFailingToStartFailsAlone(self):
+        """A pair the successor cannot start is closed; the others are adopted."""
+        clients = [Streamer(0, seed=9), Streamer(0, seed=10)]
+        for client in clients:
+            client.autostart = False
+            yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 2)
+        batch = portable.exportPairs(self.old)
+        pairs = handOver(batch)
+        pairs[1][0]["endpoint"] = None  # a record it cannot read
+        adopted = portable.adoptPairs(self.new, pairs)
+        batch.release()
+        self.assertEqual(adopted.start(), (1, 1))
+        self.assertEqual(len(self.new.connections), 1)
+        self.assertEqual(self.new.pool.states()[0].active, 1)
+        for client in clients:
+            client.transport.loseConnection()
+        yield self.settled()
+        yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
     def test_originatedTLSIsSkipped(self):
