@@ -21,6 +21,16 @@ L{AdoptedPairs.start}s them: transports (the fast path's or Twisted's, as
 this process runs) on the same sockets, the queued bytes sent first,
 half-closes as they were, joined and counted as if dialled here.
 
+The order a takeover follows: export; send every record, its bytes and
+its descriptors (the batch closes its duplicates in L{ExportBatch.release}
+and L{ExportBatch.thaw}, so both come after the descriptors are sent); the
+successor adopts (L{adoptPairs}: it owns the received descriptors from
+then on) and either starts or aborts; the predecessor then releases or
+thaws. The successor may start before the predecessor releases: the
+predecessor's copies are frozen, and release sends nothing. What must
+never happen is a thaw after the successor started (both would serve the
+same sockets).
+
 Bytes queued in the old process, per direction (read out in the order they
 would have been sent, see L{_queued}): what the source's splice pipe holds
 (L{etcdgw.fast.transport.FastTransport._flushPipe} sends it before anything
@@ -387,7 +397,9 @@ def exportPairs(factory):
     for client in list(factory.clients):
         if client.peer is not None or (client._dialing is None and client._retry is None):
             continue  # joined (above), or closing
-        if not client.portable or not client.connected:
+        if not client.connected:
+            continue  # closing
+        if not client.portable:
             batch.skipped.append(
                 {
                     "client": _describe(client.transport),
