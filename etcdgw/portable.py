@@ -21,6 +21,16 @@ L{AdoptedPairs.start}s them: transports (the fast path's or Twisted's, as
 this process runs) on the same sockets, the queued bytes sent first,
 half-closes as they were, joined and counted as if dialled here.
 
+The order a takeover follows: export; send every record, its bytes and
+its descriptors (the batch closes its duplicates in L{ExportBatch.release}
+and L{ExportBatch.thaw}, so both come after the descriptors are sent); the
+successor adopts (L{adoptPairs}: it owns the received descriptors from
+then on) and either starts or aborts; the predecessor then releases or
+thaws. The successor may start before the predecessor releases: the
+predecessor's copies are frozen, and release sends nothing. What must
+never happen is a thaw after the successor started (both would serve the
+same sockets).
+
 Bytes queued in the old process, per direction (read out in the order they
 would have been sent, see L{_queued}): what the source's splice pipe holds
 (L{etcdgw.fast.transport.FastTransport._flushPipe} sends it before anything
@@ -94,7 +104,9 @@ class ExportedPair(NamedTuple):
         (the member was still being dialled: the successor dials), C{endpoint}
         (C{host}, C{port}, C{priority}, C{weight}, C{tls}, C{serverName};
         L{None} when client-only), C{age} (seconds since the client was
-        accepted), C{toMember} and C{toClient} (the lengths of the queued
+        accepted), C{clientAddress} and C{memberAddress} (the peers'
+        addresses as lists, or L{None}: the successor asks the sockets),
+        C{toMember} and C{toClient} (the lengths of the queued
         bytes each way), C{client} and C{member} (each side's C{readDone},
         C{writeDone}, C{writePending}, C{closing}).
     @ivar data: the bytes queued toward the member, then those queued
@@ -172,6 +184,24 @@ def _sides(protocol, transport):
         "writePending": bool(transport._writeDisconnecting and not transport._writeDisconnected),
         "closing": bool(transport.disconnecting),
     }
+
+
+def _peerAddress(transport):
+    """
+    The peer address of C{transport}, as C{tcp.Server}'s C{client} holds it
+    (a list in the record: JSON has no tuples), without a system call; or
+    L{None} (the successor asks the socket).
+    """
+    for name in ("client", "realAddress"):
+        address = getattr(transport, name, None)
+        if (
+            isinstance(address, tuple)
+            and len(address) in (2, 4)
+            and isinstance(address[0], str)
+            and isinstance(address[1], int)
+        ):
+            return list(address)
+    return None
 
 
 def _endpointRecord(endpoint):
@@ -367,7 +397,9 @@ def exportPairs(factory):
     for client in list(factory.clients):
         if client.peer is not None or (client._dialing is None and client._retry is None):
             continue  # joined (above), or closing
-        if not client.portable or not client.connected:
+        if not client.connected:
+            continue  # closing
+        if not client.portable:
             batch.skipped.append(
                 {
                     "client": _describe(client.transport),
@@ -437,6 +469,8 @@ def _exportJoined(batch, client, upstream, readers, writers):
         "clientOnly": False,
         "endpoint": _endpointRecord(client.state.endpoint),
         "age": max(0.0, client.factory.reactor.seconds() - client._accepted),
+        "clientAddress": _peerAddress(ct),
+        "memberAddress": _peerAddress(mt),
         "toMember": len(toMember),
         "toClient": len(toClient),
         "client": _sides(client, ct),
@@ -486,6 +520,8 @@ def _exportDialling(batch, client, readers, writers):
         "clientOnly": True,
         "endpoint": None,
         "age": max(0.0, factory.reactor.seconds() - client._accepted),
+        "clientAddress": _peerAddress(client.transport),
+        "memberAddress": None,
         "toMember": 0,
         "toClient": 0,
         "client": _sides(client, client.transport),
@@ -577,27 +613,38 @@ class AdoptedPairs:
         dial = []
         for record, data, fds in pairs:
             sockets = []
+            made = []
             try:
                 for fd in fds:
                     sockets.append(socket.socket(fileno=fd))
-                fds = ()
-                for skt in sockets:
-                    skt.setblocking(False)
+                fds = ()  # the sockets own them (Twisted makes them non-blocking)
                 if record["clientOnly"]:
-                    client = self._client(sockets[0], clientClass, record, now)
+                    client = self._client(sockets[0], clientClass, record, now, made)
                     dial.append(client)
                 else:
-                    self._joined(sockets, data, record, serverClass, clientClass, states, now)
+                    self._joined(
+                        sockets, data, record, serverClass, clientClass, states, now, made
+                    )
                 self.adopted += 1
             except Exception as e:
+                # Nothing was registered (that comes last); the transports
+                # made leave the reactor, and the sockets are closed without
+                # a shutdown (no FIN while the predecessor still holds them).
                 self.failed += 1
                 failures.append(f"{type(e).__name__}: {e}")
+                for transport in made:
+                    transport.stopReading()
+                    transport.stopWriting()
                 for skt in sockets:
                     skt.close()
                 _closeAll(fds)
         for client in dial:
             client._tried = []
-            client._dial()
+            try:
+                client._dial()
+            except Exception:
+                log.failure("dialling for an adopted client failed; closing that client only")
+                client.transport.abortConnection()
         if failures:
             log.error(
                 "{failed} adopted connections could not be started, closed: {why}",
@@ -614,26 +661,33 @@ class AdoptedPairs:
         )
         return self.adopted, self.failed
 
-    def _transport(self, cls, server, skt, protocol):
+    def _transport(self, cls, server, skt, protocol, peer=None):
         """
         A transport of class C{cls} (a C{tcp.Server} or the fast path's
         L{etcdgw.fast.transport.GatewayServer}, either side: both take an
-        established socket) for C{protocol} on C{skt}; a client on a unix
-        socket gets Twisted's C{unix.Server}.
+        established socket) for C{protocol} on C{skt}, whose peer address
+        is C{peer} (from the record; asked of the socket when missing); a
+        client on a unix socket gets Twisted's C{unix.Server}.
         """
         if skt.family == socket.AF_UNIX:
             from twisted.internet import unix
 
             cls, server = unix.Server, _ADOPTED
-        return cls(skt, protocol, skt.getpeername(), server, 0, self.factory.reactor)
+            peer = None
+        if not peer:
+            peer = skt.getpeername()
+        return cls(skt, protocol, tuple(peer), server, 0, self.factory.reactor)
 
-    def _client(self, skt, clientClass, record, now):
+    def _client(self, skt, clientClass, record, now, made):
         """
         A client-only pair: its client, paused, ready to dial.
         """
         factory = self.factory
         client = factory.buildProtocol(None)
-        transport = self._transport(clientClass, self.listener or _ADOPTED, skt, client)
+        transport = self._transport(
+            clientClass, self.listener or _ADOPTED, skt, client, record.get("clientAddress")
+        )
+        made.append(transport)
         transport.stopReading()
         client.connected = 1
         client.transport = transport
@@ -641,7 +695,13 @@ class AdoptedPairs:
         factory.clients.add(client)
         return client
 
-    def _joined(self, sockets, data, record, serverClass, clientClass, states, now):
+    def _joined(self, sockets, data, record, serverClass, clientClass, states, now, made):
+        """
+        A joined pair: its two transports on C{sockets}, joined, the bytes
+        queued in the predecessor queued first, half-closes restored; then
+        registered (last: nothing before it needs undoing should this
+        raise).
+        """
         factory = self.factory
         pool = factory.pool
         where = record["endpoint"]
@@ -657,20 +717,19 @@ class AdoptedPairs:
         if len(toMember) + len(toClient) != len(data):
             raise ValueError("the queued bytes do not match the record's lengths")
         client = factory.buildProtocol(None)
-        ct = self._transport(clientClass, self.listener or _ADOPTED, sockets[0], client)
-        client.connected = 1
-        client.transport = ct
-        client._accepted = now - record["age"]
+        ct = self._transport(
+            clientClass, self.listener or _ADOPTED, sockets[0], client, record.get("clientAddress")
+        )
+        made.append(ct)
         upstream = UpstreamProtocol(client)
-        mt = self._transport(serverClass, _ADOPTED, sockets[1], upstream)
-        upstream.connected = 1
+        mt = self._transport(
+            serverClass, _ADOPTED, sockets[1], upstream, record.get("memberAddress")
+        )
+        made.append(mt)
+        client.connected = upstream.connected = 1
+        client.transport = ct
         upstream.transport = mt
-        factory.clients.add(client)
-        upstream.state = client.state = state
-        pool.connectionOpened(state)
-        upstream.peer = client
-        client.peer = upstream
-        factory.connections.register(client)
+        client._accepted = now - record["age"]
         _restore(client, ct, record["client"])
         _restore(upstream, mt, record["member"])
         client._write = writerFor(mt)
@@ -684,6 +743,13 @@ class AdoptedPairs:
             tcp.Connection.write(mt, toMember)
         if toClient:
             tcp.Connection.write(ct, toClient)
+        # Registered as ClientProtocol._connected does.
+        factory.clients.add(client)
+        upstream.state = client.state = state
+        pool.connectionOpened(state)
+        upstream.peer = client
+        client.peer = upstream
+        factory.connections.register(client)
         for transport, side, peer in ((ct, record["client"], mt), (mt, record["member"], ct)):
             if side["writePending"]:
                 transport.loseWriteConnection()

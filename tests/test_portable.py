@@ -15,9 +15,9 @@ import socket
 
 from zope.interface import implementer
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw import portable
 from etcdgw.endpoint import Endpoint
@@ -556,6 +556,47 @@ class HalfCloseTests(_Base):
         yield self.assertNoDescriptorLeak()
 
 
+class OrderTests(_Base):
+    """
+    Bytes queued in both places of one direction at export: the splice
+    pipe's go first, then Twisted's write buffer.
+    """
+
+    member = Digest
+
+    @defer.inlineCallbacks
+    def test_pipeBeforeWriteBuffer(self):
+        """The successor sends what the pipe held before what Twisted queued behind it."""
+        if not (self.fast and transport.SPLICE):
+            raise SkipTest("no splice pipe here")
+        Digest.held = True
+        self.addCleanup(setattr, Digest, "held", False)
+        client = Streamer(8 * 1024 * 1024, seed=8)
+        yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        ct, mt = self.pairOf(self.old)
+        yield waitFor(lambda: ct._pipeBytes and (client.paused or client.finished))
+        yield sleep(0.05)
+        self.assertTrue(ct._pipeBytes)
+        # What a read through Python (_copyRead) queues behind the pipe.
+        before = self.old.pool.states()[0].toUpstream.n
+        extra = b"<queued behind the pipe>" * 100
+        tcp.Connection.write(mt, extra)
+        piped = ct._pipeBytes
+        records = []
+        yield self.takeOver(lambda batch: records.extend(p.record for p in batch.pairs))
+        self.assertEqual(records[0]["toMember"], piped + len(extra))
+        [member] = self.memberFactory.connections
+        member.hold(False)
+        yield within(client.lost)
+        received = b"".join(member.received)
+        self.assertEqual(received[before : before + len(extra)], extra)
+        rest = received[:before] + received[before + len(extra) :]
+        self.assertEqual(hashlib.sha256(rest).hexdigest(), client.sentHash.hexdigest())
+        yield self.settled()
+        yield self.assertNoDescriptorLeak()
+
+
 class ReleaseTests(_Base):
     """
     What the peers see of an export: nothing.
@@ -612,8 +653,12 @@ class ReleaseTests(_Base):
         self.assertEqual(self.old.clients, set())
         self.assertEqual(len(self.old.connections), 0)
         self.assertEqual(self.old.pool.states()[0].active, 0)
-        adopted = portable.adoptPairs(self.new, pairs)
+        baseline = self.descriptors
+        yield self.listen(self.new)
+        self.descriptors = baseline + 1  # the new listener
+        adopted = portable.adoptPairs(self.new, pairs, listener=self.new.port)
         self.assertEqual(adopted.start(), (1, 0))
+        self.assertEqual(self.new.port.openConnections, 1)  # its cap counts it
         self.assertEqual(self.new.pool.states()[0].active, 1)
         self.assertEqual(self.new.connections.held(), {self.endpoint.key: 1})
         self.assertEqual((yield self.roundTrip(s, b"after")), b"after")
@@ -621,6 +666,7 @@ class ReleaseTests(_Base):
         s.shutdown(socket.SHUT_WR)
         self.assertEqual((yield self.roundTrip(s, b"")), b"")
         yield self.settled()
+        self.assertEqual(self.new.port.openConnections, 0)
         s.close()
         yield self.assertNoDescriptorLeak()
 
@@ -698,6 +744,54 @@ class ReleaseTests(_Base):
         s.close()
 
 
+    @defer.inlineCallbacks
+    def test_stillDiallingThawedDialsAgain(self):
+        """A client-only pair thawed is dialled again here."""
+        hung = socket.socket()
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(0)
+        self.addCleanup(hung.close)
+        for _ in range(3):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(hung.getsockname())
+            self.addCleanup(f.close)
+        self.old.pool.replaceEndpoints([Endpoint(*hung.getsockname())])
+        s = socket.create_connection(("127.0.0.1", self.old.port.getHost().port))
+        s.setblocking(False)
+        self.addCleanup(s.close)
+        yield waitFor(lambda: any(c._dialing for c in self.old.clients))
+        batch = portable.exportPairs(self.old)
+        self.assertEqual([p.record["clientOnly"] for p in batch.pairs], [True])
+        self.assertFalse(any(c._dialing for c in self.old.clients))
+        self.old.pool.replaceEndpoints([self.endpoint])
+        batch.thaw()
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        self.assertEqual((yield self.roundTrip(s, b"redialled")), b"redialled")
+        s.close()
+
+
+    @defer.inlineCallbacks
+    def test_threeTakeoversInARow(self):
+        """A pair taken over three times in a row (each successor's own transports exported) still serves."""
+        s = yield self.rawClient()
+        [member] = self.memberFactory.connections
+        gateways = [self.old, self.new, self.gateway([self.endpoint]), self.gateway([self.endpoint])]
+        for i, (old, new) in enumerate(zip(gateways, gateways[1:])):
+            batch = portable.exportPairs(old)
+            self.assertEqual(len(batch.pairs), 1)
+            adopted = portable.adoptPairs(new, handOver(batch))
+            batch.release()
+            self.assertEqual(adopted.start(), (1, 0))
+            self.assertEqual((yield self.roundTrip(s, b"takeover %d" % i)), b"takeover %d" % i)
+        self.assertEqual(self.memberFactory.connections, [member])
+        s.shutdown(socket.SHUT_WR)
+        self.assertEqual((yield self.roundTrip(s, b"")), b"")
+        yield waitFor(lambda: not gateways[-1].clients)
+        s.close()
+        yield self.assertNoDescriptorLeak()
+
+
 class RecordTests(_Base):
     @defer.inlineCallbacks
     def test_recordIsJSON(self):
@@ -717,6 +811,27 @@ class RecordTests(_Base):
         self.assertEqual(openDescriptors(), before - 2)
         batch.thaw()
         client.transport.loseConnection()
+
+    @defer.inlineCallbacks
+    def test_onePairFailingToStartFailsAlone(self):
+        """A pair the successor cannot start is closed; the others are adopted."""
+        clients = [Streamer(0, seed=9), Streamer(0, seed=10)]
+        for client in clients:
+            client.autostart = False
+            yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 2)
+        batch = portable.exportPairs(self.old)
+        pairs = handOver(batch)
+        pairs[1][0]["endpoint"] = None  # a record it cannot read
+        adopted = portable.adoptPairs(self.new, pairs)
+        batch.release()
+        self.assertEqual(adopted.start(), (1, 1))
+        self.assertEqual(len(self.new.connections), 1)
+        self.assertEqual(self.new.pool.states()[0].active, 1)
+        for client in clients:
+            client.transport.loseConnection()
+        yield self.settled()
+        yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
     def test_originatedTLSIsSkipped(self):
@@ -779,3 +894,20 @@ class StockHalfCloseTests(_Stock, HalfCloseTests):
 
 class StockReleaseTests(_Stock, ReleaseTests):
     """On Twisted's own transports."""
+
+
+class LeanDispatchTransferTests(TransferTests):
+    """With the gateway's lean dispatch (its C batch step where built)."""
+
+    def setUp(self):
+        from etcdgw.fast import dispatch
+        from tests.test_proxy_loopback import _twistedDispatch
+
+        if not dispatch.leanDispatch(reactor):
+            raise SkipTest("not the epoll reactor")
+        self.addCleanup(_twistedDispatch)
+        return super().setUp()
+
+
+class StockOrderTests(_Stock, OrderTests):
+    """On Twisted's own transports (no pipe: skipped)."""
