@@ -128,16 +128,20 @@ class EtcdClient:
         scheme = "https" if endpoint.tls else "http"
         return f"{scheme}://{formatHostPort(endpoint.serverName, endpoint.port)}{path}"
 
-    def request(self, endpoint, method, path, body=None):
+    def request(self, endpoint, method, path, body=None, timeout=None):
         """
         Send one request to C{endpoint}: connect to its address, speak TLS
         for its server name when it is https.
 
         @param body: a JSON-able value to POST, or L{None}.
+        @param timeout: seconds, when this request gets less than
+            C{self.timeout}.
         @return: a Deferred firing with C{(code, bytes)}; failing on a
             connection error, with L{EtcdHTTPError} for an answer longer than
             L{MAX_BODY}, or with L{defer.TimeoutError} after C{timeout}.
         """
+        if timeout is None:
+            timeout = self.timeout
         if self.allTLS and not endpoint.tls:
             endpoint = attr.evolve(endpoint, tls=True)
         headers = Headers({b"user-agent": [b"etcd-gateway"]})
@@ -147,7 +151,7 @@ class EtcdClient:
             producer = _BytesProducer(json.dumps(body).encode("utf-8"))
         agent = Agent.usingEndpointFactory(
             self.reactor,
-            _MemberEndpoints(self.reactor, endpoint, self.tlsPolicy, self.timeout),
+            _MemberEndpoints(self.reactor, endpoint, self.tlsPolicy, timeout),
             pool=self._pool,
         )
         d = agent.request(method, self.url(endpoint, path).encode("ascii"), headers, producer)
@@ -156,7 +160,7 @@ class EtcdClient:
                 lambda data: (response.code, data)
             )
         )
-        d.addTimeout(self.timeout, self.reactor, onTimeoutCancel=_timedOut)
+        d.addTimeout(timeout, self.reactor, onTimeoutCancel=_timedOut)
         return d
 
     def requestJSON(self, endpoint, method, path, body=None):
@@ -328,9 +332,11 @@ class EtcdProber:
         """
         @return: a Deferred firing with a L{CheckResult}; never failing.
         """
+        alive = _AliveQuestion(self.client, endpoint)
         d = self._health(endpoint)
+        d.addBoth(alive.healthAnswered)
         d.addCallback(self._withIdentity, endpoint)
-        d.addErrback(self._failed, endpoint)
+        d.addErrback(self._failed, alive)
         return d
 
     def _health(self, endpoint):
@@ -384,7 +390,7 @@ class EtcdProber:
         d.addCallbacks(status, noStatus)
         return d
 
-    def _failed(self, reason, endpoint):
+    def _failed(self, reason, alive):
         result = CheckResult(
             False,
             describeCheckFailure(reason),
@@ -392,29 +398,72 @@ class EtcdProber:
         )
         if not reason.check(defer.TimeoutError, error.TimeoutError):
             return result
-        return self._alive(endpoint, result)
-
-    def _alive(self, endpoint, result):
-        """
-        The health question timed out: is the member alive all the same?
-        etcd 3.4's C{/health} waits up to a second for a quorum read, so
-        during an election a live follower does not answer it within a
-        shorter C{--health-timeout}, exactly like a frozen member. Ask
-        C{/version}, which etcd serves from memory: any HTTP answer in time
-        means the member answers (slowly), so when no member is healthy the
-        pool's fallback (L{etcdgw.pool.UpstreamPool.pick}) prefers it to a
-        member that answers nothing at all.
-        """
 
         def answered(answer):
+            if answer is None:
+                return result
             return attr.evolve(
                 result, detail=f"{result.detail}; /version answered HTTP {answer[0]}",
                 answered=True,
             )
 
-        d = self.client.request(endpoint, b"GET", "/version")
-        d.addCallbacks(answered, lambda _: result)
-        return d
+        return alive.answer().addCallback(answered)
+
+
+class _AliveQuestion:
+    """
+    Is a member whose health question goes unanswered alive all the same?
+    etcd 3.4's C{/health} waits up to a second for a quorum read, so during
+    an election a live follower does not answer it within a shorter
+    C{--health-timeout}, exactly like a frozen member. C{GET /version},
+    which etcd serves from memory, tells them apart: any HTTP answer in
+    time means the member answers (slowly), so when no member is healthy
+    the pool's fallback (L{etcdgw.pool.UpstreamPool.pick}) prefers it to a
+    member that answers nothing at all.
+
+    It is asked once the health question has gone unanswered for half the
+    timeout, and gets the other half: a check still ends within
+    C{--health-timeout}, so a frozen member is found as fast as the README
+    promises (the question is not asked of a member that answers in time).
+    """
+
+    def __init__(self, client, endpoint):
+        self.client = client
+        self.endpoint = endpoint
+        self.budget = client.timeout / 2
+        self._answer = None
+        self._call = client.reactor.callLater(self.budget, self._ask)
+
+    def _ask(self):
+        self._call = None
+        d = self._answer = self.client.request(
+            self.endpoint, b"GET", "/version", timeout=self.budget
+        )
+        d.addErrback(lambda reason: None)
+
+    def healthAnswered(self, result):
+        """
+        The health question ended with C{result}: the /version question is
+        no longer needed, unless the health question timed out.
+        """
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+        timedOut = isinstance(result, Failure) and result.check(
+            defer.TimeoutError, error.TimeoutError
+        )
+        if self._answer is not None and not timedOut:
+            self._answer.cancel()
+        return result
+
+    def answer(self):
+        """
+        @return: a Deferred firing with C{(code, bytes)} of C{/version}, or
+            with L{None} when it got no answer.
+        """
+        if self._answer is None:
+            self._ask()
+        return self._answer
 
 
 #: What the HTTP client wraps the reasons of a failed request in (each

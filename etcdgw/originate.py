@@ -308,7 +308,7 @@ def _memberTransportClasses():
     from etcdgw.fast.relay import buffer as _buffer
     from etcdgw.fast.relay import view as _view
     from etcdgw.fast.transport import _maySendNow
-    from etcdgw.fast.transport import GatewayClient, GatewayConnector
+    from etcdgw.fast.transport import FastTransport, GatewayClient, GatewayConnector
 
     #: A TLS record holds at most this much (2**14 bytes).
     record = 16384
@@ -547,53 +547,18 @@ def _memberTransportClasses():
         Mixin for a client connection (a L{GatewayServer}, or a subclass of
         it: the listener's counted one) whose member side is TLS: what
         it reads goes to the member transport's C{write} (which encrypts and
-        sends it), without the protocols: C{FastTransport._copyRead} for a
-        joined transport, minus the relay step, which cannot encrypt. A
-        client transport becomes one when it is joined (its class is
-        swapped: the same slots, no state of its own); its protocol still
-        hears of half-closes and closes. Must stay in step with
-        C{FastTransport.doRead}/C{_copyRead}.
+        sends it), without the protocols: C{FastTransport._copyRead}, never
+        the relay step, which cannot encrypt. A client transport becomes one
+        when it is joined (its class is swapped: the same slots, no state of
+        its own); its protocol still hears of half-closes and closes.
         """
 
         __slots__ = ()
 
-        def doRead(self):
-            try:
-                n = self.socket.recv_into(_buffer)
-            except (BlockingIOError, InterruptedError):
-                return None
-            except OSError:
-                return main.CONNECTION_LOST
-            if not n:
-                self._eof = True
-                return main.CONNECTION_DONE
-            target = self._target
-            if target is None:
-                self.protocol.dataReceived(_view[:n])
-                return None
-            self._count.n += n
-            tls = target._ssl
-            if (
-                tls is None
-                or target._tempDataLen
-                or target.dataBuffer
-                or target.disconnecting
-                or target._writeDisconnecting
-                or not target.connected
-            ):
-                target.write(_view[:n])
-                return None
-            # TLSMemberClient.write, inlined.
-            try:
-                sent = tls.write(_view[:n])
-            except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                sent = 0
-            except OSError:
-                target._sendFailed()
-                return None
-            if sent < n:
-                tcp.Connection.write(target, bytes(_view[sent:n]))
-            return None
+        # What it reads goes through the target's write (TLSMemberClient.write:
+        # encrypt and send, or queue behind what is queued): the copy path,
+        # never the relay step, which cannot encrypt.
+        doRead = FastTransport._copyRead
 
     class TLSMemberConnector(GatewayConnector):
         def _makeTransport(self):

@@ -239,13 +239,18 @@ class FakeClient:
     An EtcdClient stand-in: (method, path) -> (code, body) or an exception.
     """
 
+    timeout = 1.0
+
     def __init__(self, answers):
         self.answers = answers
         self.asked = []
+        self.reactor = MemoryReactorClock()
 
-    def request(self, endpoint, method, path, body=None):
+    def request(self, endpoint, method, path, body=None, timeout=None):
         self.asked.append(path)
         answer = self.answers[(method, path)]
+        if isinstance(answer, defer.Deferred):
+            return answer
         if isinstance(answer, Exception):
             return defer.fail(answer)
         return defer.succeed(answer)
@@ -345,6 +350,61 @@ class ProberTests(SynchronousTestCase):
         result = self.successResultOf(EtcdProber(client)(A))
         self.assertEqual((result.healthy, result.answered), (False, False))
         self.assertEqual(result.detail, "no answer in time")
+
+    def test_versionAskedAtHalfTime(self):
+        """
+        The /version question is asked once the health question has gone
+        unanswered for half the timeout, and gets the other half: the check
+        ends when the health question times out, not a timeout later (a
+        frozen member is found within fall x max(interval, timeout) +
+        timeout, as the README says).
+        """
+        health = defer.Deferred()
+        version = defer.Deferred()
+        client = FakeClient({(b"GET", "/readyz"): health, (b"GET", "/version"): version})
+        d = EtcdProber(client)(A)
+        client.reactor.advance(0.49)
+        self.assertEqual(client.asked, ["/readyz"])
+        client.reactor.advance(0.01)
+        self.assertEqual(client.asked, ["/readyz", "/version"])
+        version.callback((200, b"{}"))
+        self.assertNoResult(d)
+        health.errback(defer.TimeoutError())  # at 1.0 s, in the real client
+        result = self.successResultOf(d)
+        self.assertEqual((result.healthy, result.answered), (False, True))
+        self.assertEqual(client.reactor.getDelayedCalls(), [])
+
+    def test_answeredInTimeAsksNothingMore(self):
+        """A health answer before half the timeout: no /version, no timer left."""
+        health = defer.Deferred()
+        client = FakeClient(
+            {(b"GET", "/readyz"): health, (b"POST", "/v3/maintenance/status"): STATUS}
+        )
+        d = EtcdProber(client)(A)
+        client.reactor.advance(0.3)
+        health.callback((200, b"ok"))
+        self.assertTrue(self.successResultOf(d).healthy)
+        self.assertEqual(client.asked, ["/readyz", "/v3/maintenance/status"])
+        self.assertEqual(client.reactor.getDelayedCalls(), [])
+
+    def test_lateAnswerCancelsVersion(self):
+        """A health answer after /version was asked cancels that question."""
+        health = defer.Deferred()
+        cancelled = []
+        version = defer.Deferred(cancelled.append)
+        client = FakeClient(
+            {
+                (b"GET", "/readyz"): health,
+                (b"GET", "/version"): version,
+                (b"POST", "/v3/maintenance/status"): STATUS,
+            }
+        )
+        d = EtcdProber(client)(A)
+        client.reactor.advance(0.7)
+        health.callback((503, b"no leader"))
+        result = self.successResultOf(d)
+        self.assertEqual((result.healthy, result.answered), (False, True))
+        self.assertEqual(cancelled, [version])
 
     def test_refusedAsksNothingMore(self):
         """Only a timeout leads to the /version question."""

@@ -1,3 +1,4 @@
+import select
 import socket
 
 from twisted.internet.epollreactor import EPollReactor
@@ -143,3 +144,107 @@ class LeanDispatchTests(SynchronousTestCase):
         reactor._selectables = {}
         reactor.doIteration(0)
         self.assertEqual(asked, [MAX_EVENTS, 1])
+
+
+class BatchResetTests(SynchronousTestCase):
+    def test_resetConsumedBySendStaysAReset(self):
+        """
+        A client's reset that lands after epoll reported the client readable
+        and the member readable, in that batch, and that the batch step's
+        send of the member's data to the client then consumes, reaches the
+        member as a reset, never as a half-close: the client's read later in
+        the same batch, which sees a clean end of stream once the reset is
+        consumed, is not believed (the send has aborted the client).
+        """
+        import struct
+
+        from zope.interface import implementer
+
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+        from twisted.internet.protocol import Protocol
+
+        from etcdgw import fast
+        from etcdgw.fast import relay as relayModule
+        from etcdgw.fast.transport import GatewayServer
+        from etcdgw.pool import ByteCount
+
+        if relayModule.serve is None:
+            self.fail("the C batch step (_etcdgw_relay.serve) was not built")
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertTrue(leanDispatch(reactor))
+
+        def tcpPair():
+            server = socket.socket()
+            server.bind(("127.0.0.1", 0))
+            server.listen(1)
+            a = socket.create_connection(server.getsockname())
+            b, _ = server.accept()
+            server.close()
+            b.setblocking(False)
+            return a, b
+
+        clientPeer, clientSide = tcpPair()
+        memberSide, memberPeer = tcpPair()
+        memberSide, memberPeer = memberPeer, memberSide
+        events = []
+
+        @implementer(IHalfCloseableProtocol)
+        class Side(Protocol):
+            """Passes closes on as etcdgw.proxy does."""
+
+            def __init__(self, name):
+                self.name = name
+                self.peer = None
+
+            def readConnectionLost(self):
+                events.append((self.name, "half-close"))
+                self.peer.transport.loseWriteConnection()
+
+            def writeConnectionLost(self):
+                pass
+
+            def connectionLost(self, reason):
+                events.append((self.name, type(reason.value).__name__))
+                if self.peer.transport.connected:
+                    self.peer.transport.abortConnection()
+
+        class Port:
+            _realPortNumber = 0
+
+        transports = []
+        for sock, name in ((clientSide, "client"), (memberSide, "member")):
+            protocol = Side(name)
+            transport = GatewayServer(sock, protocol, ("127.0.0.1", 1), Port(), 1, reactor)
+            protocol.makeConnection(transport)
+            transports.append(transport)
+            self.addCleanup(sock.close)
+        client, member = transports
+        client.protocol.peer, member.protocol.peer = member.protocol, client.protocol
+        self.assertTrue(fast.join(client, member, ByteCount(), ByteCount()))
+
+        # epoll said both were readable (EPOLLIN alone: the batch step's);
+        # then the client's reset came.
+        memberPeer.sendall(b"for the client")
+        clientPeer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        clientPeer.close()
+        batch = [(member.fileno(), select.EPOLLIN), (client.fileno(), select.EPOLLIN)]
+        real = reactor._poller
+
+        class Poller:
+            def poll(self, timeout, maxevents):
+                reactor._poller = real
+                return batch
+
+        reactor._poller = Poller()
+        reactor.doIteration(0)
+        for _ in range(3):
+            reactor.runUntilCurrent()
+            reactor.doIteration(0)
+        self.assertNotIn(("client", "half-close"), events)
+        self.assertEqual(
+            events, [("client", "ConnectionAborted"), ("member", "ConnectionAborted")]
+        )
+        memberPeer.settimeout(5)
+        with self.assertRaises(ConnectionResetError):
+            memberPeer.recv(10)

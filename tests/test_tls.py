@@ -226,6 +226,9 @@ class HTTPClientTLSTests(SynchronousTestCase):
         calls = []
 
         class Client:
+            reactor = MemoryReactorClock()
+            timeout = 1.0
+
             def request(client, endpoint, method, path, body=None):
                 calls.append(path)
                 return self.request(endpoint, ClientTLS())

@@ -70,6 +70,12 @@ def _doPoll(self, timeout):
     if _serve is not None and events:
         events, answers = _serve(events, selectables, _buffer, _FastTransport, _READ_SIZE)
         for transport, target, answer in answers:
+            if transport._aborting:
+                # A send to it earlier in this batch failed (an answer
+                # before this one): that send consumed its reset, so what
+                # this read saw (an end of stream) is not what happened,
+                # and the abort already passes the reset on.
+                continue
             try:
                 why = transport._relayed(target, answer)
             except BaseException as e:

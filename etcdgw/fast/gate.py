@@ -53,6 +53,7 @@ NEEDS = (
     ("twisted.internet.tcp", "Connection.doWrite"),
     ("twisted.internet.tcp", "Connection.connectionLost"),
     ("twisted.internet.tcp", "Connection.abortConnection"),
+    ("twisted.internet.tcp", "Connection._aborting"),
     ("twisted.internet.tcp", "Server"),
     ("twisted.internet.tcp", "Client.createInternetSocket"),
     ("twisted.internet.tcp", "BaseClient._connectDone"),
