@@ -847,3 +847,52 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
             received += chunk
         self.assertEqual(server.results, [("eof", b"question")])
         self.assertEqual(received, b"reply to question")
+
+    def test_workersFailureLeavesEveryProcessServing(self):
+        """
+        --workers 2, and a successor (by hand, --takeover) whose own
+        listener fails after its worker has taken the old worker's
+        connections up to holding: the held worker is killed, the old
+        worker and the old supervisor thaw and serve every connection;
+        nothing exits but the successor (status 1).
+        """
+        directory = tempfile.mkdtemp(prefix="etcdgw-takeover-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        control = os.path.join(directory, "control")
+        gw = self.gateway("--workers=2", f"--control-socket={control}")
+        waitUntil(lambda: gw.log().count("ready to proxy client requests") >= 2, 15,
+                  message="both processes ready")
+        [oldWorker] = children(gw.pid)
+        waitUntil(lambda: "control socket on @etcd-gateway-takeover" in gw.log(), 10,
+                  message="the worker's control socket")
+        held = []
+        for _ in range(30):
+            conn = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+            version(conn)
+            held.append(conn)
+        self.addCleanup(lambda: [c.close() for c in held])
+        self.assertGreater(len(localPeers(oldWorker, gw.port)), 0)
+        taken = socket.socket()
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        failing = subprocess.run(
+            [sys.executable, "-c", _TWISTD, "-n", "--pidfile=", "etcd-gateway",
+             "--listen-addr=" + gw.listen, "--endpoints=" + self.cluster.endpoints,
+             "--workers=2", f"--takeover={control}",
+             f"--metrics-addr={HOST}:{taken.getsockname()[1]}"],
+            env=checkoutEnvironment(), capture_output=True, timeout=60,
+        )
+        self.assertEqual(failing.returncode, 1, failing.stderr)
+        self.assertIn(b"takeover failed: --metrics-addr", failing.stderr)
+        self.assertIn(b"takeover: holding", failing.stdout + failing.stderr)
+        waitUntil(lambda: gw.log().count("takeover failed") >= 2, 15,
+                  message="the supervisor and its worker both thawed")
+        self.assertTrue(gw.running())
+        self.assertTrue(alive(oldWorker))
+        self.assertEqual(children(gw.pid), [oldWorker])
+        for conn in held:
+            version(conn)
+        fresh = http.client.HTTPConnection(HOST, gw.port, timeout=10)
+        version(fresh)
+        fresh.close()
