@@ -242,6 +242,34 @@ class WorkersConfig:
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
+class TakeoverConfig:
+    """
+    Live takeover (L{etcdgw.takeover}).
+
+    @ivar controlSocket: C{--control-socket}: the unix socket a successor
+        started with C{--takeover} connects to, or L{None}.
+    @ivar path: C{--takeover}: take over from the gateway listening on this
+        control socket, or L{None}.
+    @ivar fd: the inherited descriptor of a successor started by SIGUSR2
+        (C{$ETCDGW_TAKEOVER_FD}), or L{None}.
+    @ivar hold: a worker started by a successor supervisor (C{--workers}):
+        once it has adopted, it waits for the supervisor's go.
+    """
+
+    controlSocket: str = None
+    path: str = None
+    fd: int = None
+    hold: bool = False
+
+    @property
+    def successor(self):
+        """
+        This process takes over from a running gateway.
+        """
+        return self.path is not None or self.fd is not None
+
+
+@attr.s(frozen=True, slots=True, auto_attribs=True, kw_only=True)
 class GatewayConfig:
     """
     Everything the flags say, parsed and checked. Every field is given: the
@@ -259,6 +287,7 @@ class GatewayConfig:
     @ivar shutdownGrace: C{--shutdown-grace}, seconds.
     @ivar workers: the L{WorkersConfig}.
     @ivar upstreamTLS: the L{UpstreamTLSConfig}.
+    @ivar takeover: the L{TakeoverConfig}.
     @ivar forward: C{--forward}: C{"copy"} (the only value offered; see
         L{etcdgw.fast.kernel} for C{kernel}, refused).
     """
@@ -275,3 +304,4 @@ class GatewayConfig:
     workers: WorkersConfig
     upstreamTLS: UpstreamTLSConfig = UpstreamTLSConfig()
     forward: str = "copy"
+    takeover: TakeoverConfig = TakeoverConfig()

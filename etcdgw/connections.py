@@ -295,6 +295,12 @@ class ConnectionRegistry(Service):
         if pairs is not None and pairs.pop(pair, _GONE) is not _GONE and not pairs:
             del self._pairs[key]
 
+    def pairs(self):
+        """
+        Every live pair, a list (each member's in arrival order).
+        """
+        return [pair for pairs in self._pairs.values() for pair in pairs]
+
     def held(self):
         """
         The number of live pairs by endpoint key (only keys with some).

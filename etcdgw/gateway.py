@@ -91,14 +91,27 @@ class ListenerService(ListeningService):
         C{maxConnections}, C{mode}).
     """
 
-    def __init__(self, reactor, address, factory, flag, announce, **endpointOptions):
+    def __init__(self, reactor, address, factory, flag, announce, takeover=None,
+                 **endpointOptions):
         self._reactor = reactor
         self._endpointOptions = endpointOptions
         self._announce = announce
+        self._takeover = takeover
+        self._flag = flag
         super().__init__(self._endpointFor(address), factory, address, flag)
 
     def _endpointFor(self, address):
-        return listenEndpoint(self._reactor, address, **self._endpointOptions)
+        endpoint = listenEndpoint(self._reactor, address, **self._endpointOptions)
+        if self._takeover is not None:
+            # A successor: the running gateway's socket for this flag and
+            # address, if it has one (etcdgw.takeover).
+            options = {
+                name: value
+                for name, value in self._endpointOptions.items()
+                if name in ("maxConnections", "fast")
+            }
+            endpoint = self._takeover.endpoint(self._flag, address, endpoint, **options)
+        return endpoint
 
     def privilegedStartService(self):
         if not isResolved(self.address):
@@ -184,6 +197,11 @@ class Gateway:
     @ivar workers: the L{WorkersService} (C{--workers} above 1).
     @ivar supervisorWatch: the L{SupervisorWatch} of a worker.
     @ivar notify: the L{SystemdNotifyService} (C{$NOTIFY_SOCKET}).
+    @ivar takeover: in a successor (C{--takeover}, or started by SIGUSR2),
+        the L{etcdgw.takeover.Takeover} taking over from the running
+        gateway; else L{None}.
+    @ivar takeovers: the L{etcdgw.takeover.TakeoverService}: SIGUSR2 and
+        C{--control-socket}.
     @ivar upstreamTLS: the L{etcdgw.originate.UpstreamTLS} of
         C{--upstream-tls=originate} (every member connection's TLS
         settings; SIGHUP reads its files again), else L{None}.
@@ -213,6 +231,8 @@ class Gateway:
     supervisorWatch: object = None
     notify: object = None
     upstreamTLS: object = None
+    takeover: object = None
+    takeovers: object = None
 
     @property
     def listeners(self):
@@ -246,6 +266,13 @@ class Gateway:
             self.guard.checkConfigured(self.pool.endpoints)
         except SelfLoopError as e:
             failStart(f"--endpoints and --listen-addr: {e}")
+        if self.takeover is not None:
+            from etcdgw.takeover import TakeoverError
+
+            try:
+                self.takeover.connect()
+            except TakeoverError as e:
+                failStart(f"takeover: {e}")
 
     def _takeOverProcess(self):
         # The fast path's one gate: the lean dispatch and our transports, or
@@ -334,6 +361,7 @@ def buildGateway(config, reactor=None):
         ownProcess=ownProcess,
     )
     probe = _originate(gateway) or probe
+    gateway.takeover = _successor(gateway)
     gateway.service = GatewayService(gateway.startUp)
     _attach(gateway, "connections", connections)
     clients, operator = _connectionCaps(config.listen.maxConnections)
@@ -358,6 +386,7 @@ def buildGateway(config, reactor=None):
         ),
     )
     gateway.workers, gateway.supervisorWatch = _workers(gateway)
+    gateway.takeovers = _takeovers(gateway)
     gateway.notify = _systemdNotify(gateway)
     gateway.web = _operatorListener(gateway, operator)
     # A member connection (or probe) that reaches one of these is a self-loop.
@@ -540,6 +569,7 @@ def _clientListener(gateway, cap):
         reusePort=config.workers.count > 1 or config.workers.workerOf is not None,
         maxConnections=cap,
         mode=config.listen.mode,
+        takeover=gateway.takeover,
     )
     return _attach(gateway, "listener", listener)
 
@@ -692,13 +722,79 @@ def _workers(gateway):
                 list(workers.arguments),
                 reactor,
                 gateway.config.shutdownGrace + 5,
+                successor=gateway.takeover is not None,
             ),
         )
     if workers.workerOf is not None:
+
+        def handingOver():
+            # A worker handing over to its successor outlives its supervisor
+            # (whose own successor took over) until it has.
+            takeovers = gateway.takeovers
+            return takeovers is not None and takeovers.current is not None
+
         watch = _attach(
-            gateway, "supervisor-watch", SupervisorWatch(workers.workerOf, reactor, reactor.stop)
+            gateway,
+            "supervisor-watch",
+            SupervisorWatch(workers.workerOf, reactor, reactor.stop, busy=handingOver),
         )
     return supervisor, watch
+
+
+def _successor(gateway):
+    """
+    A successor (C{--takeover}, or started by SIGUSR2): the
+    L{etcdgw.takeover.Takeover} that takes the running gateway's listeners
+    and connections over when this one starts; else L{None}.
+    """
+    takeover = gateway.config.takeover
+    if not takeover.successor:
+        return None
+    from etcdgw.takeover import Takeover
+
+    options = {}
+    if not gateway.ownProcess:
+        # An injected reactor: the process is not the gateway's to leave.
+        options["exit"] = lambda status: gateway.reactor.stop()
+    return Takeover(
+        gateway,
+        path=takeover.path,
+        fd=takeover.fd,
+        controlSocket=takeover.controlSocket,
+        hold=takeover.hold,
+        installSignal=_signals(gateway),
+        **options,
+    )
+
+
+def _takeovers(gateway):
+    """
+    The triggers of a takeover of this gateway (L{etcdgw.takeover}):
+    SIGUSR2 (the process's own reactor only) and C{--control-socket}; in a
+    worker, only its own control socket (its supervisor is the one
+    signalled; the successor supervisor's workers take the workers over).
+    """
+    from etcdgw.takeover import TakeoverService, twistdPidfile
+
+    worker = gateway.config.workers.workerOf is not None
+    options = {}
+    if gateway.ownProcess and not worker:
+        options["pidfile"] = twistdPidfile()
+    if not gateway.ownProcess:
+        options["exit"] = lambda status: None
+    return _attach(
+        gateway,
+        "takeover",
+        TakeoverService(
+            gateway,
+            controlSocket=gateway.config.takeover.controlSocket,
+            # A worker: no SIGUSR2 (its supervisor's successor takes it
+            # over, through the worker's own control socket).
+            installSignal=None if worker else _signals(gateway),
+            spawn=gateway.reactor.spawnProcess if gateway.ownProcess else None,
+            **options,
+        ),
+    )
 
 
 def _systemdNotify(gateway):
@@ -718,6 +814,7 @@ def _systemdNotify(gateway):
         gateway.reactor,
         watchdogInterval(),
         listeners=gateway.listeners,
+        takeover=gateway.takeover,
     )
     return _attach(gateway, "sdnotify", service)
 
@@ -748,5 +845,6 @@ def _operatorListener(gateway, cap):
         announce,
         maxConnections=cap,
         fast=False,  # Twisted's own transports: nothing here needs speed
+        takeover=gateway.takeover,
     )
     return _attach(gateway, "metrics", web)

@@ -27,6 +27,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import address, defer, endpoints, error, tcp, unix
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python import failure
 from twisted.python.systemd import ListenFDs
 
 from etcdgw.endpoint import formatHostPort
@@ -159,6 +160,8 @@ class _Accepting:
     _unloggedClientErrors = 0
     _resume = None
     _atCap = False
+    #: Accepting is held for a takeover (L{pauseForTakeover}).
+    _takeoverHold = False
 
     def describeListener(self):
         """
@@ -270,7 +273,51 @@ class _Accepting:
             and not self.disconnecting
             and self._resume is None
             and not self._atCap
+            and not self._takeoverHold
         )
+
+    def pauseForTakeover(self):
+        """
+        Accept nothing while a takeover runs (L{etcdgw.takeover}): new
+        clients wait in the kernel's listen queue, none is refused.
+        """
+        self._takeoverHold = True
+        self.stopReading()
+
+    def resumeAfterTakeover(self):
+        """
+        Accept again (the takeover failed here, or committed in the
+        successor that adopted this socket).
+        """
+        self._takeoverHold = False
+        if self._canAccept():
+            self.startReading()
+
+    def handOver(self):
+        """
+        The successor holds this listening socket now: stop this port
+        without touching the socket's queue (its descriptor is shared) or,
+        for a unix socket, removing its file.
+        """
+        self._takeoverHold = True
+        self.stopReading()
+        if hasattr(self, "ownsFile"):
+            self.ownsFile = False
+        # Twisted shuts a socket down before closing it (tcp._SocketCloser):
+        # on a listening socket that would stop the successor's listening too.
+        self._shouldShutdown = False
+        self.disconnecting = True
+        if self.connected:
+            # At once, not in a later turn: the listener's own stop then
+            # finds the port closed.
+            self.connectionLost(failure.Failure(error.ConnectionDone()))
+
+    def dropForTakeover(self):
+        """
+        A failed takeover in the successor: close this adopted socket (the
+        running gateway still has it) without removing a unix socket's file.
+        """
+        self.handOver()
 
     def _pauseAtCap(self):
         self._atCap = True
@@ -633,6 +680,29 @@ class GatewaySystemdEndpoint:
         port.startListening()
         os.close(fd)
         return port
+
+
+def adoptListeningSocket(reactor, fd, family, factory, maxConnections=None, fast=None,
+                         systemd=False, **ignored):
+    """
+    A port of ours serving the listening socket C{fd} (a duplicate is
+    taken; C{fd} stays the caller's) that another gateway process handed
+    over (L{etcdgw.takeover}). It listens, reading nothing until told.
+
+    @param systemd: the socket came from systemd (C{systemd:}): its unit
+        owns a unix socket's file.
+    """
+    os.set_blocking(fd, False)
+    if family == socket.AF_UNIX:
+        port = GatewayUNIXPort._fromListeningDescriptor(reactor, fd, factory)
+        if systemd:
+            port.adopted()
+    else:
+        port = GatewayPort._fromListeningDescriptor(reactor, fd, family, factory)
+        port.fast = fast
+    port.maxConnections = maxConnections
+    port.startListening()
+    return port
 
 
 def _stderrLine(text):

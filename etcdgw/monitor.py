@@ -316,6 +316,47 @@ class Monitor:
         self._looping &= keys
         self._judgeSilence()
 
+    # Takeover (etcdgw.takeover)
+
+    def exportState(self):
+        """
+        What a successor process needs to start warm, JSON-able: the pool's
+        decided state of each endpoint, the rise/fall counters of its etcd
+        checks and of its answer probes.
+        """
+        return {
+            "pool": self.pool.exportState(),
+            "tracks": [[list(key), t.ok, t.bad] for key, t in self._tracks.items()],
+            "silence": [
+                [list(key), s.answers, s.misses, s.quiet, s.order, s.detail]
+                for key, s in self._silence.items()
+            ],
+        }
+
+    def adoptState(self, exported):
+        """
+        Start from what the monitor of the process taken over from decided
+        (L{exportState}), for the endpoints this pool has too.
+        """
+        restored = self.pool.restoreState(exported.get("pool") or [])
+        keys = {state.endpoint.key for state in self.pool.states()}
+        for key, ok, bad in exported.get("tracks") or []:
+            key = tuple(key)
+            if key in keys:
+                self._tracks[key] = _Track(ok, bad)
+        for key, answers, misses, quiet, order, detail in exported.get("silence") or []:
+            key = tuple(key)
+            if key in keys:
+                self._silence[key] = _Silence(answers, misses, quiet, order, detail)
+                self._quietOrder = max(self._quietOrder, order)
+        self.log.info(
+            "member state taken over for {restored} endpoint(s): {up}/{total} up",
+            restored=restored,
+            up=self.pool.upCount(),
+            total=len(self.pool.endpoints),
+        )
+        return restored
+
     # Passive hints
 
     def onHint(self, handler):

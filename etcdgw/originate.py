@@ -723,6 +723,10 @@ class OriginatingClient(ClientProtocol):
 
     __slots__ = ("_early", "_earlySize", "_alpn", "_alpnWaiters", "_earlyEOF")
 
+    #: While dialled it reads the client's first bytes (they choose the
+    #: ALPN protocol): not handed to a successor (L{etcdgw.portable}).
+    portable = False
+
     def __init__(self):
         super().__init__()
         self._early = []

@@ -301,6 +301,20 @@ class UpstreamPool:
         """
         return self._states.get(endpoint.key)
 
+    def heldState(self, endpoint):
+        """
+        The L{EndpointState} that counts connections to C{endpoint}: the
+        pool's; for an endpoint no longer in the pool, the retired state
+        that still counts its open connections, or a new one (which
+        L{connectionOpened} retires). For connections opened elsewhere and
+        adopted here (L{etcdgw.portable}).
+        """
+        key = endpoint.key
+        state = self._states.get(key) or self._retired.get(key)
+        if state is None:
+            state = EndpointState(endpoint, self.clock.seconds())
+        return state
+
     def isUp(self, endpoint):
         state = self._states.get(endpoint.key)
         return state is not None and state.up
@@ -668,6 +682,66 @@ class UpstreamPool:
         key = state.endpoint.key
         if state.active <= 0 and self._retired.get(key) is state:
             del self._retired[key]
+
+    # Takeover (etcdgw.takeover): a successor process starts warm.
+
+    #: The decided fields of an endpoint's state a successor carries over.
+    CARRIED = (
+        "state",
+        "reason",
+        "health",
+        "healthReason",
+        "clusterID",
+        "foreign",
+        "proven",
+        "answering",
+        "silent",
+        "slow",
+        "silenceReason",
+        "dialAttempts",
+        "dialFailures",
+    )
+
+    def exportState(self):
+        """
+        The decided state of every endpoint, JSON-able: C{[{"host", "port",
+        field: value...}]} (L{CARRIED}).
+        """
+        return [
+            dict(
+                {name: getattr(state, name) for name in self.CARRIED},
+                host=state.endpoint.host,
+                port=state.endpoint.port,
+            )
+            for state in self.states()
+        ]
+
+    def restoreState(self, records):
+        """
+        Take over what another process decided (L{exportState}) for the
+        endpoints this pool has too; the others are left as they are.
+        Written by the monitor only (L{etcdgw.monitor.Monitor.adoptState}).
+
+        @return: how many endpoints were restored.
+        """
+        restored = 0
+        now = self.clock.seconds()
+        for record in records:
+            try:
+                state = self._states.get((record["host"], record["port"]))
+            except (KeyError, TypeError):
+                continue
+            if state is None:
+                continue
+            for name in self.CARRIED:
+                if name in record:
+                    setattr(state, name, record[name])
+            state.since = now
+            restored += 1
+        if restored:
+            self._checkDegraded()
+            self._notify()
+        return restored
 
     # Observers
 

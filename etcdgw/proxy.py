@@ -146,6 +146,11 @@ class ClientProtocol(_Side):
     __slots__ = ("_dialing", "_tried", "_retry", "_accepted", "_localFailures")
     log = Logger()
 
+    #: Whether this client, while its member is still dialled, may be
+    #: handed to a successor process to dial for it (L{etcdgw.portable}):
+    #: it has read nothing yet.
+    portable = True
+
     #: The first wait before dialling again when the gateway itself is out
     #: of descriptors or buffers; doubled each time, up to a second.
     localRetryDelay = 0.05

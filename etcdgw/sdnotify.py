@@ -12,7 +12,7 @@ import os
 import socket
 
 from twisted.application.service import Service
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 
@@ -132,11 +132,20 @@ class SystemdNotifyService(Service):
     @param listeners: the listeners whose loss stops the watchdog pings
         (default: C{listener}): a gateway that no longer accepts clients is
         not alive, and systemd restarts it.
+    @param takeover: in a successor, its L{etcdgw.takeover.Takeover}:
+        C{READY=1} (with C{MAINPID=} this process, which becomes the
+        service's main process) waits for its commit.
+    @ivar handedOver: set once a successor took this gateway over: its
+        stop then says nothing to systemd (no C{STOPPING=1}: the service
+        goes on, in the successor).
     """
 
     log = Logger()
 
-    def __init__(self, notifier, pool, listener, clock, watchdog=None, listeners=None):
+    handedOver = False
+
+    def __init__(self, notifier, pool, listener, clock, watchdog=None, listeners=None,
+                 takeover=None):
         self.notifier = notifier
         self.pool = pool
         self.listener = listener
@@ -147,15 +156,29 @@ class SystemdNotifyService(Service):
         self._lastStatus = None
         self._loop = None
         self._withheld = None
+        self.takeover = takeover
 
     def startService(self):
         super().startService()
         self.pool.addObserver(self._poolChanged)
-        self.listener.whenListening().addCallbacks(self._listening, lambda f: None)
+        ready = self.listener.whenListening()
+        if self.takeover is not None:
+            ready.addCallback(self._afterCommit)
+        ready.addCallbacks(self._listening, lambda f: None)
         if self.watchdog is not None:
             self._loop = task.LoopingCall(self._ping)
             self._loop.clock = self.clock
             self._loop.start(self.watchdog, now=True)
+
+    def _afterCommit(self, port):
+        done = defer.Deferred()
+
+        def committed(result):
+            done.callback(port)
+            return result
+
+        self.takeover.committed.addCallback(committed)
+        return done
 
     def _ping(self):
         """
@@ -214,5 +237,6 @@ class SystemdNotifyService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        self.notifier.notify(STOPPING="1", STATUS="stopping: draining connections")
+        if not self.handedOver:
+            self.notifier.notify(STOPPING="1", STATUS="stopping: draining connections")
         self.notifier.close()

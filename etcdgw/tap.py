@@ -13,6 +13,7 @@ twistd, one line and exit status 1.
 """
 
 import ipaddress
+import os
 import sys
 
 import attr
@@ -26,6 +27,7 @@ from etcdgw.config import (
     ListenConfig,
     PEMFile,
     SourceConfig,
+    TakeoverConfig,
     TLSFiles,
     UpstreamTLSConfig,
     WorkersConfig,
@@ -69,6 +71,8 @@ HELD_CLOSE_RATE = 100
 REBALANCE_RATE = 5
 #: The largest --held-close-rate and --rebalance-rate.
 MAX_RATE = 1000000
+#: The longest unix socket path (sun_path holds 108 bytes with the NUL).
+MAX_SOCKET_PATH = 107
 #: The largest --workers.
 MAX_WORKERS = 256
 #: The --upstream-tls values.
@@ -249,6 +253,25 @@ def _maxConnections(text):
     if int(digits) < 1:
         raise usage.UsageError(f'--max-connections: "{text}" must be at least 1')
     return int(digits)
+
+
+def _socketPath(name):
+    """
+    The converter of a unix socket path flag (C{--control-socket},
+    C{--takeover}): not empty, no NUL, short enough for a socket address.
+    """
+
+    def convert(text):
+        if not text or "\0" in text:
+            raise usage.UsageError(f"--{name}: {_quoted(text)} is not a path")
+        if len(os.fsencode(text)) > MAX_SOCKET_PATH:
+            raise usage.UsageError(
+                f"--{name}: {_quoted(text)} is longer than a unix socket path may be "
+                f"({MAX_SOCKET_PATH} bytes)"
+            )
+        return text
+
+    return convert
 
 
 def _listenMode(text):
@@ -780,6 +803,25 @@ class Options(usage.Options):
             None,
             "Private key of --discovery-cert-file (default: read from that file).",
         ],
+        [
+            "control-socket",
+            None,
+            None,
+            "Listen on this unix socket (mode 0600) for a new gateway started with "
+            "--takeover=PATH, which then takes over every listener and live connection "
+            "(README: Upgrades and restarts). Off by default.",
+            _socketPath("control-socket"),
+        ],
+        [
+            "takeover",
+            None,
+            None,
+            "Take the listeners and every live connection over from the running gateway "
+            "whose --control-socket is PATH, then serve with this command line's flags; "
+            "it exits once this one has them. Exit 1, and the running one keeps "
+            "serving, if that fails.",
+            _socketPath("takeover"),
+        ],
     ]
 
     def __init__(self):
@@ -905,6 +947,7 @@ class Options(usage.Options):
             workers=workers,
             upstreamTLS=upstreamTLS,
             forward=self["forward"],
+            takeover=self._takeover(workers),
         )
 
     def _listen(self):
@@ -1079,6 +1122,41 @@ class Options(usage.Options):
                 "(the workers share it with SO_REUSEPORT)"
             )
         return WorkersConfig(self["workers"], self["worker-of"], tuple(self.arguments))
+
+
+    def _takeover(self, workers, environ=None):
+        """
+        The L{TakeoverConfig}: C{--control-socket}, and what to take over
+        from: C{--takeover}'s path, or the descriptor C{$ETCDGW_TAKEOVER_FD}
+        names (a successor started by SIGUSR2).
+        """
+        from etcdgw.takeover import ENVIRONMENT_FD, ENVIRONMENT_FROM, ENVIRONMENT_HOLD
+
+        environ = os.environ if environ is None else environ
+        fd = None
+        text = environ.get(ENVIRONMENT_FD)
+        if text is not None:
+            if not (text.isascii() and text.isdigit() and 3 <= int(text) < 2**20):
+                raise usage.UsageError(
+                    f"${ENVIRONMENT_FD}: {_quoted(text)} is not a descriptor number"
+                )
+            fd = int(text)
+            if self["takeover"] is not None:
+                raise usage.UsageError(
+                    f"--takeover and ${ENVIRONMENT_FD} both name what to take over from"
+                )
+        path, hold = self["takeover"], False
+        if workers.workerOf is not None:
+            for flag in ("takeover", "control-socket"):
+                if self[flag] is not None:
+                    raise usage.UsageError(f"--{flag} is the supervisor's, not a worker's")
+            # A worker started by a successor supervisor takes over from a
+            # worker of the old one (etcdgw.takeover, --workers).
+            path = environ.get(ENVIRONMENT_FROM) or None
+            hold = path is not None and environ.get(ENVIRONMENT_HOLD) == "1"
+        return TakeoverConfig(
+            controlSocket=self["control-socket"], path=path, fd=fd, hold=hold
+        )
 
 
 def makeService(options, reactor=None):

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from twisted.application.service import Service
 from twisted.internet import defer, protocol
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -25,25 +26,30 @@ from twisted.runner.procmon import ProcessMonitor
 from zope.interface import implementer
 
 from etcdgw.periodic import PeriodicService
+from etcdgw.takeover import HOLDING
 
 #: Runs twistd from an interpreter (twisted.scripts.twistd has no __main__).
-#: SIGHUP is ignored first thing, until the worker's own handler is installed
-#: (L{etcdgw.signals.ReloadService}): SIGHUP's default action would kill a
-#: worker that is still starting.
+#: SIGHUP and SIGUSR2 are ignored first thing, until the process's own
+#: handlers are installed (L{etcdgw.signals.ReloadService},
+#: L{etcdgw.takeover.TakeoverService}; a worker has none for SIGUSR2): their
+#: default action would kill a worker, or a takeover's successor, that is
+#: still starting.
 TWISTD = (
     "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_IGN); "
+    "signal.signal(signal.SIGUSR2, signal.SIG_IGN); "
     "sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 )
 
 #: Environment a worker must not inherit (systemd talks to the supervisor only).
 PRIVATE_ENVIRONMENT = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
-                       "LISTEN_PID", "LISTEN_FDNAMES")
+                       "LISTEN_PID", "LISTEN_FDNAMES", "ETCDGW_TAKEOVER_FD")
 
 
 def workerArguments(pluginArguments, supervisor):
     """
-    The plugin flags for a worker: the supervisor's, less C{--workers} and
-    C{--metrics-addr} (one status page, the supervisor's), plus
+    The plugin flags for a worker: the supervisor's, less C{--workers},
+    C{--metrics-addr} (one status page, the supervisor's) and the takeover
+    flags (a worker's control socket is its own, L{etcdgw.takeover}), plus
     C{--worker-of}.
     """
     result = []
@@ -53,7 +59,8 @@ def workerArguments(pluginArguments, supervisor):
             skip = False
             continue
         name = argument.split("=", 1)[0]
-        if name in ("--workers", "--metrics-addr", "--worker-of"):
+        if name in ("--workers", "--metrics-addr", "--worker-of", "--control-socket",
+                    "--takeover"):
             skip = "=" not in argument
             continue
         result.append(argument)
@@ -85,6 +92,10 @@ class _Worker(protocol.ProcessProtocol):
         self.ended = defer.Deferred()
         self.talked = False
         self._partial = b""
+        #: Fires once the worker says it holds what it took over
+        #: (L{etcdgw.takeover.HOLDING}), when it was started to take over.
+        self.holding = defer.Deferred()
+        self.hasHeld = False
 
     def makeConnection(self, transport):
         self.monitored.makeConnection(transport)
@@ -100,8 +111,11 @@ class _Worker(protocol.ProcessProtocol):
     errReceived = outReceived
 
     def _logLine(self, line):
-        self.log.info("[{worker}] {line}", worker=self.name,
-                      line=line.decode("utf-8", "replace"))
+        text = line.decode("utf-8", "replace")
+        self.log.info("[{worker}] {line}", worker=self.name, line=text)
+        if not self.hasHeld and HOLDING in text:
+            self.hasHeld = True
+            self.holding.callback(self)
 
     def processEnded(self, reason):
         if self._partial:
@@ -110,6 +124,12 @@ class _Worker(protocol.ProcessProtocol):
         try:
             self.monitored.processEnded(reason)
         finally:
+            if not self.hasHeld:
+                self.hasHeld = True
+                self.holding.errback(
+                    RuntimeError(f"{self.name} exited before taking over ({reason.value})")
+                )
+                self.holding.addErrback(lambda f: None)
             # ProcessDone or ProcessTerminated: exitCode, or the signal's number.
             self.ended.callback(reason.value)
 
@@ -123,11 +143,15 @@ class _Spawner:
     hook to replace or extend it), and C{spawned(worker)} is told.
     """
 
-    def __init__(self, reactor, spawned):
+    def __init__(self, reactor, spawned, environment=lambda name: {}):
         self._reactor = reactor
         self._spawned = spawned
+        self._environment = environment
 
     def spawnProcess(self, processProtocol, executable, args=(), env=None, **kwargs):
+        extra = self._environment(processProtocol.name)
+        if extra:
+            env = dict(env or {}, **extra)
         worker = _Worker(processProtocol)
         transport = self._reactor.spawnProcess(worker, executable, args, env=env, **kwargs)
         self._spawned(worker)
@@ -184,8 +208,14 @@ class WorkersService(ProcessMonitor):
     minRestartDelay = 2.0
     maxRestartDelay = 30.0
 
-    def __init__(self, count, pluginArguments, reactor, stopTimeout, env=None):
-        super().__init__(_Spawner(reactor, self._spawned))
+    def __init__(self, count, pluginArguments, reactor, stopTimeout, env=None, successor=False):
+        super().__init__(_Spawner(reactor, self._spawned, self._environmentFor))
+        #: This supervisor takes over from another (L{etcdgw.takeover}): its
+        #: workers start when the old one's workers are known.
+        self.successor = successor
+        self.handedOver = False
+        self._takeoverEnv = {}
+        self._holding = []
         self.count = count
         self.pluginArguments = pluginArguments
         self.argv = None
@@ -203,7 +233,98 @@ class WorkersService(ProcessMonitor):
             self.argv = workerCommand(self.pluginArguments, os.getpid())
             for i in range(1, self.count + 1):
                 self.addProcess(f"worker-{i}", self.argv, env=self.env)
+        if self.successor:
+            # Not yet: the old supervisor's workers are to be taken over.
+            Service.startService(self)
+            return
         super().startService()
+
+    # Live takeover (etcdgw.takeover)
+
+    def _environmentFor(self, name):
+        return self._takeoverEnv.pop(name, {})
+
+    def _names(self):
+        return [f"worker-{i}" for i in range(1, self.count + 1)]
+
+    def takeoverAddresses(self):
+        """
+        The control sockets of the workers running now (the old supervisor's
+        side of a takeover).
+        """
+        from etcdgw.takeover import workerControl
+
+        return [
+            workerControl(worker.transport.pid)
+            for _, worker in sorted(self.workers.items())
+            if worker.talked and worker.transport is not None
+        ]
+
+    def takeOverFrom(self, addresses):
+        """
+        The successor supervisor's side: start a worker for each old one's
+        control socket, taking over from it up to holding (adopted, waiting
+        for L{takeoverCommitted}); the other workers start then.
+
+        @return: a Deferred firing once every one holds; failing if one
+            ends first.
+        """
+        from etcdgw.takeover import ENVIRONMENT_FROM, ENVIRONMENT_HOLD
+
+        names = self._names()
+        waiting = []
+        for name, address in zip(names, addresses):
+            self._takeoverEnv[name] = {ENVIRONMENT_FROM: address, ENVIRONMENT_HOLD: "1"}
+            self.startProcess(name)
+            worker = self.workers.get(name)
+            if worker is None:
+                return defer.fail(RuntimeError(f"cannot start {name}"))
+            self._holding.append(worker)
+            waiting.append(worker.holding)
+        self.log.info(
+            "takeover: {count} worker(s) taking over from the old supervisor's",
+            count=len(waiting),
+        )
+        d = defer.gatherResults(waiting, consumeErrors=True)
+        d.addErrback(lambda f: f.value.subFailure if hasattr(f.value, "subFailure") else f)
+        return d
+
+    def takeoverCommitted(self):
+        """
+        The takeover committed: each holding worker answers ready to its old
+        one (SIGUSR1); the workers not taking over start now.
+        """
+        holding, self._holding = self._holding, []
+        for worker in holding:
+            try:
+                worker.transport.signalProcess(signal.SIGUSR1)
+            except ProcessExitedAlready:
+                pass
+        self.successor = False
+        if self.running:
+            for name in self._names():
+                self.startProcess(name)  # does nothing for one running
+
+    def abandonTakeover(self):
+        """
+        The takeover failed: the workers started for it go (they hold
+        copies only: the old workers serve on).
+        """
+        holding, self._holding = self._holding, []
+        self.running = False
+        for worker in holding:
+            try:
+                worker.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+    def handOver(self):
+        """
+        The old supervisor's side, once committed: its workers hand over to
+        the successor's and exit by themselves; none is stopped or restarted
+        from here.
+        """
+        self.handedOver = True
 
     def _spawned(self, worker):
         self.workers[worker.name] = worker
@@ -261,6 +382,14 @@ class WorkersService(ProcessMonitor):
 
         @return: a Deferred that fires once every worker has exited.
         """
+        if self.handedOver or self.successor:
+            # Handed over (the workers hand over, then exit), or never
+            # started (a successor whose takeover failed).
+            Service.stopService(self)
+            for call in list(self.restart.values()):
+                if call.active():
+                    call.cancel()
+            return defer.succeed(None)
         ended = [worker.ended for worker in self.workers.values()]
         super().stopService()
         return defer.DeferredList(ended)
@@ -275,16 +404,20 @@ class SupervisorWatch(PeriodicService):
     log = Logger()
     roundName = "supervisor watch"
 
-    def __init__(self, supervisor, reactor, stop, getppid=os.getppid, interval=1.0):
+    def __init__(self, supervisor, reactor, stop, getppid=os.getppid, interval=1.0,
+                 busy=lambda: False):
         # The first look comes after one interval: startService runs before
         # the reactor does, and stopping a reactor not yet running does nothing.
         super().__init__(reactor, interval)
         self.supervisor = supervisor
         self._stop = stop
         self._getppid = getppid
+        #: Whether the worker is handing its connections over (then it
+        #: outlives its supervisor until done).
+        self._busy = busy
 
     def runRound(self):
-        if self._getppid() != self.supervisor:
+        if self._getppid() != self.supervisor and not self._busy():
             self.log.error(
                 "supervisor (pid {pid}) is gone: stopping this worker", pid=self.supervisor
             )

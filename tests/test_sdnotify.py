@@ -231,3 +231,56 @@ class SystemdNotifyServiceTests(SynchronousTestCase):
         self.pool.markDown(self.a, "x")
         self.pool.markDown(self.b, "x")
         self.assertEqual(describePool(self.pool), "0/2 endpoints up (refusing clients)")
+
+
+class FakeTakeover:
+    def __init__(self):
+        self.committed = defer.Deferred()
+
+
+class SuccessorNotifyTests(SynchronousTestCase):
+    """
+    A successor (live takeover) tells systemd it is the service's main
+    process once it owns everything; a process taken over says nothing
+    at its stop.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.pool = UpstreamPool([Endpoint("10.0.0.1", 2379)], self.clock)
+        self.sink = NotifySocket(self)
+        self.listener = FakeListener()
+
+    def test_readyAfterCommit(self):
+        """
+        READY=1 with MAINPID= this process waits for the takeover's commit,
+        listening or not.
+        """
+        takeover = FakeTakeover()
+        service = SystemdNotifyService(
+            SystemdNotifier(self.sink.address), self.pool, self.listener, self.clock,
+            takeover=takeover,
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.listener.listening.callback(object())
+        self.assertEqual([m for m in self.sink.messages() if "READY" in m], [])
+        takeover.committed.callback(takeover)
+        [ready] = [m for m in self.sink.messages() if "READY" in m]
+        self.assertEqual(ready["MAINPID"], str(os.getpid()))
+        self.assertIs(self.successResultOf(takeover.committed), takeover)
+
+    def test_noStoppingAfterHandover(self):
+        """
+        Once handed over, the stop sends no STOPPING=1 (the service goes on
+        in the successor).
+        """
+        service = SystemdNotifyService(
+            SystemdNotifier(self.sink.address), self.pool, self.listener, self.clock
+        )
+        service.startService()
+        self.listener.listening.callback(object())
+        self.sink.messages()
+        service.handedOver = True
+        service.stopService()
+        self.assertEqual(self.sink.messages(), [])

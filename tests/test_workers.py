@@ -213,3 +213,87 @@ class SupervisorWatchTests(SynchronousTestCase):
         self.assertEqual(stopped, [True])
         watch.stopService()
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_handingOverOutlivesSupervisor(self):
+        """A worker handing its connections over outlives its supervisor until done."""
+        reactor = MemoryReactorClock()
+        busy = [True]
+        stopped = []
+        watch = SupervisorWatch(42, reactor, lambda: stopped.append(True), getppid=lambda: 1,
+                                busy=lambda: busy[0])
+        watch.startService()
+        reactor.advance(3)
+        self.assertEqual(stopped, [])
+        busy[0] = False
+        reactor.advance(1)
+        self.assertEqual(stopped, [True])
+        watch.stopService()
+
+
+class TakeoverTests(SynchronousTestCase):
+    """
+    Live takeover with --workers (etcdgw.takeover): the successor
+    supervisor's workers take over from the old one's.
+    """
+
+    def setUp(self):
+        self.reactor = ProcessReactor()
+        self.service = WorkersService(
+            2, ["--endpoints=a:1", "--workers=3"], self.reactor, stopTimeout=7,
+            env={"PATH": "/bin"}, successor=True,
+        )
+
+    def test_successorWaits(self):
+        """
+        A successor supervisor starts no worker until the old one's are
+        known; each started to take over gets the old worker's control
+        socket and "hold" in its environment, once.
+        """
+        self.service.startService()
+        self.assertEqual(self.reactor.spawned, [])
+        d = self.service.takeOverFrom(["@etcd-gateway-takeover-11"])
+        [(protocol, args, env, process)] = self.reactor.spawned
+        self.assertEqual(env["ETCDGW_TAKEOVER_FROM"], "@etcd-gateway-takeover-11")
+        self.assertEqual(env["ETCDGW_TAKEOVER_HOLD"], "1")
+        self.assertNoResult(d)
+        protocol.outReceived(b"... takeover: holding: adopted, waiting\n")
+        self.successResultOf(d)
+        self.service.takeoverCommitted()
+        self.assertEqual(process.signals, [signal.SIGUSR1])
+        # The other worker starts now, plainly.
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertNotIn("ETCDGW_TAKEOVER_FROM", self.reactor.spawned[1][2])
+        # A restart of the first is plain too.
+        exit(protocol, 0)
+        self.reactor.advance(60)
+        self.assertNotIn("ETCDGW_TAKEOVER_FROM", self.reactor.spawned[-1][2])
+
+    def test_workerFails(self):
+        """
+        A worker that ends before holding fails the takeover; abandoning it
+        kills the workers started for it, and stopping kills nothing else.
+        """
+        self.service.startService()
+        d = self.service.takeOverFrom(["@a", "@b"])
+        (p1, _, _, process1), (p2, _, _, process2) = self.reactor.spawned
+        p1.outReceived(b"takeover: holding\n")
+        exit(p2, 1)
+        self.failureResultOf(d, RuntimeError)
+        self.service.abandonTakeover()
+        self.assertEqual(process1.signals, [signal.SIGKILL])
+        self.successResultOf(self.service.stopService())
+
+    def test_oldSideHandsOver(self):
+        """
+        The old supervisor names its running workers' control sockets; once
+        handed over, its stop signals none of them.
+        """
+        service = WorkersService(1, ["--workers=2"], self.reactor, stopTimeout=7, env={})
+        service.startService()
+        [(protocol, _, _, process)] = self.reactor.spawned
+        self.assertEqual(service.takeoverAddresses(), [])  # silent yet: still starting
+        protocol.outReceived(b"started\n")
+        self.assertEqual(service.takeoverAddresses(), ["@etcd-gateway-takeover-1000"])
+        service.handOver()
+        self.successResultOf(service.stopService())
+        self.assertEqual(process.signals, [])

@@ -61,6 +61,9 @@ NEEDS = (
     ("twisted.internet.posixbase", "PosixReactorBase"),
     ("twisted.internet.main", "CONNECTION_DONE"),
     ("twisted.internet.main", "CONNECTION_LOST"),
+    # Releasing a connection handed to a successor process without a FIN
+    # (etcdgw.portable: shutdown() is skipped when this is false).
+    ("twisted.internet.tcp", "_SocketCloser._shouldShutdown"),
     # The lean dispatch (etcdgw.fast.dispatch); the reactor's own
     # _poller and _selectables are checked on the reactor (REACTOR_NEEDS).
     ("twisted.internet.epollreactor", "EPollReactor.doPoll"),
