@@ -556,6 +556,64 @@ class HalfCloseTests(_Base):
         yield self.assertNoDescriptorLeak()
 
 
+@implementer(IHalfCloseableProtocol)
+class Greeter(Digest):
+    """
+    A member that greets and half-closes at once, then collects what it
+    reads.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.write(b"hello")
+        self.transport.loseWriteConnection()
+
+    def readConnectionLost(self):
+        self.eof = True
+        self.transport.loseConnection()
+
+
+class MemberHalfCloseTests(_Base):
+    member = Greeter
+
+    @defer.inlineCallbacks
+    def test_memberHalfClosedStaysHalfClosed(self):
+        """
+        A member that half-closed first: handed over, the client still
+        sends through the new gateway, and its end reaches the member.
+        """
+        s = socket.create_connection(("127.0.0.1", self.old.port.getHost().port))
+        s.setblocking(False)
+        self.addCleanup(s.close)
+        got = []
+
+        def greeted():
+            try:
+                chunk = s.recv(100)
+            except BlockingIOError:
+                return False
+            got.append(chunk)
+            return chunk == b""
+
+        yield waitFor(greeted)
+        self.assertEqual(b"".join(got), b"hello")
+        records = []
+        yield self.takeOver(lambda batch: records.extend(p.record for p in batch.pairs))
+        [record] = records
+        self.assertTrue(record["member"]["readDone"])
+        self.assertTrue(record["client"]["writeDone"])
+        self.assertFalse(record["client"]["readDone"])
+        [member] = self.memberFactory.connections
+        s.sendall(b"after the takeover")
+        yield waitFor(lambda: b"".join(member.received) == b"after the takeover")
+        s.shutdown(socket.SHUT_WR)
+        yield within(member.lost)
+        self.assertTrue(member.eof)
+        yield self.settled()
+        s.close()
+        yield self.assertNoDescriptorLeak()
+
+
 class OrderTests(_Base):
     """
     Bytes queued in both places of one direction at export: the splice
@@ -911,3 +969,7 @@ class LeanDispatchTransferTests(TransferTests):
 
 class StockOrderTests(_Stock, OrderTests):
     """On Twisted's own transports (no pipe: skipped)."""
+
+
+class StockMemberHalfCloseTests(_Stock, MemberHalfCloseTests):
+    """On Twisted's own transports."""
