@@ -424,9 +424,8 @@ class TransferTests(_Base):
             seen["toMember"], seen["toClient"] = toMember, toClient
             return sum(toMember) and sum(toClient) and (client.paused or client.finished)
 
+        # Exported in the same turn as the check that saw both ways queued.
         yield waitFor(filled)
-        yield sleep(0.05)  # let the last of it settle
-        filled()
         if self.fast and transport.SPLICE:
             self.assertTrue(seen["toMember"][0] or seen["toClient"][0], f"a pipe holds: {seen}")
         else:
