@@ -849,6 +849,33 @@ class ReleaseTests(_Base):
         yield self.assertNoDescriptorLeak()
 
 
+    @defer.inlineCallbacks
+    def test_unixClient(self):
+        """A client of a unix listener is handed over too."""
+        from etcdgw.listen import GatewayUNIXEndpoint
+
+        path = os.path.join(self.mktemp())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        port = yield GatewayUNIXEndpoint(reactor, path).listen(self.old)
+        self.addCleanup(port.stopListening)
+        yield sleep(0)
+        self.descriptors = openDescriptors()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.setblocking(False)
+        self.addCleanup(s.close)
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        self.assertEqual((yield self.roundTrip(s, b"before")), b"before")
+        yield self.takeOver()
+        self.assertEqual(len(self.new.connections), 1)
+        self.assertEqual((yield self.roundTrip(s, b"after")), b"after")
+        s.shutdown(socket.SHUT_WR)
+        self.assertEqual((yield self.roundTrip(s, b"")), b"")
+        yield self.settled()
+        s.close()
+        yield self.assertNoDescriptorLeak()
+
+
 class RecordTests(_Base):
     @defer.inlineCallbacks
     def test_recordIsJSON(self):
