@@ -53,11 +53,14 @@ transport, L{etcdgw.originate}), clients of TLS origination still being
 dialled (they have read the client's first bytes), and anything this module
 cannot describe (one line per batch, never one per pair).
 
-Releasing leans on one Twisted internal: C{tcp._SocketCloser._shouldShutdown}
-(Twisted calls C{shutdown(SHUT_RDWR)} before closing a socket, which would
-send a FIN although the successor holds the same socket);
-L{etcdgw.fast.gate} checks it, and L{exportPairs} refuses to run without
-it, whatever transports the gateway runs on.
+Exporting reads Twisted's write buffer where the fast path does (the
+gate's C{NEEDS} and its probe of the buffer), and releasing leans on one
+more Twisted internal: C{tcp._SocketCloser._shouldShutdown} (Twisted calls
+C{shutdown(SHUT_RDWR)} before closing a socket, which would send a FIN
+although the successor holds the same socket). L{etcdgw.fast.gate} checks
+both; L{exportPairs} refuses to run (L{NotPortable}) when either is wrong,
+whatever transports the gateway runs on: the takeover then fails and the
+old process keeps serving.
 """
 
 import os
@@ -129,7 +132,26 @@ def _queued(transport):
     pending = bytes(transport.dataBuffer[transport.offset :])
     if transport._tempDataLen:
         pending += b"".join(bytes(chunk) for chunk in transport._tempDataBuffer)
+        if len(pending) != len(transport.dataBuffer) - transport.offset + transport._tempDataLen:
+            # Twisted keeps its queue elsewhere now: this pair stays here.
+            raise NotPortable("Twisted's write buffer is not where it was")
     return pending
+
+
+def _writeBufferProblem():
+    """
+    What the gate's probe of Twisted's write buffer finds wrong, or
+    L{None}: the queued bytes are read where the fast path looks for them,
+    whatever transports this process runs on (with the fast path off,
+    because the gate refused this Twisted, a buffer that moved would be
+    exported wrong).
+    """
+    from twisted.internet.abstract import FileDescriptor
+
+    from etcdgw.fast.gate import _probeWriteBuffer
+    from etcdgw.fast.transport import _maySendNow
+
+    return _probeWriteBuffer(FileDescriptor, _maySendNow)
 
 
 def _readPipe(source):
@@ -368,6 +390,9 @@ def exportPairs(factory):
             "this Twisted has no tcp._SocketCloser._shouldShutdown: releasing "
             "a connection would send a FIN"
         )
+    wrong = _writeBufferProblem()
+    if wrong:
+        raise NotPortable(f"Twisted's write buffer is not as expected: {wrong}")
     batch = ExportBatch(factory)
     reactor = factory.reactor
     readers = set(reactor.getReaders())

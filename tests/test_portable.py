@@ -918,6 +918,30 @@ class RecordTests(_Base):
         yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
+    def test_refusedWhereTwistedMoved(self):
+        """With Twisted's write buffer or close not as expected, nothing is exported or frozen."""
+        client = Streamer(0, seed=11)
+        client.autostart = False
+        yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        ct, mt = self.pairOf(self.old)
+        self.patch(portable, "_writeBufferProblem", lambda: "bytes given to write() are elsewhere")
+        self.assertRaises(portable.NotPortable, portable.exportPairs, self.old)
+
+        class Closer:
+            pass  # no _shouldShutdown
+
+        class FakeTCP:
+            _SocketCloser = Closer
+
+        self.patch(portable, "_writeBufferProblem", lambda: None)
+        self.patch(portable, "tcp", FakeTCP)
+        self.assertRaises(portable.NotPortable, portable.exportPairs, self.old)
+        self.assertIn(ct, reactor.getReaders())
+        self.assertEqual(len(self.old.connections), 1)
+        client.transport.loseConnection()
+
+    @defer.inlineCallbacks
     def test_originatedTLSIsSkipped(self):
         """A pair whose member side is TLS originated here stays here, untouched."""
         client = Streamer(0, seed=6)
