@@ -918,6 +918,29 @@ class RecordTests(_Base):
         yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
+    def test_oneLogLinePerStep(self):
+        """Export, release and start log one line each, whatever the number of pairs."""
+        from twisted.logger import globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        clients = []
+        for seed in range(5):
+            client = Streamer(0, seed=20 + seed)
+            client.autostart = False
+            clients.append(client)
+            yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 5)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        yield self.takeOver()
+        formats = [e.get("log_format") for e in events]
+        self.assertEqual(len(formats), 3, formats)
+        [started] = [e for e in events if e.get("adopted") is not None]
+        self.assertEqual((started["adopted"], started["failed"]), (5, 0))
+        for client in clients:
+            client.transport.loseConnection()
+        yield self.settled()
+
+    @defer.inlineCallbacks
     def test_refusedWhereTwistedMoved(self):
         """With Twisted's write buffer or close not as expected, nothing is exported or frozen."""
         client = Streamer(0, seed=11)
