@@ -453,6 +453,7 @@ def _freeze(frozen, readers, writers):
     frozen.writing = [t for t in transports if t in writers]
     for transport in transports:
         transport.stopReading()
+    for transport in frozen.writing:  # most idle pairs write nothing
         transport.stopWriting()
 
 
