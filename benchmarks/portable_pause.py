@@ -221,7 +221,8 @@ def main(options):
         print(f"  {name:<58} {seconds * 1000:8.1f} ms")
     pause = sum(s for name, s in timings if not name.startswith("release"))
     total = sum(s for _, s in timings)
-    print(f"  {'pause (all but release, which can follow the first byte)':<58} {pause * 1000:8.1f} ms")
+    label = "pause (all but release, which can follow the first byte)"
+    print(f"  {label:<58} {pause * 1000:8.1f} ms")
     print(f"  {'all steps':<58} {total * 1000:8.1f} ms "
           f"({total / options.pairs * 1e6:.0f} us a pair); adopted {counts}")
     # Every pair answers through the new gateway.

@@ -626,7 +626,6 @@ class AdoptedPairs:
         pairs = self._take("started")
         factory = self.factory
         reactor = factory.reactor
-        pool = factory.pool
         states = {}
         serverClass = serverTransport()
         clientClass = serverClass

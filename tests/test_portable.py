@@ -6,7 +6,6 @@ through a real C{SCM_RIGHTS} message), on the fast path (with and without
 splice) and on Twisted's own transports.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -47,7 +46,8 @@ def waitFor(condition, timeout=15.0, interval=0.005):
         if done:
             d.callback(None)
         elif reactor.seconds() > deadline:
-            d.errback(AssertionError(f"timed out waiting for {condition.__qualname__} (line {condition.__code__.co_firstlineno})"))
+            where = f"{condition.__qualname__} (line {condition.__code__.co_firstlineno})"
+            d.errback(AssertionError(f"timed out waiting for {where}"))
         else:
             reactor.callLater(interval, check)
 
@@ -830,10 +830,11 @@ class ReleaseTests(_Base):
 
     @defer.inlineCallbacks
     def test_threeTakeoversInARow(self):
-        """A pair taken over three times in a row (each successor's own transports exported) still serves."""
+        """A pair taken over three times in a row (adopted transports exported again) serves."""
         s = yield self.rawClient()
         [member] = self.memberFactory.connections
-        gateways = [self.old, self.new, self.gateway([self.endpoint]), self.gateway([self.endpoint])]
+        more = [self.gateway([self.endpoint]) for _ in range(2)]
+        gateways = [self.old, self.new] + more
         for i, (old, new) in enumerate(zip(gateways, gateways[1:])):
             batch = portable.exportPairs(old)
             self.assertEqual(len(batch.pairs), 1)
@@ -891,7 +892,9 @@ class RecordTests(_Base):
         [(record, data, fds)] = handOver(batch)
         record["v"] = 99
         before = openDescriptors()
-        self.assertRaises(portable.NotPortable, portable.adoptPairs, self.new, [(record, data, fds)])
+        self.assertRaises(
+            portable.NotPortable, portable.adoptPairs, self.new, [(record, data, fds)]
+        )
         self.assertEqual(openDescriptors(), before - 2)
         batch.thaw()
         client.transport.loseConnection()
@@ -984,7 +987,7 @@ class RecordTests(_Base):
 
     @defer.inlineCallbacks
     def test_removedMemberIsHeld(self):
-        """A pair whose member is not in the new gateway's pool is adopted as a removed member's."""
+        """A pair whose member left the new gateway's pool is held as a removed member's."""
         other = Endpoint("127.0.0.1", 1)
         self.new.pool.replaceEndpoints([other])
         client = Streamer(0, seed=7)
