@@ -27,9 +27,11 @@ and L{ExportBatch.thaw}, so both come after the descriptors are sent); the
 successor adopts (L{adoptPairs}: it owns the received descriptors from
 then on) and either starts or aborts; the predecessor then releases or
 thaws. The successor may start before the predecessor releases: the
-predecessor's copies are frozen, and release sends nothing. What must
-never happen is a thaw after the successor started (both would serve the
-same sockets).
+predecessor's copies are frozen, and release sends nothing. A thaw after
+the successor started is not safe: what the successor read and did not
+forward is lost, and the queued bytes it already sent would be sent again
+(a successor that dies before starting, or that aborts, is safe to thaw
+behind).
 
 Bytes queued in the old process, per direction (read out in the order they
 would have been sent, see L{_queued}): what the source's splice pipe holds
@@ -51,7 +53,10 @@ L{ExportBatch.skipped}: pairs whose member side is TLS originated here
 (their TLS session lives in this process: C{portable = False} on the
 transport, L{etcdgw.originate}), clients of TLS origination still being
 dialled (they have read the client's first bytes), and anything this module
-cannot describe (one line per batch, never one per pair).
+cannot describe (one line per batch, never one per pair). Not exported at
+all: a pair already closing on one side (that side's connection lost, the
+other flushing what it holds before it closes): the registry has let go of
+it; it finishes in the old process while that runs.
 
 Exporting reads Twisted's write buffer where the fast path does (the
 gate's C{NEEDS} and its probe of the buffer), and releasing leans on one
