@@ -752,6 +752,29 @@ class ReleaseTests(_Base):
         yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
+    def test_frozenPairIsNotClosedByTheRegistry(self):
+        """While frozen, a pair is out of the registry: its member going bad closes nothing."""
+        otherPort = reactor.listenTCP(0, self.memberFactory, interface="127.0.0.1")
+        self.addCleanup(otherPort.stopListening)
+        other = Endpoint("127.0.0.1", otherPort.getHost().port)
+        self.old.pool.replaceEndpoints([self.endpoint, other])
+        self.old.connections.startService()
+        self.addCleanup(self.old.connections.stopService)
+        s = yield self.rawClient()
+        [client] = self.old.connections.pairs()
+        self.assertEqual(client.state.endpoint, self.endpoint)
+        batch = portable.exportPairs(self.old)
+        self.old.pool.markDown(self.endpoint, "under test")
+        yield sleep(0.5)  # the registry closes at most a tick (0.1 s) later
+        self.assertEqual(self.old.connections.closedBy["down"], 0)
+        self.assertSilent(s)
+        adopted = portable.adoptPairs(self.new, handOver(batch))
+        batch.release()
+        adopted.start()
+        self.assertEqual((yield self.roundTrip(s, b"still held")), b"still held")
+        s.close()
+
+    @defer.inlineCallbacks
     def test_frozenPairIsNotServed(self):
         """Exported and not yet released or thawed, a pair forwards nothing."""
         s = yield self.rawClient()
