@@ -22,6 +22,7 @@ import gc
 import hashlib
 import json
 import os
+import random
 import resource
 import socket
 import sys
@@ -100,34 +101,46 @@ def gateway(endpoint):
 @defer.inlineCallbacks
 def bulk(old, new, port, mib):
     """
-    C{mib} MiB each way through one pair (a blocking client in a thread
-    would race the reactor: this one is non-blocking, driven here), taken
-    over when half of it went through.
+    C{mib} MiB each way through one pair to the echoing member, in random
+    chunk sizes, read slowly (a non-blocking client driven from the
+    reactor), taken over when half of it went through.
     """
     size = mib * 1024 * 1024
     s = socket.create_connection(("127.0.0.1", port))
     s.setblocking(False)
-    block = os.urandom(1 << 20)
+    block = os.urandom(2 << 20)
+    view = memoryview(block)
+    rng = random.Random(14)
     sent = received = 0
     sentHash, receivedHash = hashlib.sha256(), hashlib.sha256()
     tookOver = None
+    slowUntil = 0.0
     start = time.monotonic()
     while received < size:
         if sent < size:
-            n = min(len(block), size - sent)
+            # Random chunk sizes, from random places of the block.
+            n = min(rng.randint(1, 1 << 20), size - sent)
+            at = rng.randrange(0, len(block) - n + 1)
             try:
-                k = s.send(block[:n])
+                k = s.send(view[at : at + n])
             except BlockingIOError:
                 k = 0
-            sentHash.update(block[:k])
+            sentHash.update(view[at : at + k])
             sent += k
-        try:
-            chunk = s.recv(1 << 20)
-        except BlockingIOError:
-            chunk = None
-        if chunk:
-            receivedHash.update(chunk)
-            received += len(chunk)
+        # A slow reader: now and then it reads nothing for a few
+        # milliseconds (the gateway's queues and the pipe fill), and it
+        # reads random amounts.
+        now = time.monotonic()
+        if now >= slowUntil:
+            if rng.random() < 0.01:
+                slowUntil = now + rng.uniform(0.001, 0.01)
+            try:
+                chunk = s.recv(rng.randint(1, 1 << 20))
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                receivedHash.update(chunk)
+                received += len(chunk)
         if tookOver is None and received >= size // 2:
             batch = portable.exportPairs(old)
             adopted = portable.adoptPairs(new, handOver(batch))
@@ -208,7 +221,8 @@ def main(options):
         print(f"  {name:<58} {seconds * 1000:8.1f} ms")
     pause = sum(s for name, s in timings if not name.startswith("release"))
     total = sum(s for _, s in timings)
-    print(f"  {'pause (all but release, which can follow the first byte)':<58} {pause * 1000:8.1f} ms")
+    label = "pause (all but release, which can follow the first byte)"
+    print(f"  {label:<58} {pause * 1000:8.1f} ms")
     print(f"  {'all steps':<58} {total * 1000:8.1f} ms "
           f"({total / options.pairs * 1e6:.0f} us a pair); adopted {counts}")
     # Every pair answers through the new gateway.

@@ -27,9 +27,11 @@ and L{ExportBatch.thaw}, so both come after the descriptors are sent); the
 successor adopts (L{adoptPairs}: it owns the received descriptors from
 then on) and either starts or aborts; the predecessor then releases or
 thaws. The successor may start before the predecessor releases: the
-predecessor's copies are frozen, and release sends nothing. What must
-never happen is a thaw after the successor started (both would serve the
-same sockets).
+predecessor's copies are frozen, and release sends nothing. A thaw after
+the successor started is not safe: what the successor read and did not
+forward is lost, and the queued bytes it already sent would be sent again
+(a successor that dies before starting, or that aborts, is safe to thaw
+behind).
 
 Bytes queued in the old process, per direction (read out in the order they
 would have been sent, see L{_queued}): what the source's splice pipe holds
@@ -51,13 +53,19 @@ L{ExportBatch.skipped}: pairs whose member side is TLS originated here
 (their TLS session lives in this process: C{portable = False} on the
 transport, L{etcdgw.originate}), clients of TLS origination still being
 dialled (they have read the client's first bytes), and anything this module
-cannot describe (one line per batch, never one per pair).
+cannot describe (one line per batch, never one per pair). Not exported at
+all: a pair already closing on one side (that side's connection lost, the
+other flushing what it holds before it closes): the registry has let go of
+it; it finishes in the old process while that runs.
 
-Releasing leans on one Twisted internal: C{tcp._SocketCloser._shouldShutdown}
-(Twisted calls C{shutdown(SHUT_RDWR)} before closing a socket, which would
-send a FIN although the successor holds the same socket);
-L{etcdgw.fast.gate} checks it, and L{exportPairs} refuses to run without
-it, whatever transports the gateway runs on.
+Exporting reads Twisted's write buffer where the fast path does (the
+gate's C{NEEDS} and its probe of the buffer), and releasing leans on one
+more Twisted internal: C{tcp._SocketCloser._shouldShutdown} (Twisted calls
+C{shutdown(SHUT_RDWR)} before closing a socket, which would send a FIN
+although the successor holds the same socket). L{etcdgw.fast.gate} checks
+both; L{exportPairs} refuses to run (L{NotPortable}) when either is wrong,
+whatever transports the gateway runs on: the takeover then fails and the
+old process keeps serving.
 """
 
 import os
@@ -129,7 +137,26 @@ def _queued(transport):
     pending = bytes(transport.dataBuffer[transport.offset :])
     if transport._tempDataLen:
         pending += b"".join(bytes(chunk) for chunk in transport._tempDataBuffer)
+        if len(pending) != len(transport.dataBuffer) - transport.offset + transport._tempDataLen:
+            # Twisted keeps its queue elsewhere now: this pair stays here.
+            raise NotPortable("Twisted's write buffer is not where it was")
     return pending
+
+
+def _writeBufferProblem():
+    """
+    What the gate's probe of Twisted's write buffer finds wrong, or
+    L{None}: the queued bytes are read where the fast path looks for them,
+    whatever transports this process runs on (with the fast path off,
+    because the gate refused this Twisted, a buffer that moved would be
+    exported wrong).
+    """
+    from twisted.internet.abstract import FileDescriptor
+
+    from etcdgw.fast.gate import _probeWriteBuffer
+    from etcdgw.fast.transport import _maySendNow
+
+    return _probeWriteBuffer(FileDescriptor, _maySendNow)
 
 
 def _readPipe(source):
@@ -368,6 +395,9 @@ def exportPairs(factory):
             "this Twisted has no tcp._SocketCloser._shouldShutdown: releasing "
             "a connection would send a FIN"
         )
+    wrong = _writeBufferProblem()
+    if wrong:
+        raise NotPortable(f"Twisted's write buffer is not as expected: {wrong}")
     batch = ExportBatch(factory)
     reactor = factory.reactor
     readers = set(reactor.getReaders())
@@ -428,6 +458,7 @@ def _freeze(frozen, readers, writers):
     frozen.writing = [t for t in transports if t in writers]
     for transport in transports:
         transport.stopReading()
+    for transport in frozen.writing:  # most idle pairs write nothing
         transport.stopWriting()
 
 
@@ -600,7 +631,6 @@ class AdoptedPairs:
         pairs = self._take("started")
         factory = self.factory
         reactor = factory.reactor
-        pool = factory.pool
         states = {}
         serverClass = serverTransport()
         clientClass = serverClass

@@ -509,6 +509,29 @@ class OriginateLoopbackTests(TestCase):
         yield client.lost
 
 
+    @defer.inlineCallbacks
+    def test_notExportedByATakeover(self):
+        """
+        A takeover (issue 14, L{etcdgw.portable}) leaves a pair with TLS
+        originated here in this process, untouched and serving.
+        """
+        from etcdgw import portable
+
+        port = yield self.gateway("good")
+        client = yield self.connect(port)
+        client.transport.write(b"GET / HTTP/1.1\r\n")
+        yield waitFor(lambda: client.data.endswith(b"GET / HTTP/1.1\r\n"))
+        batch = portable.exportPairs(self.factory)
+        self.assertEqual(batch.pairs, [])
+        self.assertEqual(len(batch.skipped), 1)
+        self.assertIn("TLS", batch.skipped[0]["why"])
+        batch.release()
+        client.transport.write(b"after")
+        yield waitFor(lambda: client.data.endswith(b"after"))
+        client.transport.loseConnection()
+        yield client.lost
+
+
 class _ClosesFirst(_Echo):
     """
     A member that closes its first connection at once, before any

@@ -6,7 +6,6 @@ through a real C{SCM_RIGHTS} message), on the fast path (with and without
 splice) and on Twisted's own transports.
 """
 
-import errno
 import hashlib
 import json
 import os
@@ -47,7 +46,8 @@ def waitFor(condition, timeout=15.0, interval=0.005):
         if done:
             d.callback(None)
         elif reactor.seconds() > deadline:
-            d.errback(AssertionError(f"timed out waiting for {condition.__qualname__} (line {condition.__code__.co_firstlineno})"))
+            where = f"{condition.__qualname__} (line {condition.__code__.co_firstlineno})"
+            d.errback(AssertionError(f"timed out waiting for {where}"))
         else:
             reactor.callLater(interval, check)
 
@@ -424,9 +424,8 @@ class TransferTests(_Base):
             seen["toMember"], seen["toClient"] = toMember, toClient
             return sum(toMember) and sum(toClient) and (client.paused or client.finished)
 
+        # Exported in the same turn as the check that saw both ways queued.
         yield waitFor(filled)
-        yield sleep(0.05)  # let the last of it settle
-        filled()
         if self.fast and transport.SPLICE:
             self.assertTrue(seen["toMember"][0] or seen["toClient"][0], f"a pipe holds: {seen}")
         else:
@@ -553,6 +552,64 @@ class HalfCloseTests(_Base):
         yield within(client.lost)
         self.assertEqual(client.receivedHash.hexdigest(), self.expected(client))
         yield self.settled()
+        yield self.assertNoDescriptorLeak()
+
+
+@implementer(IHalfCloseableProtocol)
+class Greeter(Digest):
+    """
+    A member that greets and half-closes at once, then collects what it
+    reads.
+    """
+
+    def connectionMade(self):
+        super().connectionMade()
+        self.transport.write(b"hello")
+        self.transport.loseWriteConnection()
+
+    def readConnectionLost(self):
+        self.eof = True
+        self.transport.loseConnection()
+
+
+class MemberHalfCloseTests(_Base):
+    member = Greeter
+
+    @defer.inlineCallbacks
+    def test_memberHalfClosedStaysHalfClosed(self):
+        """
+        A member that half-closed first: handed over, the client still
+        sends through the new gateway, and its end reaches the member.
+        """
+        s = socket.create_connection(("127.0.0.1", self.old.port.getHost().port))
+        s.setblocking(False)
+        self.addCleanup(s.close)
+        got = []
+
+        def greeted():
+            try:
+                chunk = s.recv(100)
+            except BlockingIOError:
+                return False
+            got.append(chunk)
+            return chunk == b""
+
+        yield waitFor(greeted)
+        self.assertEqual(b"".join(got), b"hello")
+        records = []
+        yield self.takeOver(lambda batch: records.extend(p.record for p in batch.pairs))
+        [record] = records
+        self.assertTrue(record["member"]["readDone"])
+        self.assertTrue(record["client"]["writeDone"])
+        self.assertFalse(record["client"]["readDone"])
+        [member] = self.memberFactory.connections
+        s.sendall(b"after the takeover")
+        yield waitFor(lambda: b"".join(member.received) == b"after the takeover")
+        s.shutdown(socket.SHUT_WR)
+        yield within(member.lost)
+        self.assertTrue(member.eof)
+        yield self.settled()
+        s.close()
         yield self.assertNoDescriptorLeak()
 
 
@@ -695,6 +752,29 @@ class ReleaseTests(_Base):
         yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
+    def test_frozenPairIsNotClosedByTheRegistry(self):
+        """While frozen, a pair is out of the registry: its member going bad closes nothing."""
+        otherPort = reactor.listenTCP(0, self.memberFactory, interface="127.0.0.1")
+        self.addCleanup(otherPort.stopListening)
+        other = Endpoint("127.0.0.1", otherPort.getHost().port)
+        self.old.pool.replaceEndpoints([self.endpoint, other])
+        self.old.connections.startService()
+        self.addCleanup(self.old.connections.stopService)
+        s = yield self.rawClient()
+        [client] = self.old.connections.pairs()
+        self.assertEqual(client.state.endpoint, self.endpoint)
+        batch = portable.exportPairs(self.old)
+        self.old.pool.markDown(self.endpoint, "under test")
+        yield sleep(0.5)  # the registry closes at most a tick (0.1 s) later
+        self.assertEqual(self.old.connections.closedBy["down"], 0)
+        self.assertSilent(s)
+        adopted = portable.adoptPairs(self.new, handOver(batch))
+        batch.release()
+        adopted.start()
+        self.assertEqual((yield self.roundTrip(s, b"still held")), b"still held")
+        s.close()
+
+    @defer.inlineCallbacks
     def test_frozenPairIsNotServed(self):
         """Exported and not yet released or thawed, a pair forwards nothing."""
         s = yield self.rawClient()
@@ -773,10 +853,11 @@ class ReleaseTests(_Base):
 
     @defer.inlineCallbacks
     def test_threeTakeoversInARow(self):
-        """A pair taken over three times in a row (each successor's own transports exported) still serves."""
+        """A pair taken over three times in a row (adopted transports exported again) serves."""
         s = yield self.rawClient()
         [member] = self.memberFactory.connections
-        gateways = [self.old, self.new, self.gateway([self.endpoint]), self.gateway([self.endpoint])]
+        more = [self.gateway([self.endpoint]) for _ in range(2)]
+        gateways = [self.old, self.new] + more
         for i, (old, new) in enumerate(zip(gateways, gateways[1:])):
             batch = portable.exportPairs(old)
             self.assertEqual(len(batch.pairs), 1)
@@ -788,6 +869,33 @@ class ReleaseTests(_Base):
         s.shutdown(socket.SHUT_WR)
         self.assertEqual((yield self.roundTrip(s, b"")), b"")
         yield waitFor(lambda: not gateways[-1].clients)
+        s.close()
+        yield self.assertNoDescriptorLeak()
+
+
+    @defer.inlineCallbacks
+    def test_unixClient(self):
+        """A client of a unix listener is handed over too."""
+        from etcdgw.listen import GatewayUNIXEndpoint
+
+        path = os.path.join(self.mktemp())
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        port = yield GatewayUNIXEndpoint(reactor, path).listen(self.old)
+        self.addCleanup(port.stopListening)
+        yield sleep(0)
+        self.descriptors = openDescriptors()
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        s.setblocking(False)
+        self.addCleanup(s.close)
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        self.assertEqual((yield self.roundTrip(s, b"before")), b"before")
+        yield self.takeOver()
+        self.assertEqual(len(self.new.connections), 1)
+        self.assertEqual((yield self.roundTrip(s, b"after")), b"after")
+        s.shutdown(socket.SHUT_WR)
+        self.assertEqual((yield self.roundTrip(s, b"")), b"")
+        yield self.settled()
         s.close()
         yield self.assertNoDescriptorLeak()
 
@@ -807,7 +915,9 @@ class RecordTests(_Base):
         [(record, data, fds)] = handOver(batch)
         record["v"] = 99
         before = openDescriptors()
-        self.assertRaises(portable.NotPortable, portable.adoptPairs, self.new, [(record, data, fds)])
+        self.assertRaises(
+            portable.NotPortable, portable.adoptPairs, self.new, [(record, data, fds)]
+        )
         self.assertEqual(openDescriptors(), before - 2)
         batch.thaw()
         client.transport.loseConnection()
@@ -834,6 +944,53 @@ class RecordTests(_Base):
         yield self.assertNoDescriptorLeak()
 
     @defer.inlineCallbacks
+    def test_oneLogLinePerStep(self):
+        """Export, release and start log one line each, whatever the number of pairs."""
+        from twisted.logger import globalLogPublisher
+        from twisted.internet.testing import EventLoggingObserver
+
+        clients = []
+        for seed in range(5):
+            client = Streamer(0, seed=20 + seed)
+            client.autostart = False
+            clients.append(client)
+            yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 5)
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        yield self.takeOver()
+        formats = [e.get("log_format") for e in events]
+        self.assertEqual(len(formats), 3, formats)
+        [started] = [e for e in events if e.get("adopted") is not None]
+        self.assertEqual((started["adopted"], started["failed"]), (5, 0))
+        for client in clients:
+            client.transport.loseConnection()
+        yield self.settled()
+
+    @defer.inlineCallbacks
+    def test_refusedWhereTwistedMoved(self):
+        """With Twisted's write buffer or close not as expected, nothing is exported or frozen."""
+        client = Streamer(0, seed=11)
+        client.autostart = False
+        yield self.connect(client)
+        yield waitFor(lambda: len(self.old.connections) == 1)
+        ct, mt = self.pairOf(self.old)
+        self.patch(portable, "_writeBufferProblem", lambda: "bytes given to write() are elsewhere")
+        self.assertRaises(portable.NotPortable, portable.exportPairs, self.old)
+
+        class Closer:
+            pass  # no _shouldShutdown
+
+        class FakeTCP:
+            _SocketCloser = Closer
+
+        self.patch(portable, "_writeBufferProblem", lambda: None)
+        self.patch(portable, "tcp", FakeTCP)
+        self.assertRaises(portable.NotPortable, portable.exportPairs, self.old)
+        self.assertIn(ct, reactor.getReaders())
+        self.assertEqual(len(self.old.connections), 1)
+        client.transport.loseConnection()
+
+    @defer.inlineCallbacks
     def test_originatedTLSIsSkipped(self):
         """A pair whose member side is TLS originated here stays here, untouched."""
         client = Streamer(0, seed=6)
@@ -853,7 +1010,7 @@ class RecordTests(_Base):
 
     @defer.inlineCallbacks
     def test_removedMemberIsHeld(self):
-        """A pair whose member is not in the new gateway's pool is adopted as a removed member's."""
+        """A pair whose member left the new gateway's pool is held as a removed member's."""
         other = Endpoint("127.0.0.1", 1)
         self.new.pool.replaceEndpoints([other])
         client = Streamer(0, seed=7)
@@ -911,3 +1068,7 @@ class LeanDispatchTransferTests(TransferTests):
 
 class StockOrderTests(_Stock, OrderTests):
     """On Twisted's own transports (no pipe: skipped)."""
+
+
+class StockMemberHalfCloseTests(_Stock, MemberHalfCloseTests):
+    """On Twisted's own transports."""
