@@ -614,7 +614,7 @@ class AdoptedPairs:
         sending nothing (the predecessor still serves these connections).
         """
         for _, _, fds in self._take("aborted"):
-            _closeAll(fds)
+            closeDescriptors(fds)
 
     def start(self):
         """
@@ -667,7 +667,7 @@ class AdoptedPairs:
                     transport.stopWriting()
                 for skt in sockets:
                     skt.close()
-                _closeAll(fds)
+                closeDescriptors(fds)
         for client in dial:
             client._tried = []
             try:
@@ -804,7 +804,10 @@ def _restore(protocol, transport, side):
         transport._writeDisconnected = True
 
 
-def _closeAll(fds):
+def closeDescriptors(fds):
+    """
+    Close each of C{fds} (descriptor numbers), whatever the others do.
+    """
     for fd in fds:
         try:
             os.close(fd)
@@ -837,6 +840,6 @@ def adoptPairs(factory, pairs, listener=None):
                 raise NotPortable("the queued bytes do not match the record's lengths")
     except BaseException:
         for _, _, fds in pairs:
-            _closeAll(fds)
+            closeDescriptors(fds)
         raise
     return AdoptedPairs(factory, pairs, listener)

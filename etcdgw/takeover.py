@@ -82,6 +82,8 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from etcdgw.portable import closeDescriptors
+
 #: The protocol's version: both sides must speak the same one.
 PROTOCOL_VERSION = 1
 #: The environment variable naming the inherited descriptor of a
@@ -127,14 +129,6 @@ def encodeFrame(header, payload=b""):
     """
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     return _PREFIX.pack(len(encoded), len(payload)) + encoded + bytes(payload)
-
-
-def _closeAll(fds):
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 class FrameReader:
@@ -192,7 +186,7 @@ class FrameReader:
         Close the descriptors received and not yet given out in a frame.
         """
         fds, self._fds = list(self._fds), collections.deque()
-        _closeAll(fds)
+        closeDescriptors(fds)
 
 
 #: The channel's socket buffers: a takeover of thousands of pairs goes in
@@ -258,7 +252,7 @@ class SocketChannel:
         """
         if self.closed or self._closing:
             if owned:
-                _closeAll(fds)
+                closeDescriptors(fds)
             return
         header = dict(header, fds=len(fds))
         data = memoryview(encodeFrame(header, payload))
@@ -286,7 +280,7 @@ class SocketChannel:
             item[1] = []  # the descriptors went with the first bytes
             if owned:
                 item[2] = []
-                _closeAll(owned)
+                closeDescriptors(owned)
             if sent < len(data):
                 item[0] = data[sent:]
                 continue
@@ -311,7 +305,7 @@ class SocketChannel:
             self._lost(f"cannot receive: {e.strerror or e}")
             return None
         if flags & socket.MSG_CTRUNC:
-            _closeAll(fds)
+            closeDescriptors(fds)
             self._lost(
                 "descriptors were cut off in transit (MSG_CTRUNC: the open-files limit?)"
             )
@@ -326,7 +320,7 @@ class SocketChannel:
             return None
         for header, payload, frameFds in frames:
             if self.closed:
-                _closeAll(frameFds)
+                closeDescriptors(frameFds)
                 continue
             self.receiver.frameReceived(header, payload, frameFds)
         return None
@@ -364,7 +358,7 @@ class SocketChannel:
             self._writing = False
         self.closed = True
         for _, _, owned in self._queue:
-            _closeAll(owned)
+            closeDescriptors(owned)
         self._queue.clear()
         self._reader.close()
         self.socket.close()
@@ -536,7 +530,7 @@ class Handover:
     # From the channel
 
     def frameReceived(self, header, payload, fds):
-        _closeAll(fds)  # the successor sends none
+        closeDescriptors(fds)  # the successor sends none
         kind = header.get("type")
         try:
             if kind == "prepare" and self.phase == "hello":
@@ -935,7 +929,7 @@ class Takeover:
         kind = header.get("type")
         try:
             if kind == "refuse":
-                _closeAll(fds)
+                closeDescriptors(fds)
                 self.fail(f"the running gateway refused: {header.get('reason')}")
             elif kind == "workers" and self.phase == "preparing":
                 self._workersOffered(header.get("workers") or [])
@@ -945,7 +939,7 @@ class Takeover:
             elif kind == "listeners" and self.phase == "receiving":
                 self._listeners(header, fds)
             elif kind == "state" and self.phase == "receiving":
-                _closeAll(fds)
+                closeDescriptors(fds)
                 self.gateway.monitor.adoptState(header.get("state") or {})
             elif kind == "pairs" and self.phase == "receiving":
                 pairs = splitPairs(header, payload, fds)
@@ -956,13 +950,13 @@ class Takeover:
             elif kind == "commit" and self.phase == "ready":
                 self._start()
             else:
-                _closeAll(fds)
+                closeDescriptors(fds)
                 self.fail(f"unexpected message {kind!r} while {self.phase}")
         except TakeoverError as e:
-            _closeAll(fds)
+            closeDescriptors(fds)
             self.fail(str(e))
         except Exception as e:
-            _closeAll(fds)
+            closeDescriptors(fds)
             self.log.failure("takeover: error taking over")
             self.fail(f"error taking over: {e}")
 
@@ -974,7 +968,7 @@ class Takeover:
     def _listeners(self, header, fds):
         listeners = header.get("listeners")
         if not isinstance(listeners, list) or len(listeners) != len(fds):
-            _closeAll(fds)
+            closeDescriptors(fds)
             raise TakeoverError("a malformed listeners frame")
         self.listenersOffered = {
             (item["flag"], item["address"]): (fd, item["family"])
@@ -1117,10 +1111,10 @@ class Takeover:
             self.adopted.abort()
             self.adopted = None
         for _, _, pairFds in self.pairs:
-            _closeAll(pairFds)
+            closeDescriptors(pairFds)
         self.pairs = []
         for fd, _ in (self.listenersOffered or {}).values():
-            _closeAll([fd])
+            closeDescriptors([fd])
         self.listenersOffered = {}
         for port in self.ports:
             port.dropForTakeover()
