@@ -70,11 +70,12 @@ def _doPoll(self, timeout):
     if _serve is not None and events:
         events, answers = _serve(events, selectables, _buffer, _FastTransport, _READ_SIZE)
         for transport, target, answer in answers:
-            if transport._aborting:
-                # A send to it earlier in this batch failed (an answer
-                # before this one): that send consumed its reset, so what
-                # this read saw (an end of stream) is not what happened,
-                # and the abort already passes the reset on.
+            if answer == 0 and transport._aborting:
+                # An end of stream from a transport a send to which failed
+                # earlier in this batch (an answer before this one): that
+                # send consumed its reset, so the end is not what happened,
+                # and the abort already passes the reset on. (Asked of ends
+                # only: the hot path's answers are byte counts.)
                 continue
             try:
                 why = transport._relayed(target, answer)
