@@ -99,6 +99,44 @@ def fdCount(pid="self"):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def running(pid):
+    """
+    Is process C{pid} running (not gone, not a zombie)?
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def childPids(pid):
+    """
+    The process IDs of C{pid}'s children (none once it is gone).
+    """
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def socketInodes(pid):
+    """
+    The inodes of process C{pid}'s sockets, as /proc/net/tcp names them.
+    """
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:[") : -1])
+    return inodes
+
+
 def raiseNofile(wanted=None):
     """
     Raise this process's soft RLIMIT_NOFILE to C{wanted} (default: the hard

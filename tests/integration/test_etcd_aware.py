@@ -22,7 +22,6 @@ from tests.integration.etcd import (
     requireEtcd,
 )
 from tests.integration.gateway import REPOSITORY, GatewayProcess
-from tests.integration.reliability_helpers import report
 from tests.integration.reliability_helpers import report, waitUntil
 
 

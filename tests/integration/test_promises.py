@@ -17,10 +17,13 @@ from twisted.trial.unittest import TestCase
 from tests.integration.etcd import HOST, ClusterTestMixin, EtcdCluster, etcdctl, freePort
 from tests.integration.gateway import REPOSITORY, GatewayProcess
 from tests.integration.reliability_helpers import (
+    childPids,
     endpointStatus,
     get,
     put,
     report,
+    running,
+    socketInodes,
     waitUntil,
 )
 
@@ -226,38 +229,6 @@ def _clusterID(address):
 # -- --workers as processes ----------------------------------------------------
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _socketInodes(pid):
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[len("socket:[") : -1])
-    return inodes
-
-
 def _ownerOf(sock, listenPort, pids):
     """
     Which of C{pids} holds the accepted end of client socket C{sock}
@@ -276,7 +247,7 @@ def _ownerOf(sock, listenPort, pids):
     if wanted is None:
         return None
     for pid in pids:
-        if wanted in _socketInodes(pid):
+        if wanted in socketInodes(pid):
             return pid
     return None
 
@@ -292,7 +263,7 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         gw = _gateway(self, [f"--endpoints={self.cluster.endpoints}", "--workers=2", *args])
         waitUntil(lambda: gw.log().count("ready to proxy client requests") >= 2, 10,
                   message="supervisor and worker ready")
-        (worker,) = waitUntil(lambda: _children(gw.pid), 10, message="worker process")
+        (worker,) = waitUntil(lambda: childPids(gw.pid), 10, message="worker process")
         return gw, worker
 
     def test_killedWorkerIsReplaced(self):
@@ -311,9 +282,9 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         )
         replacedAfter = time.monotonic() - killed
         self.assertEqual(log.count("started worker-1 (pid"), 2)
-        (replacement,) = _children(gw.pid)
+        (replacement,) = childPids(gw.pid)
         self.assertNotEqual(replacement, worker)
-        self.assertFalse(_alive(worker))
+        self.assertFalse(running(worker))
         # The kernel spreads new connections over both processes again.
         held = []
         self.addCleanup(lambda: [s.close() for s in held])
@@ -332,7 +303,7 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         # 2.8-3.9s with the new process's start.
         self.assertLess(replacedAfter, 8.0)
         self.assertEqual(gw.stop(), 0)
-        self.assertFalse(_alive(replacement))
+        self.assertFalse(running(replacement))
 
     def test_workerDrainsOnStop(self):
         """
@@ -373,12 +344,12 @@ class WorkersProcessTests(ClusterTestMixin, TestCase):
         response = onWorker.getresponse()
         self.assertEqual(response.status, 200, response.read())
         response.read()
-        self.assertTrue(_alive(worker))
+        self.assertTrue(running(worker))
         onWorker.close()
         closed = time.monotonic()
         self.assertEqual(gw.wait(timeout=8), 0)
         exitAfterClose = time.monotonic() - closed
-        self.assertFalse(_alive(worker))
+        self.assertFalse(running(worker))
         log = gw.log()
         drained = [l for l in log.splitlines() if "[worker-1]" in l and "drained 1 connection(s)" in l]
         self.assertEqual(len(drained), 1, log[-3000:])

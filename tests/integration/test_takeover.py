@@ -30,23 +30,15 @@ from tests.integration.etcd import HOST, ClusterTestMixin, freePort, waitUntil
 from tests.integration.gateway import _TWISTD, GatewayProcess, checkoutEnvironment
 from tests.integration.reliability_helpers import (
     ThreadedServer,
+    childPids,
+    fdCount,
     pattern,
     raiseNofile,
     report,
+    running,
     scaled,
+    socketInodes,
 )
-
-
-def alive(pid):
-    """
-    Is process C{pid} running (not gone, not a zombie)?
-    """
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def readPid(path):
@@ -58,7 +50,7 @@ def readPid(path):
 
 
 def waitGone(pid, timeout=15):
-    waitUntil(lambda: not alive(pid), timeout, message=f"pid {pid} gone")
+    waitUntil(lambda: not running(pid), timeout, message=f"pid {pid} gone")
 
 
 def localPorts(pid, remotePort):
@@ -66,14 +58,7 @@ def localPorts(pid, remotePort):
     The local ports of process C{pid}'s TCP connections to C{remotePort}
     (from /proc: its socket inodes, then /proc/net/tcp).
     """
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
+    inodes = socketInodes(pid)
     ports = set()
     for name in ("/proc/net/tcp", "/proc/net/tcp6"):
         with open(name) as f:
@@ -84,26 +69,11 @@ def localPorts(pid, remotePort):
     return ports
 
 
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
 def localPeers(pid, port):
     """
     The client ports of process C{pid}'s accepted connections on C{port}.
     """
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
+    inodes = socketInodes(pid)
     peers = set()
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
@@ -112,10 +82,6 @@ def localPeers(pid, port):
                     and fields[3] == "01":
                 peers.add(int(fields[2].rpartition(":")[2], 16))
     return peers
-
-
-def descriptors(pid):
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def version(conn):
@@ -213,7 +179,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         successor is no child of this process), then the first one.
         """
         pid = readPid(gw.pidfile)
-        if pid is not None and alive(pid) and pid != gw.pid:
+        if pid is not None and running(pid) and pid != gw.pid:
             os.kill(pid, signal.SIGTERM)
             waitGone(pid)
         gw.cleanup()
@@ -384,7 +350,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         version(kept)
         keptPort = kept.sock.getsockname()[1]
         waitUntil(lambda: "control socket on" in gw.log(), 10, message="control socket")
-        baseline = descriptors(gw.pid)
+        baseline = fdCount(gw.pid)
 
         def stillServing(failures):
             waitUntil(
@@ -397,8 +363,8 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
             fresh = http.client.HTTPConnection(HOST, gw.port, timeout=10)
             version(fresh)
             fresh.close()
-            waitUntil(lambda: descriptors(gw.pid) == baseline, 10,
-                      message=f"descriptors back to {baseline} (now {descriptors(gw.pid)})")
+            waitUntil(lambda: fdCount(gw.pid) == baseline, 10,
+                      message=f"descriptors back to {baseline} (now {fdCount(gw.pid)})")
             self.assertEqual(readPid(gw.pidfile), gw.pid)
 
         # 1. A bad flag: the successor exits 1 with one line, never connects.
@@ -561,20 +527,20 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
 
         def stop():
             pid = readPid(pidfile)
-            if pid is not None and alive(pid):
+            if pid is not None and running(pid):
                 os.kill(pid, signal.SIGTERM)
                 waitGone(pid)
 
         self.addCleanup(stop)
-        self.assertTrue(alive(first))
+        self.assertTrue(running(first))
         kept = http.client.HTTPConnection(HOST, port, timeout=10)
         self.addCleanup(kept.close)
         version(kept)
         os.kill(first, signal.SIGUSR2)
-        waitUntil(lambda: not alive(first), 20, message="the first daemon exits")
+        waitUntil(lambda: not running(first), 20, message="the first daemon exits")
         waitUntil(lambda: readPid(pidfile) not in (None, first), 10, message="pidfile")
         second = readPid(pidfile)
-        self.assertTrue(alive(second))
+        self.assertTrue(running(second))
         version(kept)
         with open(logfile) as f:
             log = f.read()
@@ -671,7 +637,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         gw = self.gateway("--workers=2")
         waitUntil(lambda: gw.log().count("ready to proxy client requests") >= 2, 15,
                   message="both processes ready")
-        oldWorkers = children(gw.pid)
+        oldWorkers = childPids(gw.pid)
         self.assertEqual(len(oldWorkers), 1)
         held = []
         for _ in range(40):
@@ -683,8 +649,8 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         # Both processes hold some (the kernel spreads them).
         self.assertGreater(len(localPeers(oldWorkers[0], gw.port)), 0)
         successor = self.takeOver(gw, timeout=30)
-        waitUntil(lambda: not alive(oldWorkers[0]), 20, message="the old worker exits")
-        newWorkers = children(successor)
+        waitUntil(lambda: not running(oldWorkers[0]), 20, message="the old worker exits")
+        newWorkers = childPids(successor)
         self.assertEqual(len(newWorkers), 1)
         for conn, port in zip(held, ports):
             version(conn)
@@ -774,7 +740,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         def stop():
             for m in notify.read():
                 found = re.search(r"MAINPID=(\d+)", m)
-                if found and alive(int(found.group(1))):
+                if found and running(int(found.group(1))):
                     os.kill(int(found.group(1)), signal.SIGTERM)
                     waitGone(int(found.group(1)))
             if process.poll() is None:
@@ -862,7 +828,7 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         gw = self.gateway("--workers=2", f"--control-socket={control}")
         waitUntil(lambda: gw.log().count("ready to proxy client requests") >= 2, 15,
                   message="both processes ready")
-        [oldWorker] = children(gw.pid)
+        [oldWorker] = childPids(gw.pid)
         waitUntil(lambda: "control socket on @etcd-gateway-takeover" in gw.log(), 10,
                   message="the worker's control socket")
         held = []
@@ -889,8 +855,8 @@ class TakeoverTests(ClusterTestMixin, unittest.TestCase):
         waitUntil(lambda: gw.log().count("takeover failed") >= 2, 15,
                   message="the supervisor and its worker both thawed")
         self.assertTrue(gw.running())
-        self.assertTrue(alive(oldWorker))
-        self.assertEqual(children(gw.pid), [oldWorker])
+        self.assertTrue(running(oldWorker))
+        self.assertEqual(childPids(gw.pid), [oldWorker])
         for conn in held:
             version(conn)
         fresh = http.client.HTTPConnection(HOST, gw.port, timeout=10)

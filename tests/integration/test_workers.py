@@ -11,23 +11,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.integration.etcd import ClusterTestMixin, etcdctl
 from tests.integration.gateway import GatewayProcess
-
-
-def children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
+from tests.integration.reliability_helpers import childPids, running
 
 
 class WorkersTests(ClusterTestMixin, TestCase):
@@ -45,7 +29,7 @@ class WorkersTests(ClusterTestMixin, TestCase):
         while time.monotonic() < deadline and gw.log().count("ready to proxy client requests") < 2:
             time.sleep(0.05)
         self.assertEqual(gw.log().count("ready to proxy client requests"), 2)
-        (worker,) = children(gw.pid)
+        (worker,) = childPids(gw.pid)
         before = {pid: _sockets(pid) for pid in (gw.pid, worker)}
         for i in range(5):
             rc, out, err = etcdctl(gw.address, "put", f"workers/{i}", str(i))
@@ -66,7 +50,7 @@ class WorkersTests(ClusterTestMixin, TestCase):
         self.assertEqual(sum(spread.values()), 40, spread)
         self.assertTrue(all(n > 0 for n in spread.values()), spread)
         self.assertEqual(gw.stop(), 0)
-        self.assertFalse(alive(worker))
+        self.assertFalse(running(worker))
 
     def test_sighupReachesEveryWorker(self):
         """SIGHUP to the supervisor makes it and each worker re-probe and log it; none dies."""
@@ -76,7 +60,7 @@ class WorkersTests(ClusterTestMixin, TestCase):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and gw.log().count("ready to proxy client requests") < 2:
             time.sleep(0.05)
-        (worker,) = children(gw.pid)
+        (worker,) = childPids(gw.pid)
         gw.signal(signal.SIGHUP)
         gw.waitForLog("SIGHUP passed on to 1 worker(s); 0 still starting")
         deadline = time.monotonic() + 10
@@ -85,7 +69,7 @@ class WorkersTests(ClusterTestMixin, TestCase):
         done = [line for line in gw.log().splitlines() if "SIGHUP done: 1/1" in line]
         self.assertEqual(len(done), 2, gw.log())
         self.assertEqual(sum("[worker-1]" in line for line in done), 1, done)
-        self.assertEqual(children(gw.pid), [worker])
+        self.assertEqual(childPids(gw.pid), [worker])
         self.assertNotIn("restarting it", gw.log())
         self.assertEqual(gw.stop(), 0)
 
@@ -96,15 +80,15 @@ class WorkersTests(ClusterTestMixin, TestCase):
         gw.start()
         gw.waitForLog("started worker-1")
         deadline = time.monotonic() + 10
-        while not children(gw.pid) and time.monotonic() < deadline:
+        while not childPids(gw.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        (worker,) = children(gw.pid)
+        (worker,) = childPids(gw.pid)
         gw.signal(signal.SIGKILL)
         gw.wait()
         deadline = time.monotonic() + 10
-        while alive(worker) and time.monotonic() < deadline:
+        while running(worker) and time.monotonic() < deadline:
             time.sleep(0.1)
-        self.assertFalse(alive(worker))
+        self.assertFalse(running(worker))
 
 
 def _sockets(pid):
