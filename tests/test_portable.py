@@ -789,25 +789,31 @@ class ReleaseTests(_Base):
         s.close()
 
     @defer.inlineCallbacks
-    def test_stillDiallingGoesClientOnly(self):
-        """A client whose member is still being dialled is handed over to dial there."""
-        # A member whose accept queue is full: the old gateway's dial hangs.
+    def stillDialling(self):
+        """
+        A raw client of the old gateway whose member is still being dialled
+        (the only member's accept queue is full: the dial hangs).
+        """
         hung = socket.socket()
         hung.bind(("127.0.0.1", 0))
         hung.listen(0)
         self.addCleanup(hung.close)
-        fillers = []
         for _ in range(3):
             f = socket.socket()
             f.setblocking(False)
             f.connect_ex(hung.getsockname())
-            fillers.append(f)
             self.addCleanup(f.close)
         self.old.pool.replaceEndpoints([Endpoint(*hung.getsockname())])
         s = socket.create_connection(("127.0.0.1", self.old.port.getHost().port))
         s.setblocking(False)
         self.addCleanup(s.close)
         yield waitFor(lambda: any(c._dialing for c in self.old.clients))
+        return s
+
+    @defer.inlineCallbacks
+    def test_stillDiallingGoesClientOnly(self):
+        """A client whose member is still being dialled is handed over to dial there."""
+        s = yield self.stillDialling()
         s.sendall(b"early")
         batch = portable.exportPairs(self.old)
         [pair] = batch.pairs
@@ -823,24 +829,10 @@ class ReleaseTests(_Base):
         self.assertEqual((yield self.roundTrip(s, b"")), b"early")
         s.close()
 
-
     @defer.inlineCallbacks
     def test_stillDiallingThawedDialsAgain(self):
         """A client-only pair thawed is dialled again here."""
-        hung = socket.socket()
-        hung.bind(("127.0.0.1", 0))
-        hung.listen(0)
-        self.addCleanup(hung.close)
-        for _ in range(3):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex(hung.getsockname())
-            self.addCleanup(f.close)
-        self.old.pool.replaceEndpoints([Endpoint(*hung.getsockname())])
-        s = socket.create_connection(("127.0.0.1", self.old.port.getHost().port))
-        s.setblocking(False)
-        self.addCleanup(s.close)
-        yield waitFor(lambda: any(c._dialing for c in self.old.clients))
+        s = yield self.stillDialling()
         batch = portable.exportPairs(self.old)
         self.assertEqual([p.record["clientOnly"] for p in batch.pairs], [True])
         self.assertFalse(any(c._dialing for c in self.old.clients))
@@ -849,7 +841,6 @@ class ReleaseTests(_Base):
         yield waitFor(lambda: len(self.old.connections) == 1)
         self.assertEqual((yield self.roundTrip(s, b"redialled")), b"redialled")
         s.close()
-
 
     @defer.inlineCallbacks
     def test_threeTakeoversInARow(self):
