@@ -10,7 +10,10 @@ alternate, never in two runs minutes apart.
 NAME=DIR runs ``python -m twisted etcd-gateway`` from DIR (DIR first on
 PYTHONPATH; build its C step there first: ``python setup.py build_ext
 --inplace``); NAME=DIR:pure hides the C step (benchmarks/gwbench/purepython);
-NAME=haproxy runs HAProxy (``mode tcp``, one thread). One etcd member on
+NAME=haproxy runs HAProxy (``mode tcp``, one thread); NAME=floor-epoll and
+NAME=floor-uring build and run the minimal C relays of benchmarks/floor/
+(the floor of any epoll or io_uring copy proxy here; floor-uring needs
+liburing-dev). One etcd member on
 /dev/shm; each round starts each contender afresh, warms it up (wrk 2 s),
 then measures ``wrk -t1 -c50 -d5s /version`` through it: CPU (perf stat
 task-clock), user and system time (/proc/PID/stat) and system calls (perf
@@ -50,6 +53,16 @@ def start(name, spec, etcdPort, port, tmp, python):
         return subprocess.Popen(
             ["haproxy", "-db", "-f", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+    if spec in ("floor-epoll", "floor-uring"):
+        kind = spec.split("-")[1]
+        exe = os.path.join(tmp, f"relay_{kind}")
+        if not os.path.exists(exe):
+            subprocess.run(
+                ["gcc", "-O2", "-o", exe, os.path.join(HERE, "floor", f"relay_{kind}.c")]
+                + (["-luring"] if kind == "uring" else []),
+                check=True,
+            )
+        return subprocess.Popen([exe, str(port), str(etcdPort)])
     tree, _, pure = spec.partition(":")
     tree = os.path.abspath(tree)
     env = dict(os.environ)
@@ -95,7 +108,7 @@ def measure(gw, port, tmp, seconds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    p.add_argument("contenders", nargs="+", metavar="NAME=DIR[:pure]|NAME=haproxy")
+    p.add_argument("contenders", nargs="+", metavar="NAME=DIR[:pure]|NAME=haproxy|NAME=floor-epoll|NAME=floor-uring")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--python", default="python3")

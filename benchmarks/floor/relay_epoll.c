@@ -1,0 +1,95 @@
+/*
+ * The floor of a user-space copy proxy on epoll (issue 16): a minimal
+ * single-threaded TCP relay in C with none of a real proxy's duties (no
+ * health, no backpressure bookkeeping beyond dropping a chunk that does not
+ * fit, no error handling worth the name). What it costs per forwarded
+ * request is what any epoll proxy on this machine pays at least; it is for
+ * benchmarks/floor.py only, never for users.
+ *
+ *   relay_epoll LISTEN_PORT BACKEND_PORT     (both on 127.0.0.1)
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAXFD 65536
+static int peer[MAXFD];
+
+static int
+tcp(int port, int listening)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
+    int one = 1, s = socket(AF_INET, SOCK_STREAM, 0);
+
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (listening) {
+        setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+        /* The last run's ring may hold its port for a moment after exit. */
+        for (int tries = 0; bind(s, (void *)&a, sizeof a) < 0 && tries < 50; tries++)
+            usleep(100000);
+        if (listen(s, 1024) < 0) {
+            perror("listen");
+            exit(1);
+        }
+    } else {
+        if (connect(s, (void *)&a, sizeof a) < 0) {
+            perror("connect");
+            exit(1);
+        }
+        setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return s;
+}
+
+int
+main(int argc, char **argv)
+{
+    static char buf[65536];
+    struct epoll_event ev, evs[64];
+    int lfd, ep, i, n, one = 1;
+
+    if (argc != 3)
+        return 2;
+    lfd = tcp(atoi(argv[1]), 1);
+    ep = epoll_create1(0);
+    ev.events = EPOLLIN;
+    ev.data.fd = lfd;
+    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    for (;;) {
+        n = epoll_wait(ep, evs, 64, -1);
+        for (i = 0; i < n; i++) {
+            int fd = evs[i].data.fd;
+            if (fd == lfd) {
+                int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK), m;
+                if (c < 0)
+                    continue;
+                setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                m = tcp(atoi(argv[2]), 0);
+                if (c >= MAXFD || m >= MAXFD)
+                    exit(1);
+                peer[c] = m;
+                peer[m] = c;
+                ev.data.fd = c;
+                epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+                ev.data.fd = m;
+                epoll_ctl(ep, EPOLL_CTL_ADD, m, &ev);
+                continue;
+            }
+            ssize_t r = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+            if (r > 0) {
+                send(peer[fd], buf, r, MSG_NOSIGNAL | MSG_DONTWAIT);
+            } else if (r == 0 || (errno != EAGAIN && errno != EINTR)) {
+                close(peer[fd]);
+                close(fd);
+            }
+        }
+    }
+}
