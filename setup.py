@@ -13,7 +13,13 @@ setup(
     # be built (no C compiler or Python headers), the install goes on and the
     # gateway forwards in pure Python, slower, and says so when it starts.
     # A top-level module, so that it is found from a checkout too.
-    ext_modules=[Extension("_etcdgw_relay", ["etcdgw/fast/_relay.c"], optional=True)],
+    ext_modules=[
+        Extension("_etcdgw_relay", ["etcdgw/fast/_relay.c"], optional=True),
+        # Joined pairs through io_uring (etcdgw/fast/ring.py): Linux only, and
+        # optional too: without it (or where the kernel refuses io_uring) the
+        # gateway forwards on epoll.
+        Extension("_etcdgw_ring", ["etcdgw/fast/_ring.c"], optional=True),
+    ],
     install_requires=[
         # From the oldest the whole suite was run against (.ci/run runs the
         # loopback and byte-exactness tests on it too) to the newest minor

@@ -288,8 +288,9 @@ class GatewayConfig:
     @ivar workers: the L{WorkersConfig}.
     @ivar upstreamTLS: the L{UpstreamTLSConfig}.
     @ivar takeover: the L{TakeoverConfig}.
-    @ivar forward: C{--forward}: C{"copy"} (the only value offered; see
-        L{etcdgw.fast.kernel} for C{kernel}, refused).
+    @ivar forward: C{--forward}: C{"copy"} (io_uring where the kernel
+        allows it, else epoll) or C{"epoll"} (never io_uring); see
+        L{etcdgw.fast.kernel} for C{kernel}, refused.
     """
 
     source: SourceConfig

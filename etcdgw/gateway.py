@@ -277,7 +277,7 @@ class Gateway:
     def _takeOverProcess(self):
         # The fast path's one gate: the lean dispatch and our transports, or
         # Twisted's own with one warning naming what is missing.
-        fast.start(self.reactor)
+        fast.start(self.reactor, ring=self.config.forward != "epoll")
         if not fast.RELAY_IN_C:
             log.warn(
                 "forwarding in pure Python: the C forwarding step (_etcdgw_relay) "

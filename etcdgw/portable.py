@@ -77,7 +77,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from etcdgw.endpoint import Endpoint
-from etcdgw.fast import join, serverTransport, writerFor
+from etcdgw.fast import join, serverTransport, settle, unsettleAll, writerFor
 from etcdgw.proxy import UpstreamProtocol
 
 __all__ = [
@@ -332,6 +332,7 @@ class ExportBatch:
                 transport.startWriting()
             if frozen.upstream is not None:
                 factory.connections.register(frozen.client)
+                settle(frozen.client.transport, frozen.upstream.transport)
             elif frozen.redial is not None:
                 redial.append(frozen.client)
         for client in redial:
@@ -400,6 +401,7 @@ def exportPairs(factory):
         raise NotPortable(f"Twisted's write buffer is not as expected: {wrong}")
     batch = ExportBatch(factory)
     reactor = factory.reactor
+    unsettleAll(reactor)  # pairs in io_uring come back to epoll, with what they had in flight
     readers = set(reactor.getReaders())
     writers = set(reactor.getWriters())
     for client in factory.connections.pairs():
@@ -787,6 +789,7 @@ class AdoptedPairs:
                 transport.loseConnection()
             if side["readDone"] or peer.producerPaused:
                 transport.stopReading()
+        settle(ct, mt)
 
 
 def _restore(protocol, transport, side):

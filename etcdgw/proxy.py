@@ -28,7 +28,7 @@ from etcdgw.connections import ConnectionRegistry, setMemberSocketOptions
 from etcdgw.dial import connected, describeFailure, dial, isLocalResourceError
 from etcdgw.monitor import legacyMonitor
 from etcdgw.selfloop import SelfLoopError, SelfLoopGuard
-from etcdgw.fast import join, writerFor
+from etcdgw.fast import join, settle, writerFor
 
 
 def _noDelay(transport):
@@ -299,6 +299,7 @@ class ClientProtocol(_Side):
         self.transport.registerProducer(upstream.transport, True)
         upstream.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
+        settle(self.transport, upstream.transport)
 
     def dataReceived(self, data):
         # Only when the transports are not joined (see _connected).

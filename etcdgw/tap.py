@@ -224,7 +224,9 @@ def _onOff(name):
 
 def _forward(text):
     """
-    The converter of C{--forward} (issue 16): C{copy}. C{kernel} (BPF
+    The converter of C{--forward} (issue 16): C{copy} (through the gateway,
+    on io_uring where the kernel allows it, else epoll) or C{epoll} (the same,
+    never io_uring: L{etcdgw.fast.ring}). C{kernel} (BPF
     sockmap redirect, L{etcdgw.fast.kernel}) is refused: on Linux 6.18 it
     lets a slow reader's writer fill kernel memory without bound, and wedges
     a socket that had bytes queued when it joined the map (README, "Kernel
@@ -236,8 +238,8 @@ def _forward(text):
             "a writer for a slow reader (1 GiB went into kernel memory in 2.5 s); see "
             "README, Kernel forwarding"
         )
-    if text != "copy":
-        raise usage.UsageError(f"--forward: {_quoted(text)} is not copy or kernel")
+    if text not in ("copy", "epoll"):
+        raise usage.UsageError(f"--forward: {_quoted(text)} is not copy, epoll or kernel")
     return text
 
 
@@ -709,8 +711,10 @@ class Options(usage.Options):
             None,
             "copy",
             "How bytes go from one socket of a pair to the other: copy (through the "
-            "gateway: a C step, splice(2) for bulk). kernel (BPF sockmap redirect) is "
-            "refused: it does not keep backpressure (README, Kernel forwarding).",
+            "gateway: io_uring where the kernel allows it, else epoll and a C step; "
+            "splice(2) for bulk), or epoll (the same without io_uring). kernel (BPF "
+            "sockmap redirect) is refused: it does not keep backpressure (README, "
+            "Kernel forwarding).",
             _forward,
         ],
         [

@@ -316,7 +316,9 @@ from etcdgw.gateway import buildGateway
 from etcdgw.tap import Options
 
 def lean():
-    return getattr(reactor.doPoll, "__func__", None) is etcdgw.fast.dispatch._doPoll
+    return getattr(reactor.doPoll, "__func__", None) in (
+        etcdgw.fast.dispatch._doPoll, etcdgw.fast.dispatch._ringPoll
+    )
 
 options = Options()
 options.parseOptions(["--listen-addr=127.0.0.1:0", "--endpoints=127.0.0.1:1"])

@@ -104,6 +104,7 @@ class FlagTests(SynchronousTestCase):
         """Forwarding copies through the gateway by default, and with --forward=copy."""
         self.assertEqual(self.parse().config.forward, "copy")
         self.assertEqual(self.parse("--forward=copy").config.forward, "copy")
+        self.assertEqual(self.parse("--forward=epoll").config.forward, "epoll")
 
     def test_kernelRefused(self):
         """
@@ -118,7 +119,7 @@ class FlagTests(SynchronousTestCase):
     def test_unknownRefused(self):
         """Any other value is refused, named."""
         e = self.assertRaises(usage.UsageError, self.parse, "--forward=splice")
-        self.assertEqual(str(e), '--forward: "splice" is not copy or kernel')
+        self.assertEqual(str(e), '--forward: "splice" is not copy, epoll or kernel')
 
 
 def _pair():

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 
 from etcdgw.endpoint import Endpoint
-from etcdgw.fast import gate, relay, transport
+from etcdgw.fast import gate, relay, ring, transport
 from etcdgw.listen import GatewayTCPEndpoint
 from etcdgw.pool import UpstreamPool
 from etcdgw.proxy import ClientProtocol, GatewayFactory
@@ -599,14 +599,18 @@ class StockLoopbackTests(LoopbackTests):
 class LeanDispatchLoopbackTests(LoopbackTests):
     """
     The same with the gateway's lean dispatch on the reactor (as the
-    gateway runs): where the C step is built, the ready joined transports of
+    gateway runs with C{--forward=epoll}, or where the kernel refuses
+    io_uring): where the C step is built, the ready joined transports of
     each epoll batch are served by its batch step (C{serve}, issue 16).
     """
+
+    #: Whether joined pairs may go through io_uring (etcdgw.fast.ring).
+    ring = False
 
     def setUp(self):
         from etcdgw.fast import dispatch
 
-        if not dispatch.leanDispatch(reactor):
+        if not dispatch.leanDispatch(reactor, useRing=self.ring):
             raise SkipTest("not the epoll reactor")
         self.addCleanup(_twistedDispatch)
         self.served = 0
@@ -639,8 +643,9 @@ class LeanDispatchLoopbackTests(LoopbackTests):
 def _twistedDispatch():
     """
     Give the reactor Twisted's own dispatch back (leanDispatch sets its
-    own on the instance).
+    own on the instance), without the io_uring ring.
     """
+    ring.close(reactor)
     for name in ("doPoll", "doIteration"):
         reactor.__dict__.pop(name, None)
 
@@ -649,6 +654,69 @@ class LeanDispatchCopyOnlyLoopbackTests(LeanDispatchLoopbackTests):
     """
     The lean dispatch's batch step without splice: partial sends (answers
     it leaves to Python) and the queue behind them.
+    """
+
+    def setUp(self):
+        self.patch(transport, "SPLICE", False)
+        return super().setUp()
+
+
+class RingLoopbackTests(LeanDispatchLoopbackTests):
+    """
+    The same as the gateway runs by default: joined pairs that are quiet
+    forwarded through io_uring (L{etcdgw.fast.ring}), everything else on
+    the lean dispatch.
+    """
+
+    ring = True
+
+    def setUp(self):
+        why = ring.available()
+        if why is None and ring.open(reactor) is None:
+            why = ring.unavailable
+        if why is not None:
+            if os.environ.get("CI"):
+                self.fail(f"io_uring is not usable under CI: {why}")
+            raise SkipTest(f"io_uring is not usable here: {why}")
+        self.entered = []
+        enter = ring.enter
+
+        def counted(a, b):
+            went = enter(a, b)
+            self.entered.append(went)
+            return went
+
+        self.patch(ring, "enter", counted)
+        return super().setUp()
+
+    @defer.inlineCallbacks
+    def test_servedInOneCall(self):
+        """
+        Requests and answers go through the ring: the pair went in when it
+        was joined, and the gateway's reactor saw none of its bytes.
+        """
+        client = yield self.connect()
+        upstream = yield self.upstream()
+        for i in range(20):
+            client.transport.write(b"request %d;" % i)
+            yield waitFor(lambda: b"".join(upstream.received).endswith(b"request %d;" % i))
+            upstream.transport.write(b"answer %d;" % i)
+            yield waitFor(lambda: b"".join(client.received).endswith(b"answer %d;" % i))
+        self.assertEqual(self.entered[:1], [True])
+        self.assertEqual(ring.ringOf(reactor).engine.active(), 1)
+        self.assertEqual(self.served, 0)  # the epoll batch step never saw them
+        (gatewayClient,) = self.gateway.clients
+        self.assertEqual(gatewayClient.state.toUpstream.n, len(b"".join(upstream.received)))
+        self.assertEqual(gatewayClient.state.fromUpstream.n, len(b"".join(client.received)))
+        client.transport.loseWriteConnection()
+        yield client.lost
+        self.assertEqual(ring.ringOf(reactor).engine.active(), 0)
+
+
+class RingCopyOnlyLoopbackTests(RingLoopbackTests):
+    """
+    Through io_uring without splice: bulk reads leave the ring and come back
+    once the copy path's queue drained.
     """
 
     def setUp(self):

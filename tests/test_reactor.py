@@ -9,6 +9,8 @@ from etcdgw.fast.dispatch import leanDispatch
 
 
 class LeanDispatchTests(SynchronousTestCase):
+    # The dispatch on epoll; through io_uring: tests/integration/test_ring.py.
+
     def test_otherReactorsUntouched(self):
         """Reactors other than epoll are left as they are."""
         reactor = MemoryReactorClock()
@@ -18,7 +20,7 @@ class LeanDispatchTests(SynchronousTestCase):
         """A changed epoll reactor still delivers reads to their descriptors."""
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
-        self.assertTrue(leanDispatch(reactor))
+        self.assertTrue(leanDispatch(reactor, useRing=False))
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
@@ -49,7 +51,7 @@ class LeanDispatchTests(SynchronousTestCase):
         """A doRead that raises is logged and its descriptor disconnected, as Twisted does."""
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
-        leanDispatch(reactor)
+        leanDispatch(reactor, useRing=False)
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
@@ -88,7 +90,7 @@ class LeanDispatchTests(SynchronousTestCase):
 
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
-        leanDispatch(reactor)
+        leanDispatch(reactor, useRing=False)
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
@@ -129,7 +131,7 @@ class LeanDispatchTests(SynchronousTestCase):
 
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
-        leanDispatch(reactor)
+        leanDispatch(reactor, useRing=False)
         asked = []
 
         class Poller:
@@ -172,7 +174,7 @@ class BatchResetTests(SynchronousTestCase):
             self.fail("the C batch step (_etcdgw_relay.serve) was not built")
         reactor = EPollReactor()
         self.addCleanup(reactor._poller.close)
-        self.assertTrue(leanDispatch(reactor))
+        self.assertTrue(leanDispatch(reactor, useRing=False))
 
         def tcpPair():
             server = socket.socket()

@@ -32,7 +32,9 @@ __all__ = [
     "enabled",
     "join",
     "serverTransport",
+    "settle",
     "start",
+    "unsettleAll",
     "writerFor",
 ]
 
@@ -87,6 +89,31 @@ def join(a, b, countA, countB):
     a.joinTo(b, countA)
     b.joinTo(a, countB)
     return True
+
+
+def settle(a, b):
+    """
+    Joined transports C{a} and C{b} are set up (producers registered,
+    reading resumed, what was queued queued): the fast path may take the
+    pair over now. With io_uring, a quiet pair leaves the reactor's epoll for
+    the ring (L{etcdgw.fast.ring.enter}); otherwise nothing changes.
+    """
+    if getattr(a, "fast", False) and getattr(b, "fast", False):
+        from etcdgw.fast import ring
+
+        ring.enter(a, b)
+
+
+def unsettleAll(reactor):
+    """
+    Take every pair the fast path took over (L{settle}) back to the
+    reactor's epoll, with what it had in flight, and apply at once what was
+    seen meanwhile (an end of stream, a failed send): live takeover exports
+    what is on epoll only.
+    """
+    from etcdgw.fast import ring
+
+    ring.leaveAll(reactor)
 
 
 def writerFor(transport):

@@ -43,6 +43,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python import log
 
+from etcdgw.fast import ring
+
 _log = Logger(namespace="etcdgw.fast.dispatch")
 
 _IN = select.EPOLLIN
@@ -63,8 +65,9 @@ def _doPoll(self, timeout):
         events = self._poller.poll(timeout, min(len(self._selectables), MAX_EVENTS) or 1)
     except OSError as err:
         if err.errno == errno.EINTR:
-            return
+            return 0
         raise
+    count = len(events)
     selectables = self._selectables
     dispatch = self._doReadOrWrite
     if _serve is not None and events:
@@ -107,6 +110,16 @@ def _doPoll(self, timeout):
             why = e
         if why:
             self._disconnectSelectable(selectable, why, True)
+    return count
+
+
+def _ringPoll(self, timeout):
+    # The reactor's turn through io_uring (etcdgw.fast.ring), which calls
+    # _doPoll when the reactor's epoll has events; _doPoll alone where the
+    # ring could not be made.
+    if not ring.ringPoll(self, timeout, _doPoll):
+        self.doPoll = self.doIteration = types.MethodType(_doPoll, self)
+        _doPoll(self, timeout)
 
 
 def _readListening(reactor, port):
@@ -122,7 +135,7 @@ def _readListening(reactor, port):
         reactor._disconnectSelectable(port, why, True)
 
 
-def leanDispatch(reactor):
+def leanDispatch(reactor, useRing=True):
     """
     Make C{reactor}'s event loop dispatch without the legacy logging context,
     if it is Twisted's epoll reactor; leave any other reactor alone.
@@ -140,5 +153,6 @@ def leanDispatch(reactor):
 
     _serve, _buffer, _READ_SIZE = relay.serve, relay.buffer, relay.READ_SIZE
     _FastTransport = transport.FastTransport
-    reactor.doPoll = reactor.doIteration = types.MethodType(_doPoll, reactor)
+    poll = _ringPoll if useRing and ring.available() is None else _doPoll
+    reactor.doPoll = reactor.doIteration = types.MethodType(poll, reactor)
     return True

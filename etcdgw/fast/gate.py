@@ -75,8 +75,10 @@ NEEDS = (
     ("twisted.internet.unix", "Port._fromListeningDescriptor"),
     ("twisted.internet.tcp", "Port._realPortNumber"),
 )
-#: What the lean dispatch reads on the epoll reactor itself.
-REACTOR_NEEDS = ("_poller", "_selectables")
+#: What the lean dispatch reads on the epoll reactor itself (the io_uring
+#: ring, etcdgw.fast.ring: which descriptors it reads and writes, _reads and
+#: _writes, before it takes a pair off epoll).
+REACTOR_NEEDS = ("_poller", "_selectables", "_reads", "_writes")
 #: Class attributes of Twisted's connections that the fast transports keep
 #: in slots (etcdgw.fast.transport._CONNECTION_SLOTS, given their defaults
 #: in FastTransport._initSlots): each must be a plain class attribute (a
@@ -284,7 +286,7 @@ def enabled():
     return _decision.fast
 
 
-def start(reactor, verdict=None):
+def start(reactor, verdict=None, ring=True):
     """
     Decide, at the gateway's start, whether it uses the fast path: with
     C{reactor}, Twisted's epoll reactor, its lean dispatch is applied; when
@@ -293,6 +295,10 @@ def start(reactor, verdict=None):
 
     @param verdict: what L{check} found (default: L{check} of the installed
         Twisted and C{reactor}).
+    @param ring: whether joined pairs may be forwarded through io_uring
+        (L{etcdgw.fast.ring}; C{--forward=epoll} says no): where the kernel
+        refuses it, the reactor's first turn says why in one line and stays
+        on epoll.
     @rtype: L{Verdict}
     """
     global _decision
@@ -302,7 +308,7 @@ def start(reactor, verdict=None):
     if verdict.fast:
         from etcdgw.fast.dispatch import leanDispatch
 
-        leanDispatch(reactor)
+        leanDispatch(reactor, useRing=ring)
     else:
         log.warn(
             "fast path off, forwarding with Twisted's own transports and dispatch "

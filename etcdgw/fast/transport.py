@@ -51,6 +51,7 @@ from twisted.internet import main, tcp
 from twisted.internet.posixbase import PosixReactorBase
 
 from etcdgw.connections import setMemberSocketOptions
+from etcdgw.fast import ring as _ringModule
 from etcdgw.fast.gate import SLOTTED
 from etcdgw.fast.relay import _NO_ROOM, READ_SIZE
 from etcdgw.fast.relay import buffer as _buffer
@@ -98,6 +99,17 @@ def _maySendNow(target):
     )
 
 
+def _reenter(transport):
+    """
+    Put C{transport}'s pair back into the io_uring ring if it is quiet now
+    (a write buffer drained, a splice pipe closed): called a turn later, once
+    Twisted is done with it.
+    """
+    target = transport._target
+    if target is not None:
+        _ringModule.enter(transport, target)
+
+
 def _madeWhenRead(getter):
     """
     A property that Twisted may assign or delete (ignored) and whose value is
@@ -140,7 +152,7 @@ class FastTransport:
         self._pipe = self._pipeSource = None
         self._pipeBytes = self._spliced = 0
         self._spliceOff = self._eof = False
-        self._target = self._count = self._fd = None
+        self._target = self._count = self._fd = self._ring = None
 
     # Twisted sets these on every connection; made only when read instead
     # (a few hundred bytes less per connection): the log-context and repr
@@ -270,6 +282,8 @@ class FastTransport:
         if target is not None and target._pipeSource is self:
             target._pipeSource = None
         _PipeSweep.of(self.reactor).remove(self)
+        if target is not None and "_etcdgwRing" in self.reactor.__dict__:
+            self.reactor.callLater(0, _reenter, self)
 
     def _spliceRead(self, target):
         """
@@ -384,9 +398,20 @@ class FastTransport:
                 and not self.producerPaused
             ):
                 source.startReading()
-        return tcp.Connection.doWrite(self)
+        why = tcp.Connection.doWrite(self)
+        if (
+            not why
+            and self._target is not None
+            and "_etcdgwRing" in self.reactor.__dict__
+            and not self.dataBuffer
+            and not self._tempDataLen
+        ):
+            self.reactor.callLater(0, _reenter, self)
+        return why
 
     def connectionLost(self, reason):
+        if self._ring is not None:
+            _ringModule.leave(self)
         target = self._target
         if target is not None:
             # Unjoin both ways: from now on each side's protocol hears what
@@ -399,7 +424,53 @@ class FastTransport:
         self._pipeSource = None
         return super().connectionLost(reason)
 
+    # A pair in the io_uring ring (etcdgw.fast.ring) is the ring's: before
+    # anything touches its sockets' reading, writing or closing, it comes
+    # back to the reactor's epoll, with what it had in flight.
+
+    def writeSequence(self, iovec):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().writeSequence(iovec)
+
+    def loseConnection(self, *args, **kwargs):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().loseConnection(*args, **kwargs)
+
+    def abortConnection(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().abortConnection()
+
+    def loseWriteConnection(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().loseWriteConnection()
+
+    def startReading(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().startReading()
+
+    def stopReading(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().stopReading()
+
+    def startWriting(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().startWriting()
+
+    def stopWriting(self):
+        if self._ring is not None:
+            _ringModule.leave(self)
+        return super().stopWriting()
+
     def write(self, data):
+        if self._ring is not None:
+            _ringModule.leave(self)
         if not _maySendNow(self):
             tcp.Connection.write(self, bytes(data))
             return
@@ -502,6 +573,7 @@ _CONNECTION_SLOTS = (
         "_target",
         "_count",
         "_fd",
+        "_ring",
     )
 )
 

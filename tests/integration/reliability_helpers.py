@@ -664,10 +664,14 @@ def synDroppingAddress(case):
 def startGateway(case, endpoints, *args, gatewayClass=None, **kwargs):
     """
     Start a real gateway process (C{twistd -n etcd-gateway}) in front of
-    C{endpoints}, stopped and removed at C{case}'s cleanup.
+    C{endpoints}, stopped and removed at C{case}'s cleanup; with
+    C{--forward=case.forward} where the case names one.
     """
     from tests.integration.gateway import GatewayProcess
 
+    forward = getattr(case, "forward", None)
+    if forward is not None:
+        args = (*args, f"--forward={forward}")
     gatewayClass = gatewayClass or GatewayProcess
     gw = gatewayClass(["--endpoints=" + endpoints, *args], cwd=REPOSITORY, **kwargs)
     case.addCleanup(gw.cleanup)

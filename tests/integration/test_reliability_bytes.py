@@ -390,3 +390,20 @@ class ResetTests(TestCase):
             seenByMemberAsCleanEnd=endings.get("eof", 0),
         )
         self.assertEqual(endings, {"reset": count})
+
+
+# The same promises on epoll (--forward=epoll): the classes above run as the
+# gateway does by default, joined pairs through io_uring where the kernel
+# allows it (tests/integration/test_ring.py checks that it does here).
+
+
+class EpollByteExactnessTests(ByteExactnessTests):
+    forward = "epoll"
+
+
+class EpollSlowReaderTests(SlowReaderTests):
+    forward = "epoll"
+
+
+class EpollResetTests(ResetTests):
+    forward = "epoll"
