@@ -9,7 +9,8 @@ alternate, never in two runs minutes apart.
 
 NAME=DIR runs ``python -m twisted etcd-gateway`` from DIR (DIR first on
 PYTHONPATH; build its C step there first: ``python setup.py build_ext
---inplace``); NAME=DIR:pure hides the C step (benchmarks/gwbench/purepython);
+--inplace``); NAME=DIR:pure hides the C steps (benchmarks/gwbench/purepython);
+NAME=DIR:epoll runs it with --forward=epoll (no io_uring);
 NAME=haproxy runs HAProxy (``mode tcp``, one thread); NAME=floor-epoll and
 NAME=floor-uring build and run the minimal C relays of benchmarks/floor/
 (the floor of any epoll or io_uring copy proxy here; floor-uring needs
@@ -63,13 +64,14 @@ def start(name, spec, etcdPort, port, tmp, python):
                 check=True,
             )
         return subprocess.Popen([exe, str(port), str(etcdPort)])
-    tree, _, pure = spec.partition(":")
+    tree, _, mode = spec.partition(":")
+    pure = mode == "pure"
     tree = os.path.abspath(tree)
     env = dict(os.environ)
     env["PYTHONPATH"] = (PURE + os.pathsep if pure else "") + tree
     return subprocess.Popen(
         [python, "-m", "twisted", "etcd-gateway", f"--endpoints={HOST}:{etcdPort}",
-         f"--listen-addr={HOST}:{port}"],
+         f"--listen-addr={HOST}:{port}"] + (["--forward=epoll"] if mode == "epoll" else []),
         # python -m puts its working directory first on sys.path: the stub's,
         # for :pure (from the tree, the tree's built C step would come first).
         cwd=PURE if pure else tree, env=env, stdout=open(os.path.join(tmp, f"{name}.log"), "w"),
@@ -108,7 +110,7 @@ def measure(gw, port, tmp, seconds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    p.add_argument("contenders", nargs="+", metavar="NAME=DIR[:pure]|NAME=haproxy|NAME=floor-epoll|NAME=floor-uring")
+    p.add_argument("contenders", nargs="+", metavar="NAME=DIR[:pure|:epoll]|NAME=haproxy|NAME=floor-epoll|NAME=floor-uring")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--python", default="python3")

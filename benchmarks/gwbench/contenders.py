@@ -11,8 +11,8 @@ import time
 from gwbench import HOST, REPO, BenchError
 from gwbench.processes import free_port, http_get_version, tail, wait_listening
 
-ALL_CONTENDERS = ("ours", "ours-py", "ours-w2", "etcd", "haproxy", "twisted-portforward",
-                  "direct")
+ALL_CONTENDERS = ("ours", "ours-epoll", "ours-py", "ours-w2", "etcd", "haproxy",
+                  "twisted-portforward", "direct")
 #: Put first on PYTHONPATH for "ours-py": hides the C forwarding step.
 PURE_PYTHON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "purepython")
 
@@ -104,11 +104,13 @@ class Contenders:
                     "--host=" + HOST, "--dest_port=%d" % upstreams[0]], REPO, env
         if name == "ours-py":
             env["PYTHONPATH"] = PURE_PYTHON + os.pathsep + env["PYTHONPATH"]
-        if name in ("ours", "ours-py", "ours-w2"):
+        if name in ("ours", "ours-epoll", "ours-py", "ours-w2"):
             cmd = [a.python, "-m", "twisted", "etcd-gateway", "--endpoints=" + eps,
                    "--listen-addr=%s:%d" % (HOST, listen)]
             if name == "ours-w2":
                 cmd.append("--workers=2")
+            if name == "ours-epoll":
+                cmd.append("--forward=epoll")  # the copy path without io_uring
             if not etcd:
                 cmd.append("--health-check=tcp")
             cmd.extend(a.ours_arg)
