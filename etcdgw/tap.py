@@ -899,8 +899,12 @@ class Options(usage.Options):
     def opt_version(self):
         from etcdgw import __version__
 
+        from etcdgw.fast import ring
+
         relay = "forwarding step in C" if RELAY_IN_C else "forwarding in pure Python"
-        print(f"etcd-gateway {__version__} ({relay})")
+        # Built or not; whether the kernel allows it is known at the first turn.
+        uring = "io_uring step built" if ring.available() is None else ring.available()
+        print(f"etcd-gateway {__version__} ({relay}; {uring})")
         raise SystemExit(0)
 
     def postOptions(self):

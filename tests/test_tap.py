@@ -224,8 +224,11 @@ class VersionTests(SynchronousTestCase):
         self.patch(sys, "stdout", out)
         with self.assertRaises(SystemExit):
             Options().parseOptions(["--version"])
+        from etcdgw.fast import ring
+
         how = "forwarding step in C" if RELAY_IN_C else "forwarding in pure Python"
-        self.assertEqual(out.getvalue(), f"etcd-gateway {__version__} ({how})\n")
+        uring = ring.available() or "io_uring step built"
+        self.assertEqual(out.getvalue(), f"etcd-gateway {__version__} ({how}; {uring})\n")
 
 
 class MakeServiceTests(SynchronousTestCase):
