@@ -16,7 +16,7 @@ NAME=floor-uring build and run the minimal C relays of benchmarks/floor/
 (the floor of any epoll or io_uring copy proxy here; floor-uring needs
 liburing-dev). One etcd member on
 /dev/shm; each round starts each contender afresh, warms it up (wrk 2 s),
-then measures ``wrk -t1 -c50 -d5s /version`` through it: CPU (perf stat
+then measures ``wrk -t1 -c50 -d5s --latency /version`` through it: p99, CPU (perf stat
 task-clock), user and system time (/proc/PID/stat) and system calls (perf
 stat raw_syscalls:sys_enter) per request. Order alternates each round.
 Prints each measurement, then the medians and the ranges.
@@ -89,12 +89,14 @@ def measure(gw, port, tmp, seconds):
          "-o", statFile]
     )
     out = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{seconds}s", url], capture_output=True, text=True
+        ["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", url], capture_output=True, text=True
     ).stdout
     u1, s1 = ticks(gw.pid)
     stat.send_signal(signal.SIGINT)
     stat.wait()
     requests = int(re.search(r"(\d+) requests in", out).group(1))
+    p99 = re.search(r"^\s*99%\s+([\d.]+)(us|ms|s)\b", out, re.M)
+    p99ms = float(p99.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[p99.group(2)]
     text = open(statFile).read()
     ms = float(re.search(r"^([\d.]+),msec,task-clock", text, re.M).group(1))
     calls = float(re.search(r"^(\d+),,raw_syscalls", text, re.M).group(1))
@@ -105,6 +107,7 @@ def measure(gw, port, tmp, seconds):
         "sys": (s1 - s0) / tick * 1e6 / requests,
         "rps": requests / seconds,
         "calls": calls / requests,
+        "p99": p99ms,
     }
 
 
@@ -147,7 +150,7 @@ def main():
                 print(
                     f"round {r + 1} {name:8s} {m['us']:6.1f} us/req (user {m['user']:5.1f}, "
                     f"system {m['sys']:5.1f}) {m['rps']:8.0f} req/s "
-                    f"{m['calls']:5.2f} calls/req",
+                    f"{m['calls']:5.2f} calls/req  p99 {m['p99']:5.2f} ms",
                     flush=True,
                 )
     finally:
@@ -157,18 +160,19 @@ def main():
     for name, _ in contenders:
         line = [f"{name:8s}"]
         for key, label in (("us", "CPU us/req"), ("user", "user"), ("sys", "system"),
-                           ("rps", "req/s")):
+                           ("rps", "req/s"), ("p99", "p99 ms")):
             v = [m[key] for m in results[name]]
             line.append(f"{label} {statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]")
         print("  ".join(line))
     base = contenders[0][0]
     for name, _ in contenders[1:]:
-        ratios = [m["us"] / b["us"] for m, b in zip(results[name], results[base])]
-        print(
-            f"{name}/{base} CPU per request, per round: "
-            + ", ".join(f"{x:.2f}" for x in ratios)
-            + f"; median {statistics.median(ratios):.2f}"
-        )
+        for key, label in (("us", "CPU per request"), ("rps", "req/s"), ("p99", "p99")):
+            ratios = [m[key] / b[key] for m, b in zip(results[name], results[base])]
+            print(
+                f"{name}/{base} {label}, per round: "
+                + ", ".join(f"{x:.2f}" for x in ratios)
+                + f"; median {statistics.median(ratios):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,28 @@ from twisted.trial.unittest import SynchronousTestCase
 from etcdgw.fast.dispatch import leanDispatch
 
 
+class Reader:
+    """
+    A reactor reader of socket C{sock}: what each read brings goes to
+    C{seen}.
+    """
+
+    def __init__(self, sock, seen):
+        self.sock, self.seen = sock, seen
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def doRead(self):
+        self.seen.append(self.sock.recv(10))
+
+    def logPrefix(self):
+        return "reader"
+
+    def connectionLost(self, reason):
+        pass
+
+
 class LeanDispatchTests(SynchronousTestCase):
     # The dispatch on epoll; through io_uring: tests/integration/test_ring.py.
 
@@ -25,21 +47,7 @@ class LeanDispatchTests(SynchronousTestCase):
         self.addCleanup(a.close)
         self.addCleanup(b.close)
         seen = []
-
-        class Reader:
-            def fileno(self):
-                return a.fileno()
-
-            def doRead(self):
-                seen.append(a.recv(10))
-
-            def logPrefix(self):
-                return "reader"
-
-            def connectionLost(self, reason):
-                pass
-
-        reader = Reader()
+        reader = Reader(a, seen)
         reactor.addReader(reader)
         b.send(b"ping")
         reactor.doIteration(0)

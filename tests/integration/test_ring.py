@@ -21,6 +21,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from etcdgw.fast import ring
 from etcdgw.fast.dispatch import leanDispatch
 from etcdgw.pool import ByteCount
+from tests.test_reactor import Reader
+from tests.test_relay import _tcpPair
 from tests.integration.reliability_helpers import (
     ThreadedServer,
     echoHandler,
@@ -45,16 +47,6 @@ def _usable():
         raise SkipTest(f"io_uring is not usable here: {why}")
 
 
-def _tcpPair():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    client = socket.create_connection(listener.getsockname())
-    server, _ = listener.accept()
-    listener.close()
-    return client, server
-
-
 class EngineTests(TestCase):
     """
     One ring, pairs of TCP sockets: client C{c} -> gateway's C{a} (ring)
@@ -74,6 +66,7 @@ class EngineTests(TestCase):
         b, m = _tcpPair()
         self.sockets += [c, a, b, m]
         for s in (c, a, b, m):
+            s.setblocking(True)
             self.addCleanup(s.close)
         counts = ByteCount(), ByteCount()
         slot = self.engine.add("a", "b", a.fileno(), b.fileno(), *counts)
@@ -244,21 +237,7 @@ class DispatchTests(TestCase):
         self.addCleanup(a.close)
         self.addCleanup(b.close)
         seen = []
-
-        class Reader:
-            def fileno(self):
-                return a.fileno()
-
-            def doRead(self):
-                seen.append(a.recv(10))
-
-            def logPrefix(self):
-                return "reader"
-
-            def connectionLost(self, reason):
-                pass
-
-        self.reactor.addReader(Reader())
+        self.reactor.addReader(Reader(a, seen))
         for _ in range(3):
             self.reactor.doIteration(0)  # settle: nothing ready
         threading.Timer(0.1, b.send, (b"ping",)).start()
