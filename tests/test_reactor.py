@@ -258,3 +258,56 @@ class BatchResetTests(SynchronousTestCase):
         memberPeer.settimeout(5)
         with self.assertRaises(ConnectionResetError):
             memberPeer.recv(10)
+
+
+class RingRefusedTests(SynchronousTestCase):
+    """
+    Where the kernel refuses io_uring (an old kernel, seccomp,
+    io_uring_disabled), the reactor's first turn says why once and the
+    reactor stays on epoll.
+    """
+
+    def test_refusedFallsBackToEpoll(self):
+        import errno
+
+        from etcdgw.fast import dispatch, ring
+
+        class Refusing:
+            CONTRACT = ring.CONTRACT
+
+            @staticmethod
+            def Ring(*args):
+                raise OSError(errno.ENOSYS, "Function not implemented")
+
+        self.patch(ring, "_etcdgw_ring", Refusing)
+        self.patch(ring, "unavailable", None)
+        logged = []
+        self.patch(ring._log, "info", lambda fmt, **kw: logged.append(fmt.format(**kw)))
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        self.assertTrue(leanDispatch(reactor, useRing=True))
+        self.assertIs(reactor.doPoll.__func__, dispatch._ringPoll)
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        seen = []
+        reactor.addReader(Reader(a, seen))
+        b.send(b"ping")
+        reactor.doIteration(0)
+        self.assertEqual(seen, [b"ping"])  # served on epoll, that same turn
+        self.assertIs(reactor.doPoll.__func__, dispatch._doPoll)
+        self.assertIsNone(ring.ringOf(reactor))
+        self.assertEqual(
+            logged, ["forwarding on epoll, not io_uring: io_uring refused: Function not implemented"]
+        )
+
+    def test_notWantedWhenOff(self):
+        """ETCDGW_IO_URING=0 (for comparisons) and --forward=epoll keep the ring off."""
+        from etcdgw.fast import dispatch, ring
+
+        self.patch(ring.os, "environ", {"ETCDGW_IO_URING": "0"})
+        self.assertEqual(ring.available(), "ETCDGW_IO_URING=0")
+        reactor = EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        leanDispatch(reactor)
+        self.assertIs(reactor.doPoll.__func__, dispatch._doPoll)
