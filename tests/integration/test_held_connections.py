@@ -44,6 +44,7 @@ from tests.integration.reliability_helpers import (
     put,
     raiseNofile,
     report,
+    socketInodes,
     waitUntil,
 )
 
@@ -115,14 +116,7 @@ def connectionsOf(pid, remotePort):
     The local ports of process C{pid}'s established TCP connections to
     C{remotePort} on 127.0.0.1 (from /proc).
     """
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
+    inodes = socketInodes(pid)
     ports = set()
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
