@@ -79,9 +79,9 @@ def start(name, spec, etcdPort, port, tmp, python):
     )
 
 
-def measure(gw, port, tmp, seconds):
+def measure(gw, port, tmp, seconds, connections=50):
     url = f"http://{HOST}:{port}/version"
-    subprocess.run(["wrk", "-t1", "-c50", "-d2s", url], capture_output=True)
+    subprocess.run(["wrk", "-t1", f"-c{connections}", "-d2s", url], capture_output=True)
     statFile = os.path.join(tmp, "stat.txt")
     u0, s0 = ticks(gw.pid)
     stat = subprocess.Popen(
@@ -89,7 +89,9 @@ def measure(gw, port, tmp, seconds):
          "-o", statFile]
     )
     out = subprocess.run(
-        ["wrk", "-t1", "-c50", f"-d{seconds}s", "--latency", url], capture_output=True, text=True
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
     ).stdout
     u1, s1 = ticks(gw.pid)
     stat.send_signal(signal.SIGINT)
@@ -116,6 +118,7 @@ def main():
     p.add_argument("contenders", nargs="+", metavar="NAME=DIR[:pure|:epoll]|NAME=haproxy|NAME=floor-epoll|NAME=floor-uring")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
     p.add_argument("--python", default="python3")
     p.add_argument("--etcd-port", type=int, default=24201)
     p.add_argument("--port", type=int, default=24203)
@@ -142,7 +145,7 @@ def main():
                 gw = start(name, spec, a.etcd_port, a.port, tmp, a.python)
                 try:
                     time.sleep(2.5)
-                    m = measure(gw, a.port, tmp, a.seconds)
+                    m = measure(gw, a.port, tmp, a.seconds, a.connections)
                 finally:
                     gw.terminate()
                     gw.wait()
