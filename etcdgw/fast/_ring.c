@@ -412,6 +412,8 @@ rearmStarved(Ring *r)
     return 0;
 }
 
+static void sent(Ring *r, Dir *d);
+
 /* A send from a shared buffer did not take everything at once: copy the
  * rest out, give the buffer back, and send from the copy (waiting for room).
  * A slow reader holds at most one such copy per direction, as the copy path
@@ -424,8 +426,14 @@ stall(Ring *r, int slot, int dir)
     char *copy = PyMem_Malloc(rest);
 
     if (!copy) {
-        PyErr_NoMemory();
-        return -1;
+        /* No memory for the rest: this pair alone goes, as if the send had
+         * failed (its target is aborted, its peer hears a reset); the ring
+         * and every other pair go on. */
+        d->failed = 1;
+        sent(r, d);
+        if (startLeaving(r, slot) < 0)
+            return -1;
+        return finishIfDone(r, slot);
     }
     memcpy(copy, pending(r, d), rest);
     giveBuffer(r, d->bid);
@@ -484,7 +492,7 @@ complete(Ring *r, struct io_uring_cqe *c, int *sawStarved)
             d->len = (unsigned)res;
             d->off = 0;
             if (addCount(d->count, res) < 0)
-                return -1;
+                PyErr_Clear(); /* a counter that cannot count does not stop the bytes */
             if (p->leaving)
                 return finishIfDone(r, slot); /* handed back as rest */
             if ((unsigned)res == r->bufSize) {
