@@ -459,7 +459,7 @@ sent(Ring *r, Dir *d)
 }
 
 static int
-complete(Ring *r, struct io_uring_cqe *c, int *sawStarved)
+complete(Ring *r, struct io_uring_cqe *c)
 {
     uint64_t u = c->user_data;
     int kind = u & 3, dir = (u >> 2) & 1, slot = (int)((u >> 8) & 0xffffffff);
@@ -512,7 +512,6 @@ complete(Ring *r, struct io_uring_cqe *c, int *sawStarved)
         if (res == -ENOBUFS && !p->leaving) {
             d->state = STARVED;
             r->starved++;
-            *sawStarved = 1;
             return 0;
         }
         if (res == -ECANCELED || res == -EINTR || res == -EAGAIN) {
@@ -562,8 +561,6 @@ complete(Ring *r, struct io_uring_cqe *c, int *sawStarved)
 static int
 reap(Ring *r)
 {
-    int sawStarved = 0;
-
     for (;;) {
         unsigned head = *r->cqHead, tail = __atomic_load_n(r->cqTail, __ATOMIC_ACQUIRE);
         if (head == tail)
@@ -572,13 +569,12 @@ reap(Ring *r)
             struct io_uring_cqe c = r->cqes[head & r->cqMask];
             head++;
             __atomic_store_n(r->cqHead, head, __ATOMIC_RELEASE);
-            if (complete(r, &c, &sawStarved) < 0)
+            if (complete(r, &c) < 0)
                 return -1;
         }
     }
     /* Directions that found no buffer are armed again once one came back
      * (not before: they would find none again, at once). */
-    (void)sawStarved;
     if (r->starved && r->gave) {
         r->gave = 0;
         if (rearmStarved(r) < 0)
@@ -799,25 +795,6 @@ Ring_leaveAll(Ring *r, PyObject *unused)
     return left;
 }
 
-/* transports(): the first transport of every pair in the ring. */
-static PyObject *
-Ring_transports(Ring *r, PyObject *unused)
-{
-    PyObject *out = PyList_New(0);
-    int slot;
-
-    if (!out)
-        return NULL;
-    for (slot = 0; slot < r->npairs; slot++) {
-        Pair *p = r->pairs[slot];
-        if (p && p->a && PyList_Append(out, p->a) < 0) {
-            Py_DECREF(out);
-            return NULL;
-        }
-    }
-    return out;
-}
-
 /* active(): how many pairs are in the ring. */
 static PyObject *
 Ring_active(Ring *r, PyObject *unused)
@@ -1012,8 +989,6 @@ static PyMethodDef Ring_methods[] = {
     {"leave", (PyCFunction)Ring_leave, METH_O, "leave(slot): take the pair out now; its record."},
     {"leaveAll", (PyCFunction)Ring_leaveAll, METH_NOARGS,
      "Take every pair out now; the records of every pair that left."},
-    {"transports", (PyCFunction)Ring_transports, METH_NOARGS,
-     "The first transport of every pair in the ring."},
     {"active", (PyCFunction)Ring_active, METH_NOARGS, "How many pairs are in the ring."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "Close the ring."},
     {NULL, NULL, 0, NULL},
