@@ -173,19 +173,21 @@ def enter(a, b):
         return False
     if a._target is not b or b._target is not a or b.reactor is not reactor:
         return False
+    from etcdgw.fast.transport import _maySendNow
+
     reads, writes = reactor._reads, reactor._writes
     for t in (a, b):
+        # Nothing queued, connected, not closing (what the copy path asks
+        # before it sends past Twisted's queue), and more: no splice pipe
+        # either way (even an empty one), read side open, not paused, write
+        # side not shut, reading and not writing.
         if (
-            t._pipe is not None
+            not _maySendNow(t)
+            or t._pipe is not None
             or t._pipeSource is not None
             or t._eof
             or t.producerPaused
-            or t._tempDataLen
-            or t.dataBuffer
-            or t.disconnecting
-            or t._writeDisconnecting
             or t._writeDisconnected
-            or not t.connected
             or t._fd not in reads
             or t._fd in writes
         ):
@@ -271,11 +273,8 @@ def _answer(reactor, record):
         if read is None or src.disconnected:
             continue
         if read is BULK:
-            # As FastTransport._relayed does with a full read.
-            from etcdgw.fast import transport
-
-            if transport.SPLICE and src._target is dst and src.connected:
-                src._startSplicing()
+            if src._target is dst:
+                src._bulkRead()
             continue
         if read == 0 and src._aborting:
             continue  # a failed send to it consumed its reset (see _sendFailed)

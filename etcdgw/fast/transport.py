@@ -195,8 +195,8 @@ class FastTransport:
                 self._eof = True
                 return main.CONNECTION_DONE
             self._count.n += r
-            if r == READ_SIZE and SPLICE and self.connected:
-                self._startSplicing()
+            if r == READ_SIZE:
+                self._bulkRead()
             return None
         if r is None:
             return None
@@ -250,6 +250,14 @@ class FastTransport:
     # transport's reads moved by splice (the copy path never touches it).
     # A splice that fails because the descriptors cannot splice (EINVAL...,
     # not a socket error) turns splicing off for that direction: it copies.
+
+    def _bulkRead(self):
+        """
+        A read filled the whole buffer (here or in the io_uring ring): a
+        bulk transfer, spliced from now on where splice(2) is there.
+        """
+        if SPLICE and self.connected:
+            self._startSplicing()
 
     def _startSplicing(self):
         target = self._target
